@@ -1,0 +1,282 @@
+"""Typed run configuration: one YAML file, `--set key=value` overrides, validated before any work starts.
+
+Every section is a dataclass with a default for each field, so a recipe only states what differs.
+Validation (types, unknown keys, impossible values, missing files) happens here, on every rank alike,
+before a process group exists; errors name the key or the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key or file."""
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    # scratch: a Llama built from the sizes below; hf: a local transformers directory; gguf: a local .gguf file
+    source: Literal["scratch", "hf", "gguf"] = "scratch"
+    path: str | None = None
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0)
+    gradient_checkpointing: bool = False
+
+
+@dataclass(config=_STRICT)
+class TokenizerConfig:
+    # train: sentencepiece BPE trained on the domains' train files; model: the checkpoint's own; path: a directory
+    source: Literal["train", "model", "path"] = "train"
+    path: str | None = None
+    vocab_size: int = Field(1024, ge=64)
+    max_sentences: int = Field(20000, gt=0)
+
+
+@dataclass(config=_STRICT)
+class DomainConfig:
+    name: str
+    train: list[str]
+    heldout: list[str]
+    text_field: str = "text"
+
+
+@dataclass(config=_STRICT)
+class PhaseConfig:
+    domain: str
+    steps: int | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0)
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seq_len: int = Field(128, gt=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    log_every: int = Field(10, gt=0)
+
+
+@dataclass(config=_STRICT)
+class EvalConfig:
+    batch_size: int = Field(8, gt=0)
+    max_blocks: int = Field(64, gt=0)
+    inline: bool = True
+
+
+@dataclass(config=_STRICT)
+class DeepSpeedSection:
+    config: str = "configs/deepspeed/zero2.json"
+
+
+@dataclass(config=_STRICT)
+class MethodConfig:
+    name: Literal["none", "migu", "random"] = "none"
+    threshold: float = Field(0.7, ge=0, lt=1)
+    start_phase: int = Field(2, ge=1)
+    include: list[str] = field(default_factory=lambda: [r"\.layers\.\d+\."])
+    exclude: list[str] = field(default_factory=list)
+    mask_bias: bool = False
+
+
+@dataclass(config=_STRICT)
+class CheckpointConfig:
+    save_every: int = Field(0, ge=0)
+    keep: int = Field(2, ge=1)
+    export: bool = True
+
+
+@dataclass(config=_STRICT)
+class RunConfig:
+    output_dir: str
+    domains: list[DomainConfig]
+    phases: list[PhaseConfig]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def domain(self, name: str) -> DomainConfig:
+        return next(d for d in self.domains if d.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run configuration; raise ConfigError naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source=str(path))
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        cfg = RunConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: " + _describe(err)) from err
+    except TypeError as err:  # a missing top-level section reaches the constructor before pydantic
+        raise ConfigError(f"{source}: {err}") from err
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.c=value` sets raw[a][b][c]; list elements are addressed by index (`phases.1.steps=5`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    *parents, last = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parents):
+        node = _child(node, part, ".".join(parents[: i + 1]), item)
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {item!r}: {'.'.join(parents)} is not a section")
+
+
+def _child(node: Any, part: str, where: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {item!r}: {where} is not a section")
+    return node.setdefault(part, {})
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set: {where} must be an index below {len(node)}")
+    return int(part)
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            lines.append(f"unknown key `{key}`")
+        elif e["type"] == "missing":
+            lines.append(f"missing key `{key}`")
+        else:
+            lines.append(f"key `{key}`: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _check_consistency(cfg: RunConfig, source: str) -> None:
+    problems = _semantic_problems(cfg) + _file_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _semantic_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    names = [d.name for d in cfg.domains]
+    if not names:
+        problems.append("key `domains`: at least one domain is needed")
+    if len(set(names)) != len(names):
+        problems.append(f"key `domains`: names must be unique (got {names})")
+    if not cfg.phases:
+        problems.append("key `phases`: at least one phase is needed")
+    for i, phase in enumerate(cfg.phases):
+        if phase.domain not in names:
+            problems.append(f"key `phases.{i}.domain`: {phase.domain!r} is not one of the domains {names}")
+        if (phase.steps is None) == (phase.tokens is None):
+            problems.append(f"key `phases.{i}`: give exactly one of `steps` or `tokens`")
+    if cfg.model.source == "scratch":
+        if cfg.model.path is not None:
+            problems.append("key `model.path`: a scratch model takes no path (use source: hf or gguf)")
+        if cfg.model.hidden_size % cfg.model.num_heads:
+            problems.append("key `model.hidden_size`: must be a multiple of `model.num_heads`")
+        if cfg.train.seq_len > cfg.model.max_position_embeddings:
+            problems.append("key `train.seq_len`: longer than `model.max_position_embeddings`")
+        if cfg.tokenizer.source == "model":
+            problems.append("key `tokenizer.source`: a scratch model has no tokenizer of its own")
+    elif cfg.model.path is None:
+        problems.append(f"key `model.path`: required for source {cfg.model.source!r}")
+    if cfg.tokenizer.source == "path" and cfg.tokenizer.path is None:
+        problems.append("key `tokenizer.path`: required for source 'path'")
+    return problems
+
+
+def _file_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+    for i, dom in enumerate(cfg.domains):
+        for split in ("train", "heldout"):
+            files = getattr(dom, split)
+            if not files:
+                problems.append(f"key `domains.{i}.{split}`: no files given for domain {dom.name!r}")
+            for f in files:
+                p = Path(f)
+                if not p.is_file():
+                    problems.append(f"key `domains.{i}.{split}`: file {f} does not exist")
+                elif p.stat().st_size == 0:
+                    problems.append(f"key `domains.{i}.{split}`: file {f} is empty")
+    if cfg.model.path is not None and not Path(cfg.model.path).exists():
+        problems.append(f"key `model.path`: {cfg.model.path} does not exist")
+    if cfg.tokenizer.source == "path" and cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
+        problems.append(f"key `tokenizer.path`: directory {cfg.tokenizer.path} does not exist")
+    problems += _deepspeed_problems(cfg.deepspeed.config)
+    return problems
+
+
+def _deepspeed_problems(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        return [f"key `deepspeed.config`: file {path} does not exist"]
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        return [f"key `deepspeed.config`: {path} is not valid JSON ({err})"]
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        return [f"key `deepspeed.config`: {path} sets zero_optimization.stage={stage}, expected 0-3"]
+    return []
+
+
+def steps_for_phase(phase: PhaseConfig, train: TrainConfig, world_size: int) -> int:
+    """Optimizer steps of a phase; a token budget becomes whole steps of the global batch."""
+    if phase.steps is not None:
+        return phase.steps
+    tokens_per_step = train.micro_batch_size * train.grad_accum * train.seq_len * world_size
+    return max(1, math.ceil(phase.tokens / tokens_per_step))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
