@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass(config=_STRICT)
 class ModelConfig:
-    # scratch: a Llama built from the sizes below; hf: a local transformers directory; gguf: a local .gguf file
+    # scratch: a Llama of the sizes below; hf: a local transformers directory; gguf: a local .gguf file
     source: Literal["scratch", "hf", "gguf"] = "scratch"
     path: str | None = None
     hidden_size: int = Field(128, gt=0)
@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass(config=_STRICT)
 class TokenizerConfig:
-    # train: sentencepiece BPE trained on the domains' train files; model: the checkpoint's own; path: a directory
+    # train: sentencepiece BPE on the train files; model: the checkpoint's own; path: a directory
     source: Literal["train", "model", "path"] = "train"
     path: str | None = None
     vocab_size: int = Field(1024, ge=64)

@@ -25,16 +25,24 @@ def cl_task(name: str) -> tuple[str, str]:
     return str(train), str(test)
 
 
-def tiny_run_config(out_dir: Path, stage: int = 2, domains=("agnews", "sst2"), steps: int = 3,
-                    **sections) -> dict:
+def tiny_run_config(
+    out_dir: Path, stage: int = 2, domains=("agnews", "sst2"), steps: int = 3, **sections
+) -> dict:
     """A run that trains a 1-layer Llama for a few steps per domain: seconds, not minutes."""
     cfg = {
         "output_dir": str(out_dir / "run"),
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2},
-        "tokenizer": {"source": "train", "vocab_size": 256, "max_sentences": 2000,
-                      "path": str(out_dir / "tokenizer")},
-        "domains": [dict(zip(("name", "train", "heldout"), (d, [a], [b]), strict=True))
-                    for d in domains for a, b in [cl_task(d)]],
+        "tokenizer": {
+            "source": "train",
+            "vocab_size": 256,
+            "max_sentences": 2000,
+            "path": str(out_dir / "tokenizer"),
+        },
+        "domains": [
+            dict(zip(("name", "train", "heldout"), (d, [a], [b]), strict=True))
+            for d in domains
+            for a, b in [cl_task(d)]
+        ],
         "phases": [{"domain": d, "steps": steps} for d in domains],
         "train": {"micro_batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1, "log_every": 1},
         "eval": {"batch_size": 4, "max_blocks": 8},
@@ -56,15 +64,25 @@ def free_port() -> int:
     return port()
 
 
-def run_deepspeed(args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = True,
-                  cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_deepspeed(
+    args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = True, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N [--module] ARGS` on CPU ranks; output captured for the assertion message."""
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-                "--master_port", str(free_port())]
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nprocs),
+        "--master_port",
+        str(free_port()),
+    ]
     cmd = launcher + (["--module"] if module else []) + args
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )

@@ -1,0 +1,92 @@
+"""One CLI, a verb per job: `python -m pretrain {train,eval,report,compare,tokenizer,bench}`.
+
+Works as a plain process, under `torchrun`, and under the `deepspeed` launcher (which appends
+`--local_rank=N`; the rank is read from the environment instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.distributed import select_accelerator
+
+
+def main(argv: list[str] | None = None) -> None:
+    select_accelerator()
+    args = _parser().parse_args(argv)
+    from pretrain.config import ConfigError
+
+    try:
+        args.func(args)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    verbs = p.add_subparsers(dest="verb", required=True)
+
+    t = _with_config(verbs.add_parser("train", help="continual pre-training, phase by phase"))
+    t.set_defaults(func=_train)
+
+    tk = _with_config(verbs.add_parser("tokenizer", help="train the run's sentencepiece BPE tokenizer"))
+    tk.set_defaults(func=_tokenizer)
+
+    r = verbs.add_parser("report", help="write report.md and PNGs of a run")
+    r.add_argument("--run", required=True, help="run directory")
+    r.set_defaults(func=_report)
+
+    c = verbs.add_parser("compare", help="side-by-side table and picture of several runs")
+    c.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")
+    c.add_argument(
+        "--out", default=None, help="where to write comparison.md/png (default: first run's parent)"
+    )
+    c.set_defaults(func=_compare)
+    for sub in (r, c):
+        sub.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def _tokenizer(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from pretrain.tokenizer import resolve_tokenizer
+
+    tok = resolve_tokenizer(load_config(args.config, args.overrides))
+    print(f"tokenizer: {len(tok)} tokens, saved in {tok.name_or_path}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pretrain.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pretrain.report import compare_runs
+
+    out = args.out or str(Path(args.runs[0]).resolve().parent)
+    print(compare_runs(args.runs, out))

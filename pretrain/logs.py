@@ -1,0 +1,33 @@
+"""Rank-aware logging: concise lines and a progress bar on rank 0, TensorBoard on rank 0, quiet elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("pretrain")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def tensorboard_writer(run_dir: str | Path, rank: int):
+    if rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+
+def progress(total: int, desc: str, rank: int) -> tqdm:
+    # Off when not a terminal unless asked for: a log file full of bars is noise.
+    quiet = rank != 0 or (not os.isatty(2) and not os.environ.get("PRETRAIN_PROGRESS"))
+    return tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)

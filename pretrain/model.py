@@ -1,0 +1,60 @@
+"""The model: a Llama built from scratch, a local transformers checkpoint, or a local GGUF file.
+
+Everything loads from local disk (`local_files_only`); nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from pretrain.config import ModelConfig
+
+
+class ModelError(ValueError):
+    """A model that cannot be used with this run (missing file, vocabulary mismatch)."""
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)  # identical initial weights on every rank, and across reruns
+    if cfg.source == "scratch":
+        model = LlamaForCausalLM(_scratch_config(cfg, vocab_size))
+    else:
+        model = _load_local(cfg)
+    _check_vocabulary(model, vocab_size, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def _scratch_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+
+
+def _load_local(cfg: ModelConfig) -> PreTrainedModel:
+    path = Path(cfg.path)
+    kwargs = {"local_files_only": True, "dtype": torch.float32}
+    if cfg.source == "gguf":
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def _check_vocabulary(model: PreTrainedModel, vocab_size: int, cfg: ModelConfig) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
+        raise ModelError(
+            f"model {cfg.path or 'scratch'} has {rows} embedding rows but the tokenizer has {vocab_size} "
+            "tokens: use the model's own tokenizer (tokenizer.source: model) or a matching one"
+        )

@@ -1,0 +1,84 @@
+"""The run's metrics.json: the domain-by-phase evaluation matrix and what each phase reported.
+
+Row 0 of `eval_loss`/`perplexity` is the initial model, row i the model after phase i; one column per
+domain in `domains` order. Written atomically by rank 0 after every change so a crash never leaves a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import RunConfig
+
+
+@dataclass
+class RunResults:
+    domains: list[str]
+    phases: list[str]
+    method: dict[str, Any]
+    eval_loss: list[list[float]] = field(default_factory=list)
+    perplexity: list[list[float]] = field(default_factory=list)
+    eval_tokens: dict[str, int] = field(default_factory=dict)
+    train: list[dict[str, Any]] = field(default_factory=list)
+    migu: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig) -> RunResults:
+        return cls(
+            domains=domain_order(cfg), phases=[p.domain for p in cfg.phases], method=cfg.to_dict()["method"]
+        )
+
+    def set_eval(self, row: int, ev: dict[str, dict[str, float]]) -> None:
+        """Store the evaluation of the model after phase `row` (0 = initial); rows fill in order."""
+        if row > len(self.eval_loss):
+            raise ValueError(f"evaluation row {row} before row {len(self.eval_loss)} exists")
+        losses = [ev["loss"][d] for d in self.domains]
+        ppl = [ev["perplexity"][d] for d in self.domains]
+        if row == len(self.eval_loss):
+            self.eval_loss.append(losses)
+            self.perplexity.append(ppl)
+        else:
+            self.eval_loss[row], self.perplexity[row] = losses, ppl
+        self.eval_tokens = dict(ev["tokens"])
+        self.summary = self._forgetting()
+
+    def _forgetting(self) -> dict[str, Any]:
+        from pretrain.metrics import forgetting_metrics
+
+        try:
+            return forgetting_metrics(self.domains, self.phases, self.eval_loss, self.perplexity)
+        except ValueError as err:  # e.g. a NaN loss: recorded as such, never a made-up number
+            return {"error": str(err)}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("summary"))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunResults:
+        data = json.loads(Path(path).read_text())
+        keys = cls.__dataclass_fields__.keys() - {"summary"}
+        return cls(**{k: data[k] for k in keys if k in data})
+
+
+def domain_order(cfg: RunConfig) -> list[str]:
+    """Domains in the order phases first train them, then the evaluated-only ones."""
+    trained = list(dict.fromkeys(p.domain for p in cfg.phases))
+    return trained + [d.name for d in cfg.domains if d.name not in trained]
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,112 @@
+"""Config validation: every bad input is one clear error naming the key or file, before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import tiny_run_config, write_config
+
+from pretrain.config import ConfigError, load_config, steps_for_phase
+from pretrain.engine import deepspeed_config
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    return write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml")
+
+
+def test_valid_config_loads_with_defaults(cfg_file):
+    cfg = load_config(cfg_file)
+    assert [p.domain for p in cfg.phases] == ["agnews", "sst2"]
+    assert cfg.method.name == "none" and cfg.method.threshold == 0.7
+    assert cfg.train.grad_accum == 1
+
+
+def test_overrides_reach_nested_and_list_keys(cfg_file):
+    cfg = load_config(cfg_file, ["train.lr=3e-4", "phases.1.steps=7", "method.name=migu"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.phases[1].steps == 7
+    assert cfg.method.name == "migu"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=1", "unknown key `train.lrr`"),
+        ("train.micro_batch_size=two", "key `train.micro_batch_size`"),
+        ("train.lr=-1", "key `train.lr`: Input should be greater than 0"),
+        ("method.threshold=1.5", "key `method.threshold`"),
+        ("method.name=magic", "key `method.name`"),
+        ("phases.0.domain=law", "key `phases.0.domain`: 'law' is not one of the domains"),
+        ("train.seq_len=4096", "key `train.seq_len`: longer than `model.max_position_embeddings`"),
+        ("model.source=hf", "key `model.path`: required for source 'hf'"),
+        (
+            "deepspeed.config=/nonexistent/ds.json",
+            "key `deepspeed.config`: file /nonexistent/ds.json does not exist",
+        ),
+        ("phases.0.tokens=1000", "key `phases.0`: give exactly one of `steps` or `tokens`"),
+    ],
+)
+def test_bad_values_name_the_key(cfg_file, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file, [override])
+    assert expected in str(err.value)
+
+
+def test_missing_and_empty_corpus_files_are_named(tmp_path):
+    raw = tiny_run_config(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    raw["domains"][0]["train"] = [str(tmp_path / "missing.jsonl")]
+    raw["domains"][1]["heldout"] = [str(empty)]
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(raw, tmp_path / "run.yaml"))
+    assert "domains.0.train`: file" in str(err.value) and "missing.jsonl does not exist" in str(err.value)
+    assert f"domains.1.heldout`: file {empty} is empty" in str(err.value)
+
+
+def test_missing_section_and_bad_override_syntax(tmp_path, cfg_file):
+    raw = tiny_run_config(tmp_path)
+    del raw["phases"]
+    with pytest.raises(ConfigError, match="phases"):
+        load_config(write_config(raw, tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(cfg_file, ["train.lr"])
+    with pytest.raises(ConfigError, match="index below 2"):
+        load_config(cfg_file, ["phases.5.steps=1"])
+
+
+def test_not_yaml_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_token_budget_becomes_whole_steps(cfg_file):
+    cfg = load_config(cfg_file, ["phases.0.steps=null", "phases.0.tokens=1000"])
+    # 2 sequences x 32 tokens x 2 ranks = 128 tokens a step: 1000 tokens round up to 8 steps
+    assert steps_for_phase(cfg.phases[0], cfg.train, world_size=2) == 8
+
+
+def test_deepspeed_file_may_not_contradict_run_config(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}))
+    cfg = load_config(
+        write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml"), [f"deepspeed.config={ds}"]
+    )
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps` is 4 but the run config gives 1"):
+        deepspeed_config(cfg, world_size=2)
+    merged = deepspeed_config(load_config(tmp_path / "run.yaml"), world_size=2)
+    assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["gradient_clipping"] == 1.0
+
+
+def test_resolved_config_round_trips(tmp_path, cfg_file):
+    from pretrain.config import save_config
+
+    cfg = load_config(cfg_file, ["train.lr=5e-4"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["train"]["lr"] == 5e-4
+    assert load_config(tmp_path / "resolved.yaml") == cfg
