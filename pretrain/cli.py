@@ -15,12 +15,20 @@ from pretrain.distributed import select_accelerator
 def main(argv: list[str] | None = None) -> None:
     select_accelerator()
     args = _parser().parse_args(argv)
-    from pretrain.config import ConfigError
-
     try:
         args.func(args)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
+    except _user_errors() as err:  # bad input: one clear line, not a traceback
+        print(f"pretrain {args.verb}: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pretrain.config import ConfigError
+    from pretrain.data import DataError
+    from pretrain.model import ModelError
+    from pretrain.train import RunDirError
+
+    return (ConfigError, DataError, ModelError, RunDirError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     tk = _with_config(verbs.add_parser("tokenizer", help="train the run's sentencepiece BPE tokenizer"))
     tk.set_defaults(func=_tokenizer)
 
+    e = verbs.add_parser("eval", help="evaluate a run's saved phases on every domain")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--phase", type=int, default=None, help="0 = initial model; default: all phases")
+    e.set_defaults(func=_eval)
+
     r = verbs.add_parser("report", help="write report.md and PNGs of a run")
     r.add_argument("--run", required=True, help="run directory")
     r.set_defaults(func=_report)
@@ -43,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default=None, help="where to write comparison.md/png (default: first run's parent)"
     )
     c.set_defaults(func=_compare)
-    for sub in (r, c):
+    for sub in (e, r, c):
         sub.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -75,6 +88,12 @@ def _tokenizer(args: argparse.Namespace) -> None:
 
     tok = resolve_tokenizer(load_config(args.config, args.overrides))
     print(f"tokenizer: {len(tok)} tokens, saved in {tok.name_or_path}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pretrain.eval_job import evaluate_run
+
+    evaluate_run(args.run, args.phase)
 
 
 def _report(args: argparse.Namespace) -> None:

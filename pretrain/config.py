@@ -151,7 +151,23 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     except TypeError as err:  # a missing top-level section reaches the constructor before pydantic
         raise ConfigError(f"{source}: {err}") from err
     _check_consistency(cfg, source)
+    _absolutize(cfg)
     return cfg
+
+
+def _absolutize(cfg: RunConfig) -> None:
+    """Resolve paths against the working directory once, so a run's saved config works from anywhere."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    cfg.output_dir = absolute(cfg.output_dir)
+    cfg.model.path = absolute(cfg.model.path)
+    cfg.tokenizer.path = absolute(cfg.tokenizer.path)
+    cfg.deepspeed.config = absolute(cfg.deepspeed.config)
+    for dom in cfg.domains:
+        dom.train = [absolute(f) for f in dom.train]
+        dom.heldout = [absolute(f) for f in dom.heldout]
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

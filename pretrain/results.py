@@ -36,21 +36,19 @@ class RunResults:
 
     def set_eval(self, row: int, ev: dict[str, dict[str, float]]) -> None:
         """Store the evaluation of the model after phase `row` (0 = initial); rows fill in order."""
-        if row > len(self.eval_loss):
-            raise ValueError(f"evaluation row {row} before row {len(self.eval_loss)} exists")
-        losses = [ev["loss"][d] for d in self.domains]
-        ppl = [ev["perplexity"][d] for d in self.domains]
-        if row == len(self.eval_loss):
-            self.eval_loss.append(losses)
-            self.perplexity.append(ppl)
-        else:
-            self.eval_loss[row], self.perplexity[row] = losses, ppl
+        while len(self.eval_loss) <= row:  # an eval job may fill a later row first: gaps stay null
+            self.eval_loss.append(None)
+            self.perplexity.append(None)
+        self.eval_loss[row] = [ev["loss"][d] for d in self.domains]
+        self.perplexity[row] = [ev["perplexity"][d] for d in self.domains]
         self.eval_tokens = dict(ev["tokens"])
         self.summary = self._forgetting()
 
     def _forgetting(self) -> dict[str, Any]:
         from pretrain.metrics import forgetting_metrics
 
+        if any(row is None for row in self.eval_loss):
+            return {}
         try:
             return forgetting_metrics(self.domains, self.phases, self.eval_loss, self.perplexity)
         except ValueError as err:  # e.g. a NaN loss: recorded as such, never a made-up number

@@ -83,6 +83,9 @@ class Trainer:
         return total / self.cfg.train.grad_accum
 
     def evaluate(self, row: int) -> None:
+        if not self.cfg.eval.inline:  # left to `pretrain eval --run DIR` jobs
+            self._save_results()
+            return
         ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
         self.results.set_eval(row, ev)
         label = "initial" if row == 0 else f"after phase {row}"

@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test lint bench clean-demo
+
+install: $(VENV)/.installed
+
+# constraints.txt pins every version we test with; torch==2.13.0 is the CPU build on local disk.
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-demo.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
+	touch $@
+
+demo: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
+
+lint: install
+	$(VENV)/bin/ruff check pretrain tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/migu_overhead.py

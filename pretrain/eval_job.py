@@ -1,0 +1,72 @@
+"""`python -m pretrain eval --run DIR [--phase N]`: evaluate saved phases of a run as a job of its own.
+
+Row 0 is the initial model, rebuilt from the run's config (a scratch model from its seed, a checkpoint
+from its path); row N is `export/phase-N`. The rows land in the run's metrics.json, the same matrix the
+training loop fills in-line, and a re-run gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data import heldout_blocks
+from pretrain.distributed import barrier, init_distributed
+from pretrain.engine import build_engine
+from pretrain.evaluate import evaluate_domains
+from pretrain.logs import log, setup_logging
+from pretrain.model import build_model
+from pretrain.results import RunResults
+from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
+
+
+def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
+    run = Path(run_dir)
+    cfg = load_config(run / "config.yaml")
+    rows = _rows_to_evaluate(run, len(cfg.phases), phase)
+    dist = init_distributed()
+    setup_logging(dist.rank)
+    results = _load_or_new(run, cfg)
+    heldout = None
+    for row in rows:
+        model, tokenizer = _model_for_row(cfg, run, row)
+        if heldout is None:  # the same fixed blocks for every row
+            heldout = {
+                d.name: heldout_blocks(
+                    d.heldout, d.text_field, tokenizer, cfg.train.seq_len, cfg.eval.max_blocks
+                )
+                for d in cfg.domains
+            }
+        engine = build_engine(cfg, model, [1], dist.world_size)
+        ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
+        results.set_eval(row, ev)
+        log.info("eval row %d: %s", row, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
+        if dist.is_main:
+            results.save(run / "metrics.json")
+        barrier()
+    return results
+
+
+def _rows_to_evaluate(run: Path, phases: int, phase: int | None) -> list[int]:
+    if phase is not None and not 0 <= phase <= phases:
+        raise ConfigError(f"--phase {phase}: the run has phases 0 (initial) to {phases}")
+    wanted = range(phases + 1) if phase is None else [phase]
+    missing = [r for r in wanted if r > 0 and not (run / "export" / f"phase-{r}").is_dir()]
+    if missing:
+        raise ConfigError(f"{run}: no export for phase(s) {missing} (export/phase-N); has the run got there?")
+    return list(wanted)
+
+
+def _load_or_new(run: Path, cfg) -> RunResults:
+    path = run / "metrics.json"
+    return RunResults.load(path) if path.exists() else RunResults.for_run(cfg)
+
+
+def _model_for_row(cfg, run: Path, row: int):
+    if row == 0:
+        tokenizer = resolve_tokenizer(cfg)
+        return build_model(cfg.model, len(tokenizer), cfg.train.seed), tokenizer
+    export = run / "export" / f"phase-{row}"
+    tokenizer = load_tokenizer(str(export))
+    hf = cfg.model.__class__(source="hf", path=str(export), gradient_checkpointing=False)
+    return build_model(hf, len(tokenizer), cfg.train.seed), tokenizer

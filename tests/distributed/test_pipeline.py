@@ -1,0 +1,80 @@
+"""End to end: real 2-rank DeepSpeed runs on CPU through the `deepspeed` launcher, ZeRO 0, 2 and 3."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, assert_ok, run_deepspeed, tiny_run_config, write_config
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module", params=[0, 2, 3], ids=lambda s: f"zero{s}")
+def finished_run(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
+    cfg = write_config(tiny_run_config(tmp, stage=request.param, steps=4), tmp / "run.yaml")
+    proc = run_deepspeed(["pretrain", "train", "--config", str(cfg), "--set", "train.log_every=2"])
+    assert_ok(proc)
+    return tmp / "run", proc
+
+
+def test_run_directory_has_everything(finished_run):
+    run, _ = finished_run
+    for path in ("config.yaml", "metrics.json", "tensorboard", "checkpoints/latest"):
+        assert (run / path).exists(), path
+    for phase in (1, 2):
+        export = run / "export" / f"phase-{phase}"
+        assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+        assert (export / "tokenizer.json").is_file() or (export / "tokenizer.model").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["log_every"] == 2
+
+
+def test_metrics_matrix_shape_and_values(finished_run):
+    m = json.loads((finished_run[0] / "metrics.json").read_text())
+    assert m["domains"] == ["agnews", "sst2"] and m["phases"] == ["agnews", "sst2"]
+    assert len(m["eval_loss"]) == 3 and all(len(row) == 2 for row in m["eval_loss"])
+    for loss_row, ppl_row in zip(m["eval_loss"], m["perplexity"], strict=True):
+        for loss, ppl in zip(loss_row, ppl_row, strict=True):
+            assert math.isfinite(loss) and ppl == pytest.approx(math.exp(loss), rel=1e-6)
+
+
+def test_training_a_domain_lowers_its_heldout_loss(finished_run):
+    loss = json.loads((finished_run[0] / "metrics.json").read_text())["eval_loss"]
+    assert loss[1][0] < loss[0][0] - 0.05  # agnews, trained in phase 1
+    assert loss[2][1] < loss[1][1] - 0.05  # sst2, trained in phase 2
+
+
+def test_only_rank0_logs_lines(finished_run):
+    _, proc = finished_run
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any("[rank0]" in line and "phase 1 agnews | step 2/4" in line for line in lines)
+    assert not any("[rank1]" in line and "| step" in line for line in lines)
+
+
+def test_export_loads_in_transformers(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = finished_run[0] / "export" / "phase-2"
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
+    assert model.config.vocab_size >= len(tok)
+
+
+def test_refuses_to_overwrite_a_finished_run(finished_run):
+    run, _ = finished_run
+    before = (run / "metrics.json").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "train", "--config", str(run / "config.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr
+    assert (run / "metrics.json").read_bytes() == before
