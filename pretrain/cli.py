@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     verbs = p.add_subparsers(dest="verb", required=True)
 
     t = _with_config(verbs.add_parser("train", help="continual pre-training, phase by phase"))
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in output_dir (start fresh if none)",
+    )
     t.set_defaults(func=_train)
 
     tk = _with_config(verbs.add_parser("tokenizer", help="train the run's sentencepiece BPE tokenizer"))
@@ -79,7 +84,7 @@ def _train(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
     from pretrain.train import train
 
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides), resume=args.resume)
 
 
 def _tokenizer(args: argparse.Namespace) -> None:

@@ -76,6 +76,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
     log_every: int = Field(10, gt=0)
+    # a NaN/inf loss on any rank: stop (checkpoint the last good state) or skip that optimizer step
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass(config=_STRICT)
@@ -246,6 +248,8 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             problems.append("key `tokenizer.source`: a scratch model has no tokenizer of its own")
     elif cfg.model.path is None:
         problems.append(f"key `model.path`: required for source {cfg.model.source!r}")
+    if cfg.train.on_nonfinite == "skip" and cfg.train.grad_accum > 1:
+        problems.append("key `train.on_nonfinite`: 'skip' needs train.grad_accum 1 (use 'stop')")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path is None:
         problems.append("key `tokenizer.path`: required for source 'path'")
     return problems

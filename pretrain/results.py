@@ -26,6 +26,7 @@ class RunResults:
     eval_tokens: dict[str, int] = field(default_factory=dict)
     train: list[dict[str, Any]] = field(default_factory=list)
     migu: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -64,9 +65,13 @@ class RunResults:
 
     @classmethod
     def load(cls, path: str | Path) -> RunResults:
-        data = json.loads(Path(path).read_text())
-        keys = cls.__dataclass_fields__.keys() - {"summary"}
-        return cls(**{k: data[k] for k in keys if k in data})
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResults:
+        results = cls(**{k: data[k] for k in cls.__dataclass_fields__.keys() - {"summary"} if k in data})
+        results.summary = results._forgetting() if results.eval_loss else {}
+        return results
 
 
 def domain_order(cfg: RunConfig) -> list[str]:

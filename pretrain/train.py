@@ -1,18 +1,23 @@
 """The phase loop: for each domain in turn, train, evaluate every domain, checkpoint and export.
 
-Reads top to bottom: build the parts from the config, evaluate the initial model, then per phase
-train -> evaluate -> record -> checkpoint -> export.
+Reads top to bottom: build the parts from the config (or resume them from the newest complete
+checkpoint), evaluate the initial model, then per phase train -> evaluate -> record -> checkpoint ->
+export. Once per micro-step the ranks agree (one small all-reduce) on whether to stop: a SIGTERM on
+any rank, or a NaN/inf loss on any rank.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from pretrain.checkpoint import export_phase, save_checkpoint
+from pretrain.checkpoint import export_phase, latest_tag, load_checkpoint, save_checkpoint
 from pretrain.config import RunConfig, save_config, steps_for_phase
 from pretrain.data import TrainStream, heldout_blocks
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
@@ -20,12 +25,23 @@ from pretrain.engine import build_engine
 from pretrain.evaluate import evaluate_domains
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
 from pretrain.model import build_model
+from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.results import RunResults
 from pretrain.tokenizer import resolve_tokenizer
 
 
 class RunDirError(RuntimeError):
-    """The output directory holds another run that this one would overwrite."""
+    """The output directory holds another run that this one would overwrite, or cannot be resumed."""
+
+
+@dataclass
+class Position:
+    """Where the run stands; saved in every checkpoint. `step` = optimizer steps done in `phase`."""
+
+    phase: int = 1
+    step: int = 0
+    global_step: int = 0
+    world_size: int = 1
 
 
 @dataclass
@@ -39,47 +55,76 @@ class Trainer:
     heldout: dict[str, torch.Tensor]
     phase_steps: list[int]
     results: RunResults
+    pos: Position
     writer: object = None
-    global_step: int = 0
+    stream: TrainStream | None = None
+    stop: StopRequest | None = None
 
-    def run(self) -> RunResults:
-        self.evaluate(row=0)
-        for phase, steps in enumerate(self.phase_steps, start=1):
-            self.train_phase(phase, steps)
+    def run(self, stream_state: dict | None = None) -> RunResults:
+        if self.pos.phase == 1 and self.pos.step == 0:
+            self.evaluate(row=0)
+        for phase in range(self.pos.phase, len(self.phase_steps) + 1):
+            self.train_phase(phase, stream_state)
+            stream_state = None
             self.evaluate(row=phase)
             self.finish_phase(phase)
         if self.writer:
             self.writer.close()
         return self.results
 
-    def train_phase(self, phase: int, steps: int) -> None:
+    def train_phase(self, phase: int, stream_state: dict | None) -> None:
         domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
-        stream = iter(self._stream(domain))
+        steps = self.phase_steps[phase - 1]
+        self.stream = self._stream(domain)
+        if stream_state:
+            self.stream.load_state_dict(stream_state)
+        batches = iter(self.stream)
         self.method.begin_phase(phase)
-        log.info("phase %d/%d: %s, %d steps", phase, len(self.phase_steps), domain.name, steps)
+        log.info(
+            "phase %d/%d: %s, steps %d-%d",
+            phase,
+            len(self.phase_steps),
+            domain.name,
+            self.pos.step + 1,
+            steps,
+        )
         meter = ThroughputMeter(self.tokens_per_step)
-        bar = progress(steps, f"phase {phase} {domain.name}", self.dist.rank)
-        for step in range(1, steps + 1):
-            loss = self.train_step(stream)
+        bar = progress(steps - self.pos.step, f"phase {phase} {domain.name}", self.dist.rank)
+        while self.pos.step < steps:
+            step_start = self.stream.state_dict()
+            loss = self.train_step(batches, step_start)
+            self.pos.step += 1
+            self.pos.global_step += 1
             meter.add(loss)
             bar.update()
-            if step % self.cfg.train.log_every == 0 or step == steps:
-                self._log_interval(phase, domain.name, step, steps, meter.flush())
+            if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == steps:
+                self._log_interval(phase, domain.name, steps, meter.flush())
+            if self._checkpoint_due(steps):
+                self.checkpoint(f"step-{self.pos.global_step}")
         bar.close()
         self.results.train.append({"phase": phase, "domain": domain.name, "steps": steps, **meter.totals()})
 
-    def train_step(self, stream) -> float:
+    def train_step(self, batches, step_start: dict) -> float:
         """One optimizer step: grad_accum micro-batches; DeepSpeed steps at the boundary."""
         total = 0.0
         for _ in range(self.cfg.train.grad_accum):
-            batch = next(stream).to(self.engine.device)
+            batch = next(batches).to(self.engine.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
+            loss = _fault_nan(loss, self.pos.global_step, self.dist.rank)
+            stop, nonfinite = self._agree(torch.isfinite(loss).item())
+            if stop:
+                self._stop(EXIT_PREEMPTED, f"stopped by {self.stop.signal_name or 'a signal'}", step_start)
+            if nonfinite:
+                if self.cfg.train.on_nonfinite == "stop":
+                    self._stop(EXIT_NONFINITE, "non-finite loss", step_start)
+                self.results.skipped_steps.append(self.pos.global_step + 1)
+                log.warning("non-finite loss at step %d on some rank: step skipped", self.pos.global_step + 1)
+                return math.nan
             self.method.before_backward(self.engine)
             self.engine.backward(loss)
             self.method.after_backward(self.engine)
             self.engine.step()
             total += loss.item()
-        self.global_step += 1
         return total / self.cfg.train.grad_accum
 
     def evaluate(self, row: int) -> None:
@@ -104,23 +149,60 @@ class Trainer:
             from pretrain.tb_metrics import log_forgetting
 
             log_forgetting(self.writer, self.results.to_dict(), phase)
-            self.method.log(self.writer, self.global_step)
+            self.method.log(self.writer, self.pos.global_step)
         self._save_results()
-        state = {"phase": phase, "global_step": self.global_step, "method": self.method.state_dict()}
-        save_checkpoint(self.engine, self.run_dir, f"phase-{phase}", state)
-        if self.cfg.checkpoint.export:
+        if self.cfg.checkpoint.export:  # before the checkpoint: a resume past this phase finds its export
             export_phase(
-                self.engine,
-                self.tokenizer,
-                self.run_dir / "export" / f"phase-{phase}",
-                self.engine.zero_optimization_stage(),
-                self.dist.is_main,
+                self.engine, self.tokenizer, self.run_dir / "export" / f"phase-{phase}", self.dist.is_main
             )
+        self.pos.phase, self.pos.step = phase + 1, 0
+        self.stream = None
+        self.checkpoint(f"phase-{phase}")
+
+    def checkpoint(self, tag: str, stream_state: dict | None = None) -> None:
+        if stream_state is None and self.stream is not None:
+            stream_state = self.stream.state_dict()
+        client = {
+            "position": asdict(self.pos),
+            "results": self.results.to_dict(),
+            "method": self.method.state_dict(),
+        }
+        save_checkpoint(
+            self.engine,
+            self.run_dir,
+            tag,
+            client,
+            {"stream": stream_state},
+            self.dist,
+            self.cfg.checkpoint.keep,
+        )
+        log.info("checkpoint %s written", tag)
 
     @property
     def tokens_per_step(self) -> int:
         t = self.cfg.train
         return t.micro_batch_size * t.grad_accum * t.seq_len * self.dist.world_size
+
+    def _checkpoint_due(self, steps: int) -> bool:
+        every = self.cfg.checkpoint.save_every
+        return every > 0 and self.pos.step % every == 0 and self.pos.step < steps
+
+    def _agree(self, finite: bool) -> tuple[bool, bool]:
+        flags = torch.tensor([float(self.stop.requested), float(not finite)])
+        all_reduce_sum(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _stop(self, code: int, why: str, step_start: dict) -> None:
+        """Checkpoint the state before the current step (weights are unchanged until engine.step) and exit."""
+        log.warning(
+            "%s at phase %d step %d: checkpointing and exiting with %d",
+            why,
+            self.pos.phase,
+            self.pos.step + 1,
+            code,
+        )
+        self.checkpoint(f"step-{self.pos.global_step}-stop", stream_state=step_start)
+        raise SystemExit(code)
 
     def _stream(self, domain) -> TrainStream:
         return TrainStream(
@@ -133,17 +215,17 @@ class Trainer:
             self.cfg.train.micro_batch_size,
         )
 
-    def _log_interval(self, phase: int, domain: str, step: int, steps: int, interval: dict) -> None:
+    def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
         mean_loss = all_reduce_sum(torch.tensor([interval["loss"]], dtype=torch.float64)).item()
         mean_loss /= self.dist.world_size
         lr = self.engine.get_lr()[0]
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else math.nan
         log.info(
             "phase %d %s | step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tok/s %.0f",
             phase,
             domain,
-            step,
+            self.pos.step,
             steps,
             mean_loss,
             lr,
@@ -157,7 +239,7 @@ class Trainer:
                 ("grad_norm", norm),
                 ("tokens_per_s", interval["tokens_per_s"]),
             ):
-                self.writer.add_scalar(f"train/{key}", value, self.global_step)
+                self.writer.add_scalar(f"train/{key}", value, self.pos.global_step)
 
     def _save_results(self) -> None:
         if self.dist.is_main:
@@ -165,7 +247,7 @@ class Trainer:
 
 
 class ThroughputMeter:
-    """Mean loss and tokens/s over a logging interval, and totals over a phase."""
+    """Mean loss and tokens/s over a logging interval, and totals over a phase (or its resumed part)."""
 
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
@@ -179,8 +261,9 @@ class ThroughputMeter:
 
     def flush(self) -> dict:
         now = time.perf_counter()
+        finite = [x for x in self.losses if math.isfinite(x)] or [math.nan]
         out = {
-            "loss": sum(self.losses) / len(self.losses),
+            "loss": sum(finite) / len(finite),
             "tokens_per_s": len(self.losses) * self.tokens_per_step / max(now - self.start, 1e-9),
         }
         self.losses, self.start = [], now
@@ -190,19 +273,19 @@ class ThroughputMeter:
         elapsed = time.perf_counter() - self.phase_start
         steps = len(self.all_losses)
         return {
-            "first_loss": self.all_losses[0],
-            "last_loss": self.all_losses[-1],
+            "first_loss": self.all_losses[0] if steps else None,
+            "last_loss": self.all_losses[-1] if steps else None,
             "tokens": steps * self.tokens_per_step,
             "seconds": round(elapsed, 3),
             "tokens_per_s": steps * self.tokens_per_step / max(elapsed, 1e-9),
         }
 
 
-def build_trainer(cfg: RunConfig, dist: DistInfo) -> Trainer:
-    """Every part from the config, in dependency order: tokenizer, model, engine, method, data."""
+def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer, dict | None]:
+    """Every part from the config, in dependency order; then the newest checkpoint if resuming."""
     from pretrain.migu import build_method
 
-    run_dir = prepare_run_dir(cfg, dist)
+    run_dir = prepare_run_dir(cfg, dist, resume)
     tokenizer = _tokenizer_rank0_first(cfg, dist)
     phase_steps = [steps_for_phase(p, cfg.train, dist.world_size) for p in cfg.phases]
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed)
@@ -212,25 +295,84 @@ def build_trainer(cfg: RunConfig, dist: DistInfo) -> Trainer:
         d.name: heldout_blocks(d.heldout, d.text_field, tokenizer, cfg.train.seq_len, cfg.eval.max_blocks)
         for d in cfg.domains
     }
-    results = RunResults.for_run(cfg)
-    writer = tensorboard_writer(run_dir, dist.rank)
-    return Trainer(cfg, dist, run_dir, tokenizer, engine, method, heldout, phase_steps, results, writer)
+    trainer = Trainer(
+        cfg,
+        dist,
+        run_dir,
+        tokenizer,
+        engine,
+        method,
+        heldout,
+        phase_steps,
+        RunResults.for_run(cfg),
+        Position(world_size=dist.world_size),
+        tensorboard_writer(run_dir, dist.rank),
+        stop=StopRequest().install(),
+    )
+    stream_state = _restore(trainer) if resume else None
+    return trainer, stream_state
 
 
-def prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> Path:
-    """Create the run directory; refuse to write over a run that already has results."""
+def _restore(trainer: Trainer) -> dict | None:
+    """Load the newest complete checkpoint into the trainer; return this rank's data-stream position."""
+    tag = latest_tag(trainer.run_dir)
+    if tag is None:
+        log.info("no checkpoint in %s: starting from the beginning", trainer.run_dir)
+        return None
+    saved_world = _saved_world_size(trainer)
+    if saved_world != trainer.dist.world_size:
+        raise RunDirError(
+            f"checkpoint {tag} was written by {saved_world} ranks, this run has {trainer.dist.world_size}: "
+            f"resume with {saved_world} ranks, or convert it with DeepSpeed's "
+            "`python -m deepspeed.checkpoint.ds_to_universal` and load the universal checkpoint"
+        )
+    client, rank_state = load_checkpoint(trainer.engine, trainer.run_dir, trainer.dist)
+    trainer.pos = Position(**client["position"])
+    trainer.results = RunResults.from_dict(client["results"])
+    trainer.method.load_state_dict(client["method"])
+    log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
+    return rank_state["stream"]
+
+
+def _saved_world_size(trainer: Trainer) -> int:
+    # Read before DeepSpeed's load, which would fail with an obscure shape error on a mismatch.
+    tag = latest_tag(trainer.run_dir)
+    shards = list((trainer.run_dir / "checkpoints" / tag).glob("rank*_state.pt"))
+    return len(shards)
+
+
+def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> Path:
+    """Create the run directory; refuse to write over a run that already has results unless resuming."""
     run_dir = Path(cfg.output_dir)
+    error = None
     if dist.is_main:
-        if (run_dir / "metrics.json").exists():
-            error = f"{run_dir} already holds a run (metrics.json); choose another output_dir"
+        if (run_dir / "metrics.json").exists() and not resume:
+            error = (
+                f"{run_dir} already holds a run (metrics.json); choose another output_dir or pass --resume"
+            )
+        elif resume and (run_dir / "metrics.json").exists() and latest_tag(run_dir) is None:
+            error = f"{run_dir} has results but no complete checkpoint to resume from"
+        elif resume and (changed := _changed_keys(cfg, run_dir / "config.yaml")):
+            error = f"{run_dir}: --resume with a different config ({', '.join(changed)})"
         else:
-            error = None
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
-    error = broadcast_object(error if dist.is_main else None)
+    error = broadcast_object(error)
     if error:
         raise RunDirError(error)
     return run_dir
+
+
+def _changed_keys(cfg: RunConfig, saved: Path) -> list[str]:
+    if not saved.is_file():
+        return []
+    old, new = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    return [
+        f"{section}"
+        for section in new
+        if old.get(section) != new[section]
+        and not (isinstance(new[section], tuple | list) and list(new[section]) == old.get(section))
+    ]
 
 
 def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):
@@ -243,10 +385,18 @@ def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):
     return tokenizer
 
 
-def train(cfg: RunConfig) -> RunResults:
+def _fault_nan(loss: torch.Tensor, global_step: int, rank: int) -> torch.Tensor:
+    # Fault injection for the NaN-policy test: PRETRAIN_FAULT=nan_loss:STEP poisons rank 1's loss there.
+    fault = os.environ.get("PRETRAIN_FAULT", "")
+    if fault.startswith("nan_loss:") and int(fault.split(":")[1]) == global_step + 1 and rank == 1:
+        return loss * math.nan
+    return loss
+
+
+def train(cfg: RunConfig, resume: bool = False) -> RunResults:
     dist = init_distributed()
     setup_logging(dist.rank)
-    trainer = build_trainer(cfg, dist)
-    results = trainer.run()
+    trainer, stream_state = build_trainer(cfg, dist, resume)
+    results = trainer.run(stream_state)
     log.info("run finished: %s", trainer.run_dir)
     return results
