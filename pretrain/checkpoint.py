@@ -38,7 +38,7 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank_state = {**rank_state, "torch_rng": torch.get_rng_state()}
     torch.save(rank_state, root / tag / f"rank{dist.rank}_state.pt")
-    _fault_point("after_shards")
+    _fault_point(f"crash_saving:{tag}")
     barrier()
     if dist.is_main:
         _write_atomic(root / LATEST, tag)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ class Trainer:
     writer: object = None
     stream: TrainStream | None = None
     stop: StopRequest | None = None
+    phase_losses: list[float] = field(default_factory=list)  # rank 0's loss per step of this phase
 
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
@@ -96,13 +98,25 @@ class Trainer:
             self.pos.step += 1
             self.pos.global_step += 1
             meter.add(loss)
+            self.phase_losses.append(loss)
             bar.update()
             if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == steps:
                 self._log_interval(phase, domain.name, steps, meter.flush())
             if self._checkpoint_due(steps):
                 self.checkpoint(f"step-{self.pos.global_step}")
+            _fault_kill(self.pos.global_step, self.dist.rank)
         bar.close()
-        self.results.train.append({"phase": phase, "domain": domain.name, "steps": steps, **meter.totals()})
+        self.results.train.append(
+            {
+                "phase": phase,
+                "domain": domain.name,
+                "steps": steps,
+                "tokens": steps * self.tokens_per_step,
+                "losses": self.phase_losses,
+                **meter.totals(),
+            }
+        )
+        self.phase_losses = []
 
     def train_step(self, batches, step_start: dict) -> float:
         """One optimizer step: grad_accum micro-batches; DeepSpeed steps at the boundary."""
@@ -247,17 +261,17 @@ class Trainer:
 
 
 class ThroughputMeter:
-    """Mean loss and tokens/s over a logging interval, and totals over a phase (or its resumed part)."""
+    """Mean loss and tokens/s over a logging interval, and tokens/s over a phase (or its resumed part)."""
 
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
         self.losses: list[float] = []
-        self.all_losses: list[float] = []
+        self.steps = 0
         self.start = self.phase_start = time.perf_counter()
 
     def add(self, loss: float) -> None:
         self.losses.append(loss)
-        self.all_losses.append(loss)
+        self.steps += 1
 
     def flush(self) -> dict:
         now = time.perf_counter()
@@ -271,13 +285,9 @@ class ThroughputMeter:
 
     def totals(self) -> dict:
         elapsed = time.perf_counter() - self.phase_start
-        steps = len(self.all_losses)
         return {
-            "first_loss": self.all_losses[0] if steps else None,
-            "last_loss": self.all_losses[-1] if steps else None,
-            "tokens": steps * self.tokens_per_step,
             "seconds": round(elapsed, 3),
-            "tokens_per_s": steps * self.tokens_per_step / max(elapsed, 1e-9),
+            "tokens_per_s": self.steps * self.tokens_per_step / max(elapsed, 1e-9),
         }
 
 
@@ -330,6 +340,7 @@ def _restore(trainer: Trainer) -> dict | None:
     trainer.pos = Position(**client["position"])
     trainer.results = RunResults.from_dict(client["results"])
     trainer.method.load_state_dict(client["method"])
+    trainer.phase_losses = client["phase_losses"]
     log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
     return rank_state["stream"]
 
@@ -383,6 +394,12 @@ def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):
     if not dist.is_main:
         tokenizer = resolve_tokenizer(cfg)
     return tokenizer
+
+
+def _fault_kill(global_step: int, rank: int) -> None:
+    # Fault injection for the resume test: PRETRAIN_FAULT=kill:STEP sends SIGKILL to rank 0 after that step.
+    if os.environ.get("PRETRAIN_FAULT") == f"kill:{global_step}" and rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fault_nan(loss: torch.Tensor, global_step: int, rank: int) -> torch.Tensor:
