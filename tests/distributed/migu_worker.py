@@ -1,0 +1,128 @@
+"""One rank of a MIGU run under DeepSpeed (launched by test_migu_zero.py with the `deepspeed` launcher).
+
+For one ZeRO stage it trains a tiny Llama several steps per case (optimizer, accumulation, precision),
+each rank on its own micro-batches, and saves the masks of every step (per rank) and the final fp32
+weights (rank 0). The data and model helpers are shared with the single-process reference in the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+STEPS, MICRO_BATCH, SEQ, VOCAB, WORLD, LR = 3, 2, 16, 100, 2, 0.05
+# name: (optimizer, grad_accum, bf16, gradient_clipping)
+CASES = {
+    "sgd_accum1": ("sgd", 1, False, 0.0),
+    "sgd_accum2": ("sgd", 2, False, 0.0),
+    "adamw_accum2_clip": ("adamw", 2, False, 0.05),
+    "sgd_accum2_bf16": ("sgd", 2, True, 0.0),
+}
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model
+
+
+def batches(grad_accum: int) -> torch.Tensor:
+    """[step, micro, rank, batch, seq] token ids: every rank sees different data."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, VOCAB, (STEPS, grad_accum, WORLD, MICRO_BATCH, SEQ), generator=g)
+
+
+def optimizer_for(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=LR)
+    return torch.optim.AdamW(model.parameters(), lr=LR * 0.1, weight_decay=0.0)
+
+
+def method_config():
+    from pretrain.config import MethodConfig
+
+    return MethodConfig(name="migu", threshold=0.7, start_phase=2)
+
+
+def run_case(name: str, stage: int, out: Path) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pretrain.migu import build_method
+
+    opt_name, grad_accum, bf16, clip = CASES[name]
+    rank = dist.get_rank()
+    model = tiny_llama()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer_for(opt_name, model), config=ds_config)
+    method = build_method(method_config(), engine.module, engine)
+    method.begin_phase(2)
+    data, masks = batches(grad_accum), []
+    for step in range(STEPS):
+        for micro in range(grad_accum):
+            batch = data[step, micro, rank]
+            loss = engine(input_ids=batch, labels=batch).loss
+            method.before_backward(engine)
+            engine.backward(loss)
+            method.after_backward(engine)
+            engine.step()
+        masks.append(torch.cat([m.flatten() for m in method.masks]))
+    torch.save(torch.stack(masks), out / f"{name}.masks.rank{rank}.pt")
+    # ZeRO-0 bf16 runs DeepSpeed's FP16_UnfusedOptimizer: its fp32 masters sit beside the bf16 params
+    opt = engine.optimizer
+    masters = {
+        id(lp): hp
+        for lps, hps in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=True)
+        for lp, hp in zip(lps, hps, strict=True)
+    }
+    weights = {}
+    for pname, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # gathers ZeRO-1/2/3 partitions; None without a fragment mapping
+        weights[pname] = (full if full is not None else masters.get(id(p), p)).detach().float().clone()
+    if rank == 0:
+        torch.save({"weights": weights, "summary": method.end_phase(2)}, out / f"{name}.pt")
+    engine.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(auto_mpi_discovery=False)
+    for name in args.cases.split(","):
+        run_case(name, args.stage, args.out)
+
+
+if __name__ == "__main__":
+    main()

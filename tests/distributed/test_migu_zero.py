@@ -1,0 +1,134 @@
+"""MIGU is exact under DeepSpeed: a 2-rank run at ZeRO 0, 1, 2 and 3 equals a single-process reference.
+
+One `deepspeed` launch per stage trains every case of migu_worker.CASES (SGD and AdamW with clipping,
+accumulation 1 and 2, bf16); the reference below is the paper's rule written out over the full batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from functools import cache, partial
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_ok, run_deepspeed
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("migu_worker.py")
+_spec = importlib.util.spec_from_file_location("migu_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+FP32_CASES = [name for name, (_, _, bf16, _) in worker.CASES.items() if not bf16]
+THRESHOLD = worker.method_config().threshold
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda s: f"zero{s}")
+def stage_run(request, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp(f"migu_zero{request.param}")
+    proc = run_deepspeed([str(WORKER), "--stage", str(request.param), "--out", str(out)], module=False)
+    assert_ok(proc)
+    return out
+
+
+def masked_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The default selection: every nn.Linear inside a transformer block (`model.layers.N.`)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
+def top_units(n: torch.Tensor, threshold: float) -> torch.Tensor:
+    """0/1 mask of the d_out - floor(T * d_out) largest n_i (equal n_i: the lower index first)."""
+    d_out = n.numel()
+    keep = d_out - math.floor(threshold * d_out)
+    order = sorted(range(d_out), key=lambda i: (-n[i].item(), i))
+    mask = torch.zeros(d_out)
+    mask[order[:keep]] = 1.0
+    return mask
+
+
+@cache
+def reference(case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Plain single-process MIGU: the full batch is both ranks' micro-batches of the step."""
+    opt_name, grad_accum, _, clip = worker.CASES[case]
+    model = worker.tiny_llama()
+    optimizer = worker.optimizer_for(opt_name, model)
+    layers = masked_layers(model)
+    data = worker.batches(grad_accum)
+    all_masks = []
+    for step in range(worker.STEPS):
+        n = {name: torch.zeros(m.out_features) for name, m in layers.items()}  # n_i = sum_tokens |h_i|
+
+        def record(module, x, h, slot):
+            slot += h.detach().abs().sum((0, 1))
+
+        hooks = [m.register_forward_hook(partial(record, slot=n[name])) for name, m in layers.items()]
+        optimizer.zero_grad()
+        for micro in range(grad_accum):
+            for rank in range(worker.WORLD):
+                batch = data[step, micro, rank]
+                loss = model(input_ids=batch, labels=batch).loss  # each rank's mean over its micro-batch
+                (loss / (worker.WORLD * grad_accum)).backward()  # DeepSpeed averages ranks and micro-steps
+        for h in hooks:
+            h.remove()
+        masks = {name: top_units(n[name], THRESHOLD) for name in layers}
+        for name, m in layers.items():
+            m.weight.grad *= masks[name][:, None]  # rows of W; biases (none in Llama) stay unmasked
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        all_masks.append(masks)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return weights, all_masks
+
+
+def _ordered_masks(method_masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The reference's masks in the method's flat layout (layers grouped by d_out, in model order)."""
+    from pretrain.migu import _group_layers
+
+    model = worker.tiny_llama()
+    groups = _group_layers(list(masked_layers(model).items()), THRESHOLD)
+    return torch.stack([torch.cat([step[n] for g in groups for n in g.names]) for step in method_masks])
+
+
+@pytest.mark.parametrize("case", FP32_CASES)
+def test_weights_and_masks_equal_the_single_process_reference(stage_run, case):
+    result = torch.load(stage_run / f"{case}.pt")
+    ref_weights, ref_masks = reference(case)
+    masks = torch.load(stage_run / f"{case}.masks.rank0.pt")
+    assert torch.equal(masks, _ordered_masks(ref_masks))
+    for name, ref in ref_weights.items():
+        torch.testing.assert_close(result["weights"][name], ref, rtol=1e-5, atol=1e-6, msg=name)
+    model = worker.tiny_llama()
+    init = dict(model.named_parameters())  # the run did move: the comparison is not vacuous
+    assert all(not torch.equal(ref_weights[f"{n}.weight"], init[f"{n}.weight"]) for n in masked_layers(model))
+
+
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_masks_identical_on_all_ranks_with_kept_fraction_one_minus_t(stage_run, case):
+    rank0 = torch.load(stage_run / f"{case}.masks.rank0.pt")
+    rank1 = torch.load(stage_run / f"{case}.masks.rank1.pt")
+    assert torch.equal(rank0, rank1)
+    summary = torch.load(stage_run / f"{case}.pt")["summary"]
+    assert summary["kept_fraction"] == summary["expected_kept_fraction"]
+    assert summary["kept_fraction"]["model.layers.0.mlp.up_proj"] == 20 / 64  # 64 - floor(0.7 * 64)
+
+
+def test_bf16_sgd_changes_exactly_the_rows_ever_kept(stage_run):
+    """bf16 activations give other masks than the fp32 reference; the masking itself must still be exact."""
+    case = "sgd_accum2_bf16"
+    weights = torch.load(stage_run / f"{case}.pt")["weights"]
+    masks = torch.load(stage_run / f"{case}.masks.rank0.pt")
+    from pretrain.migu import _group_layers
+
+    model = worker.tiny_llama()
+    ever_kept = masks.amax(0)
+    offset = 0
+    for g in _group_layers(list(masked_layers(model).items()), THRESHOLD):
+        for name, module in zip(g.names, g.modules, strict=True):
+            init = module.weight.detach().bfloat16().float()
+            changed = (weights[f"{name}.weight"] != init).any(1)
+            assert changed.tolist() == ever_kept[offset : offset + g.d_out].bool().tolist(), name
+            offset += g.d_out
