@@ -63,6 +63,7 @@ def method_config():
 def run_case(name: str, stage: int, out: Path) -> None:
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
     from pretrain.migu import build_method
@@ -94,12 +95,10 @@ def run_case(name: str, stage: int, out: Path) -> None:
         masks.append(torch.cat([m.flatten() for m in method.masks]))
     torch.save(torch.stack(masks), out / f"{name}.masks.rank{rank}.pt")
     # ZeRO-0 bf16 runs DeepSpeed's FP16_UnfusedOptimizer: its fp32 masters sit beside the bf16 params
-    opt = engine.optimizer
-    masters = {
-        id(lp): hp
-        for lps, hps in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=True)
-        for lp, hp in zip(lps, hps, strict=True)
-    }
+    opt, masters = engine.optimizer, {}
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+            masters.update({id(lp): hp for lp, hp in zip(lps, hps, strict=True)})
     weights = {}
     for pname, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)  # gathers ZeRO-1/2/3 partitions; None without a fragment mapping
