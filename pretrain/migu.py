@@ -137,7 +137,10 @@ def _mask_slice(mask_2d: torch.Tensor, start: int, numel: int) -> torch.Tensor:
 
 
 def _mask_local_grad(param: nn.Parameter, mask_2d: torch.Tensor) -> None:
-    """Multiply this rank's accumulated gradient of `param` (whatever holds it) by mask_2d (W's shape)."""
+    """Multiply this rank's accumulated gradient of `param` (whatever holds it) by mask_2d (W's shape).
+
+    mask_2d is a broadcast (expanded) fp32 view: in-place mul_ casts it into a bf16 gradient without copying.
+    """
     if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the flat param, padded at the end
         optimizer = param._z3_optimizer
         grad = optimizer._get_fp32_grad_state_partition(param, release_swap_buffers=False)[0]
@@ -145,21 +148,21 @@ def _mask_local_grad(param: nn.Parameter, mask_2d: torch.Tensor) -> None:
         start = size * dist.get_rank(group=param.ds_process_group)
         numel = min(size, param.ds_numel - start)
         if numel > 0:
-            grad.view(-1)[:numel].mul_(_mask_slice(mask_2d, start, numel).to(grad.dtype))
+            grad.view(-1)[:numel].mul_(_mask_slice(mask_2d, start, numel))
         return
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is not None:  # ZeRO-1/2 and the bf16 optimizer: the fragment in this rank's partition
         grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
         if grad.numel() == param.numel():  # bf16 optimizer keeps a full-size accumulation buffer
-            grad.view(mask_2d.shape).mul_(mask_2d.to(grad.dtype))
+            grad.view(mask_2d.shape).mul_(mask_2d)
         else:
             address = mapping.lp_fragment_address
-            grad.view(-1).mul_(_mask_slice(mask_2d, address.start, address.numel).to(grad.dtype))
+            grad.view(-1).mul_(_mask_slice(mask_2d, address.start, address.numel))
         return
     if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: no part of this param lives on this rank
         return
     if param.grad is not None:  # ZeRO-0 fp32 or plain torch
-        param.grad.view(mask_2d.shape).mul_(mask_2d.to(param.grad.dtype))
+        param.grad.view(mask_2d.shape).mul_(mask_2d)
 
 
 def _apply_layer_mask(module: nn.Module, mask: torch.Tensor, mask_bias: bool) -> None:
@@ -212,7 +215,9 @@ class GradientMask:
         self.group = getattr(engine, "data_parallel_group", None)
         self.grad_accum = engine.gradient_accumulation_steps() if engine is not None else grad_accum
         size = sum(len(g.names) * g.d_out for g in self.groups)
-        self.magnitudes = torch.zeros(size)  # this step's sum_tokens |h|, all layers, one flat buffer
+        self.device = next(model.parameters()).device
+        # this step's sum_tokens |h| of all layers, in one flat buffer: one all_reduce per step
+        self.magnitudes = torch.zeros(size, device=self.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.masks: list[torch.Tensor] | None = None  # per group [n, d_out], this step's mask
         self.handles: list[Any] = []
@@ -268,7 +273,8 @@ class GradientMask:
             self.masks = [top_mask(slab, g.keep) for g, slab in zip(self.groups, slabs, strict=True)]
             self.magnitudes.zero_()
         elif self.masking:
-            self.masks = [random_mask(len(g.names), g.d_out, g.keep, self.generator) for g in self.groups]
+            draw = [random_mask(len(g.names), g.d_out, g.keep, self.generator) for g in self.groups]
+            self.masks = [m.to(self.device) for m in draw]
         self.phase_steps += 1
 
     def after_backward(self, engine: Any = None) -> None:
@@ -295,7 +301,7 @@ class GradientMask:
             return {}
         out = {}
         for g in self.groups:
-            fractions = g.slab(self.kept).sum(1) / (g.d_out * self.masked_steps)
+            fractions = g.slab(self.kept).double().sum(1) / (g.d_out * self.masked_steps)
             out.update(zip(g.names, fractions.tolist(), strict=True))
         return out
 

@@ -75,11 +75,13 @@ def run_case(name: str, stage: int, out: Path) -> None:
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": clip,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if grad_accum > 1:  # ZeRO-3: partition all params; accumulation 1 keeps small ones persistent (default)
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer_for(opt_name, model), config=ds_config)
     method = build_method(method_config(), engine.module, engine)
     method.begin_phase(2)

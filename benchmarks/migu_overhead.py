@@ -1,0 +1,159 @@
+"""Step time of MIGU against `none` on the same engine, model and data, at ZeRO-2 and ZeRO-3 (not a test).
+
+Run with 2 CPU ranks (writes benchmarks/migu_overhead.md):
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 benchmarks/migu_overhead.py
+
+Model: Llama, hidden 256, intermediate 1024, 4 layers, 4 heads, vocab 2048, seq 256, micro-batch 4 per rank,
+grad accumulation 1, AdamW, fp32. Per stage, one engine; rounds alternate `none` and `migu` blocks of steps
+(the order flips every round) so drift of the machine hits both alike. A `none` block has no hook installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODEL = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=2048, seq=256, micro_batch=4)
+
+
+def build_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=MODEL["vocab"],
+        hidden_size=MODEL["hidden"],
+        intermediate_size=MODEL["intermediate"],
+        num_hidden_layers=MODEL["layers"],
+        num_attention_heads=MODEL["heads"],
+        max_position_embeddings=MODEL["seq"],
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model
+
+
+def timed_steps(engine, method, batches, steps: int) -> list[float]:
+    times = []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        start = time.perf_counter()
+        loss = engine(input_ids=batch, labels=batch).loss
+        method.before_backward(engine)
+        engine.backward(loss)
+        method.after_backward(engine)
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, list[float]]:
+    import deepspeed
+    import torch.distributed as dist
+
+    from pretrain.config import MethodConfig
+    from pretrain.migu import build_method
+
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ds = {
+        "train_micro_batch_size_per_gpu": MODEL["micro_batch"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage, "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    methods = {
+        "none": build_method(MethodConfig(name="none"), engine.module, engine),
+        "migu": build_method(MethodConfig(name="migu", start_phase=1), engine.module, engine),
+    }
+    g = torch.Generator().manual_seed(dist.get_rank())
+    shape = (MODEL["micro_batch"], MODEL["seq"])
+    batches = [torch.randint(0, MODEL["vocab"], shape, generator=g) for _ in range(4)]
+    times: dict[str, list[float]] = {"none": [], "migu": []}
+
+    def run(name: str, steps: int, keep: bool) -> None:
+        if name == "migu":
+            methods["migu"].begin_phase(1)  # installs the hooks
+        result = timed_steps(engine, methods[name], batches, steps)
+        if name == "migu":
+            methods["migu"].remove_hooks()  # `none` blocks run with no hook at all
+        if keep:
+            times[name] += result
+
+    for name in ("none", "migu"):
+        run(name, warmup, keep=False)
+    for r in range(rounds):
+        for name in ("none", "migu") if r % 2 == 0 else ("migu", "none"):
+            run(name, block, keep=True)
+    engine.destroy()
+    return times
+
+
+def report(results: dict[int, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    lines = [
+        "# MIGU step-time overhead (CPU, 2 ranks)",
+        "",
+        "Command:",
+        "",
+        "```",
+        "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 benchmarks/migu_overhead.py"
+        + (f" --warmup {args.warmup} --rounds {args.rounds} --block {args.block}"),
+        "```",
+        "",
+        f"Model: Llama {MODEL}; AdamW, fp32, grad accumulation 1, gradient clipping 1.0; MIGU T=0.7 on all",
+        f"linear layers of the blocks. Each stage: one engine, {args.warmup} warm-up steps per method, then",
+        f"{args.rounds} rounds of {args.block} steps per method, alternating order. Times are rank 0's wall",
+        "time per optimizer step (forward, backward, step).",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        "",
+        "| ZeRO | none median (s) | migu median (s) | ratio of medians | ratio of means |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, t in results.items():
+        med = {k: statistics.median(v) for k, v in t.items()}
+        mean = {k: statistics.fmean(v) for k, v in t.items()}
+        lines.append(
+            f"| {stage} | {med['none']:.4f} | {med['migu']:.4f} | {med['migu'] / med['none']:.3f} "
+            f"| {mean['migu'] / mean['none']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--block", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("migu_overhead.md"))
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = parser.parse_args()
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(auto_mpi_discovery=False)
+    stages = [int(s) for s in args.stages.split(",")]
+    results = {s: bench_stage(s, args.warmup, args.rounds, args.block) for s in stages}
+    if dist.get_rank() == 0:
+        text = report(results, args)
+        args.out.write_text(text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
