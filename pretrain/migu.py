@@ -153,7 +153,7 @@ def _mask_local_grad(param: nn.Parameter, mask_2d: torch.Tensor) -> None:
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is not None:  # ZeRO-1/2 and the bf16 optimizer: the fragment in this rank's partition
         grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
-        if grad.numel() == param.numel():  # bf16 optimizer keeps a full-size accumulation buffer
+        if grad.numel() == param.numel():  # all of param is here, or the bf16 optimizer's full-size buffer
             grad.view(mask_2d.shape).mul_(mask_2d)
         else:
             address = mapping.lp_fragment_address

@@ -162,6 +162,32 @@ def test_none_registers_no_hooks():
     assert method.end_phase(2) == {}
 
 
+def test_eval_mode_forwards_are_not_counted():
+    model = tiny_llama()
+    method = build_method(migu(), model)
+    method.begin_phase(1)
+    batch = torch.randint(0, 100, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch)
+    assert method.magnitudes.abs().sum() == 0
+    model.train()
+    model(input_ids=batch)
+    assert method.magnitudes.abs().sum() > 0
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7, 0.9])
+def test_random_kept_fraction_is_exact_for_any_threshold(threshold):
+    method = build_method(MethodConfig(name="random", threshold=threshold, start_phase=1), tiny_llama())
+    method.begin_phase(1)
+    for _ in range(2):
+        method.before_backward()
+        method.after_backward()
+    fractions = method.end_phase(1)["kept_fraction"]
+    assert fractions["model.layers.0.self_attn.q_proj"] == (32 - int(threshold * 32 + 1e-9)) / 32
+    assert fractions["model.layers.1.mlp.gate_proj"] == (64 - int(threshold * 64 + 1e-9)) / 64
+
+
 def test_random_keeps_the_same_fraction_with_seeded_identical_masks():
     cfg = MethodConfig(name="random", threshold=0.7, start_phase=1)
     a, b = build_method(cfg, tiny_llama(), seed=3), build_method(cfg, tiny_llama(), seed=3)

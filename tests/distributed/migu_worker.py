@@ -10,16 +10,30 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, WORLD, LR = 3, 2, 16, 100, 2, 0.05
-# name: (optimizer, grad_accum, bf16, gradient_clipping)
+
+
+class Case(NamedTuple):
+    optimizer: str
+    grad_accum: int
+    bf16: bool
+    clip: float
+    fp32_grad_accum: bool = False  # bf16 with fp32 accumulation: DeepSpeed's BF16_Optimizer, ZeRO-1 only
+
+    def runs_at(self, stage: int) -> bool:
+        return stage == 1 or not self.fp32_grad_accum
+
+
 CASES = {
-    "sgd_accum1": ("sgd", 1, False, 0.0),
-    "sgd_accum2": ("sgd", 2, False, 0.0),
-    "adamw_accum2_clip": ("adamw", 2, False, 0.05),
-    "sgd_accum2_bf16": ("sgd", 2, True, 0.0),
+    "sgd_accum1": Case("sgd", 1, False, 0.0),
+    "sgd_accum2": Case("sgd", 2, False, 0.0),
+    "adamw_accum2_clip": Case("adamw", 2, False, 0.05),
+    "sgd_accum2_bf16": Case("sgd", 2, True, 0.0),
+    "sgd_accum2_bf16_fp32acc": Case("sgd", 2, True, 0.0, fp32_grad_accum=True),
 }
 
 
@@ -68,7 +82,7 @@ def run_case(name: str, stage: int, out: Path) -> None:
 
     from pretrain.migu import build_method
 
-    opt_name, grad_accum, bf16, clip = CASES[name]
+    opt_name, grad_accum, bf16, clip, fp32_grad_accum = CASES[name]
     rank = dist.get_rank()
     model = tiny_llama()
     ds_config = {
@@ -80,6 +94,8 @@ def run_case(name: str, stage: int, out: Path) -> None:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if fp32_grad_accum:
+        ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
     if grad_accum > 1:  # ZeRO-3: partition all params; accumulation 1 keeps small ones persistent (default)
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer_for(opt_name, model), config=ds_config)
@@ -122,7 +138,8 @@ def main() -> None:
 
     deepspeed.init_distributed(auto_mpi_discovery=False)
     for name in args.cases.split(","):
-        run_case(name, args.stage, args.out)
+        if CASES[name].runs_at(args.stage):
+            run_case(name, args.stage, args.out)
 
 
 if __name__ == "__main__":
