@@ -1,0 +1,182 @@
+"""report.md, the PNGs and the comparison of runs, from metrics.json files built by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pretrain.report import ReportError, compare_runs, format_comparison, write_report
+
+DOMAINS = ["code", "docs", "plays", "news"]
+PHASES = ["code", "docs", "plays"]
+LOSS = [
+    [4.0, 4.0, 4.0, 5.0],
+    [2.0, 3.5, 3.8, 5.1],
+    [1.7, 2.0, 3.6, 5.2],
+    [3.0, 1.8, 1.5, 5.4],
+]
+VIRIDIS_LOW, VIRIDIS_HIGH = (68, 1, 84), (253, 231, 37)
+TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def write_run(path, loss=LOSS, method="none", **extra):
+    path.mkdir(parents=True, exist_ok=True)
+    ppl = [None if row is None else [math.exp(v) for v in row] for row in loss]
+    data = {"domains": DOMAINS, "phases": PHASES, "eval_loss": loss, "perplexity": ppl, **extra}
+    if method is not None:
+        data["method"] = {"name": method, "threshold": 0.7}
+    (path / "metrics.json").write_text(json.dumps(data))
+    return path
+
+
+def pixels_near(path, rgb, tol=12) -> int:
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(img - np.array(rgb)).max(axis=2) <= tol).sum())
+
+
+def assert_picture(path, min_w=400, min_h=250, min_colors=50):
+    with Image.open(path) as img:
+        img.verify()  # a valid PNG
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width >= min_w and img.height >= min_h
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) >= min_colors  # not a blank image
+
+
+def test_report_tables_hold_the_matrix(tmp_path):
+    report = write_run(tmp_path / "run").joinpath("report.md")
+    assert write_report(tmp_path / "run") == report
+    text = report.read_text()
+    assert "| | code | docs | plays | news (eval only) |" in text
+    assert "| initial | 4.0000 | 4.0000 | 4.0000 | 5.0000 |" in text
+    assert "| after phase 2 (docs) | 1.7000 | **2.0000** | 3.6000 | 5.2000 |" in text
+    assert "| after phase 3 (plays) | 3.0000 | 1.8000 | **1.5000** | 5.4000 |" in text
+    assert f"| after phase 1 (code) | **{math.exp(2.0):.2f}** | {math.exp(3.5):.2f} |" in text  # perplexity
+    assert "3 of 3 phases evaluated" in text
+
+
+def test_report_metrics_section(tmp_path):
+    write_report(write_run(tmp_path / "run"))
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "| `avg_forgetting` | +0.5500 |" in text  # (1.3 - 0.2) / 2
+    assert "| `bwt` | -0.4000 |" in text
+    assert "| `plasticity` | +1.8667 |" in text
+    assert "| `fwt` | +0.4500 |" in text
+    assert "| `avg_final_loss` | 2.9250 |" in text
+    assert "| code | 1 | 2.0000 | 1.7000 | 3.0000 | +1.3000 |" in text  # phase, after it, best, final
+    assert "| docs | 2 | 2.0000 | 2.0000 | 1.8000 | -0.2000 |" in text
+    assert "| news | 5.0000 | 5.4000 | +0.4000 |" in text
+    assert "## Method statistics" not in text
+
+
+def test_report_pictures_show_the_matrix(tmp_path):
+    run = write_run(tmp_path / "run")
+    write_report(run)
+    heatmap, curves = run / "loss_heatmap.png", run / "loss_curves.png"
+    assert_picture(heatmap)
+    # the lowest cell (1.5) is dark purple and the news column (highest) yellow: whole cells, not just
+    # the colour bar's ends
+    assert pixels_near(heatmap, VIRIDIS_LOW) > 2000
+    assert pixels_near(heatmap, VIRIDIS_HIGH) > 4000
+    assert_picture(curves)
+    for rgb in TAB10:  # one line per domain, in matplotlib's C0..C3
+        assert pixels_near(curves, rgb) > 300, rgb
+
+
+def test_nan_cell_is_marked_and_metrics_refused(tmp_path):
+    loss = [list(r) for r in LOSS]
+    loss[2][1] = math.nan
+    run = write_run(tmp_path / "run", loss=loss)
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "| after phase 2 (docs) | 1.7000 | **NaN (!)** | 3.6000 | 5.2000 |" in text
+    assert "**Not computed:** eval_loss of domain 'docs' after phase 2 (docs) (row 2) is nan" in text
+    assert "| `avg_forgetting` |" not in text
+    assert_picture(run / "loss_heatmap.png")
+    assert pixels_near(run / "loss_heatmap.png", (0xDD, 0xDD, 0xDD), tol=2) > 1000  # the grey NaN cell
+
+
+def test_partial_run(tmp_path):
+    run = write_run(tmp_path / "run", loss=LOSS[:2])
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "1 of 3 phases evaluated" in text
+    assert "| after phase 3 (plays) | — | — | — | — |" in text
+    assert "| `bwt` | n/a |" in text and "| `plasticity` | +2.0000 |" in text
+    assert "forgetting and bwt need two phases" in text
+    assert_picture(run / "loss_curves.png")
+
+
+def test_method_statistics_generic(tmp_path):
+    migu = [
+        {"phase": 1, "masked": True, "kept_fraction": {"a": 0.5, "b": 0.7}, "jaccard_with_previous": None},
+        {"phase": 2, "masked": True, "kept_fraction": {"a": 0.4, "b": 0.6}, "jaccard_with_previous": 0.3},
+        {"phase": 3, "masked": True, "top_units": {"a": "0-3"}, "jaccard_with_previous": 0.5},
+    ]
+    run = write_run(tmp_path / "run", method="migu", migu=migu)
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "| phase | masked | kept_fraction | jaccard_with_previous |" in text  # top_units left out
+    assert "| 1 | yes | 0.6000 | — |" in text and "| 2 | yes | 0.5000 | 0.3000 |" in text
+    assert "between consecutive phases: 0.4000." in text
+
+
+def test_missing_metrics_json(tmp_path):
+    with pytest.raises(ReportError, match="no metrics.json"):
+        write_report(tmp_path)
+
+
+def three_runs(tmp_path):
+    none = write_run(tmp_path / "a", method="none")  # avg_forgetting 0.55, plasticity 1.8667
+    rand = [list(r) for r in LOSS]
+    rand[3][0] = 2.5  # code forgets less: 0.8 -> avg 0.3
+    random = write_run(tmp_path / "b", loss=rand, method="random")
+    migu = [list(r) for r in LOSS]
+    migu[3][0], migu[3][2] = 1.8, 2.1  # code: 0.1 -> avg -0.05; plays only drops 3.6 -> 2.1 (1.5)
+    return [none, random, write_run(tmp_path / "c", loss=migu, method="migu")]
+
+
+def test_compare_names_the_run_that_forgot_least(tmp_path, capsys):
+    out = compare_runs(three_runs(tmp_path), tmp_path / "cmp")
+    assert out == tmp_path / "cmp" / "comparison.md"
+    text = out.read_text()
+    assert "| none | +0.5500 | -0.4000 | +1.8667 |" in text
+    assert "| migu | -0.0500 |" in text
+    plasticity = (2.0 + 1.5 + 1.5) / 3
+    verdict = (
+        f"migu forgot least: avg_forgetting -0.0500 vs 0.5500 for none (109% less), at a plasticity cost "
+        f"of {1.8667 - plasticity:.4f} (plasticity {plasticity:.4f} vs 1.8667"
+    )
+    assert verdict in text and verdict in capsys.readouterr().out
+    assert_picture(tmp_path / "cmp" / "comparison.png", min_w=900, min_h=500)
+    for rgb in TAB10[:3]:  # the three runs' bars
+        assert pixels_near(tmp_path / "cmp" / "comparison.png", rgb) > 1000, rgb
+
+
+def test_compare_when_the_baseline_forgot_least(tmp_path):
+    runs = three_runs(tmp_path)
+    text = format_comparison([runs[2], runs[0]])
+    assert text.splitlines()[0].split() == [
+        "run",
+        "forgetting",
+        "bwt",
+        "plasticity",
+        "fwt",
+        "final_loss",
+        "final_ppl",
+    ]
+    assert text.splitlines()[1].split()[:2] == ["migu", "-0.0500"]
+    assert "No run forgot less than the baseline migu (avg_forgetting -0.0500)." in text
+
+
+def test_compare_labels_and_unusable_runs(tmp_path):
+    a = write_run(tmp_path / "first", method=None)
+    b = write_run(tmp_path / "x" / "dup", method="migu")
+    c = write_run(tmp_path / "y" / "dup", method="migu", loss=LOSS[:2])
+    text = format_comparison([a, b, c])
+    assert text.splitlines()[1].startswith("first ")  # no method: the directory's name
+    assert "migu (dup) #2" in text and "migu (dup) #3" in text
+    assert "migu (dup) #3 has no forgetting metrics (fewer than two phases evaluated)." in text
