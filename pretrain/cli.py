@@ -26,9 +26,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pretrain.config import ConfigError
     from pretrain.data import DataError
     from pretrain.model import ModelError
+    from pretrain.report import ReportError
     from pretrain.train import RunDirError
 
-    return (ConfigError, DataError, ModelError, RunDirError)
+    return (ConfigError, DataError, ModelError, ReportError, RunDirError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,4 +114,4 @@ def _compare(args: argparse.Namespace) -> None:
     from pretrain.report import compare_runs
 
     out = args.out or str(Path(args.runs[0]).resolve().parent)
-    print(compare_runs(args.runs, out))
+    print(f"wrote {compare_runs(args.runs, out)}")

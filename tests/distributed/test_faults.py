@@ -50,8 +50,14 @@ def test_resume_with_other_world_size_says_how_to_convert(tmp_path):
     path = write_config(tiny_run_config(tmp_path, steps=2, domains=("agnews",)), tmp_path / "run.yaml")
     assert _launch(path).returncode == 0
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
-    single = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config", str(path), "--resume"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "pretrain", "train", "--config", str(path), "--resume"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 2
     assert "written by 2 ranks, this run has 1" in single.stderr and "ds_to_universal" in single.stderr
 
