@@ -58,7 +58,8 @@ def timed_steps(engine, method, batches, steps: int) -> list[float]:
     return times
 
 
-def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, list[float]]:
+def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, list[list[float]]]:
+    """Per method, the step times of each round's block."""
     import deepspeed
     import torch.distributed as dist
 
@@ -83,7 +84,7 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
     g = torch.Generator().manual_seed(dist.get_rank())
     shape = (MODEL["micro_batch"], MODEL["seq"])
     batches = [torch.randint(0, MODEL["vocab"], shape, generator=g) for _ in range(4)]
-    times: dict[str, list[float]] = {"none": [], "migu": []}
+    times: dict[str, list[list[float]]] = {"none": [], "migu": []}
 
     def run(name: str, steps: int, keep: bool) -> None:
         if name == "migu":
@@ -92,7 +93,7 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
         if name == "migu":
             methods["migu"].remove_hooks()  # `none` blocks run with no hook at all
         if keep:
-            times[name] += result
+            times[name].append(result)
 
     for name in ("none", "migu"):
         run(name, warmup, keep=False)
@@ -103,7 +104,7 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
     return times
 
 
-def report(results: dict[int, dict[str, list[float]]], args: argparse.Namespace) -> str:
+def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Namespace) -> str:
     lines = [
         "# MIGU step-time overhead (CPU, 2 ranks)",
         "",
@@ -119,17 +120,24 @@ def report(results: dict[int, dict[str, list[float]]], args: argparse.Namespace)
         f"{args.rounds} rounds of {args.block} steps per method, alternating order. Times are rank 0's wall",
         "time per optimizer step (forward, backward, step).",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
+        f"{args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other jobs share the cores: ratios",
+        "within a few percent of 1 are noise; the per-round ratio pairs blocks run back to back).",
         "",
-        "| ZeRO | none median (s) | migu median (s) | ratio of medians | ratio of means |",
-        "|---|---|---|---|---|",
+        "| ZeRO | none median (s) | migu median (s) | ratio of medians | ratio of means "
+        "| median of per-round ratios |",
+        "|---|---|---|---|---|---|",
     ]
     for stage, t in results.items():
-        med = {k: statistics.median(v) for k, v in t.items()}
-        mean = {k: statistics.fmean(v) for k, v in t.items()}
+        flat = {k: [x for block in v for x in block] for k, v in t.items()}
+        med = {k: statistics.median(v) for k, v in flat.items()}
+        mean = {k: statistics.fmean(v) for k, v in flat.items()}
+        rounds = statistics.median(
+            statistics.fmean(m) / statistics.fmean(n) for m, n in zip(t["migu"], t["none"], strict=True)
+        )
         lines.append(
             f"| {stage} | {med['none']:.4f} | {med['migu']:.4f} | {med['migu'] / med['none']:.3f} "
-            f"| {mean['migu'] / mean['none']:.3f} |"
+            f"| {mean['migu'] / mean['none']:.3f} | {rounds:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -138,14 +146,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--block", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--block", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("migu_overhead.md"))
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     import deepspeed
     import torch.distributed as dist
 
+    args.load_before = os.getloadavg()[0]
     deepspeed.init_distributed(auto_mpi_discovery=False)
     stages = [int(s) for s in args.stages.split(",")]
     results = {s: bench_stage(s, args.warmup, args.rounds, args.block) for s in stages}
