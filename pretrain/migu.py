@@ -23,8 +23,10 @@ Why not tensor hooks on the weights: they see each micro-gradient before the ste
 later micro-batches are not yet forwarded), so with gradient accumulation > 1 they cannot be exact. By
 linearity, masking the accumulated and reduced gradient once equals masking every micro-gradient on
 every rank with the same mask, so one mechanism serves accumulation 1 and >1 at every stage, touches only
-1/world of the gradient, and costs one elementwise pass per optimizer step. Gradient clipping (inside
-`engine.step()`) sees the masked gradient, as in the paper's code.
+1/world of the gradient, and costs one elementwise pass per optimizer step. With accumulation the step's
+mask comes from the magnitudes of all its micro-batches on all ranks. Gradient clipping (inside
+`engine.step()`) sees the masked gradient, as in the paper's code. bf16 works on CPU: ZeRO-0 uses
+DeepSpeed's FP16_UnfusedOptimizer (`param.grad`), ZeRO-1 with fp32 accumulation the BF16_Optimizer.
 
 Activation checkpointing: a forward recomputed inside backward runs under an autograd graph task
 (`torch._C._current_graph_task_id() != -1`) and is not counted; forwards in eval mode are not counted
