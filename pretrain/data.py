@@ -1,0 +1,302 @@
+"""Training data: local corpora streamed as documents, tokenized on the fly and packed into fixed blocks.
+
+A domain's documents are read in file order through `datasets` streaming (nothing is loaded whole),
+tokenized in batches, each followed by EOS, and cut into blocks of exactly seq_len tokens. Formats:
+
+- `.jsonl` / `.json`: one record per document, the text in `text_field` (a `.json` file may also be a
+  JSON array of records);
+- `.parquet`: one row per document, the text in column `text_field`;
+- `.txt`: one document per paragraph (text between blank lines), so a book or a dump gets natural
+  document boundaries and no single document has to be the whole file.
+
+Documents that are empty or only whitespace are skipped. Bad input raises `DataError` naming the file,
+the line or record, and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+_TOKENIZE_BATCH = 256  # documents per tokenizer call: the fast tokenizer parallelises within a call
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and, where known, line/record and field."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_documents(files: list[str], text_field: str = "text") -> Iterator[str]:
+    """The non-empty documents of `files`, in order, streamed (see the module docstring for formats)."""
+    for path in files:
+        yield from _file_documents(str(path), text_field)
+
+
+def _file_documents(path: str, text_field: str) -> Iterator[str]:
+    builder = _builder(path)
+    for i, record in enumerate(_records(path, builder, text_field)):
+        if builder == "text":
+            text = record["text"].strip("\n")  # a run of 3+ newlines leaves newlines at a paragraph's ends
+        else:
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                raise DataError(f"{path}: {_bad_record(path, i, text_field, record)}")
+        if text.strip():
+            yield text
+
+
+def _builder(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _BUILDERS:
+        raise DataError(
+            f"{path}: unknown file type {suffix or '(none)'!r}; expected one of {sorted(_BUILDERS)}"
+        )
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file does not exist")
+    return _BUILDERS[suffix]
+
+
+def _records(path: str, builder: str, text_field: str) -> Iterator[dict]:
+    """Raw records from `datasets`; its parse errors become a DataError that points at the bad line."""
+    import datasets  # deferred: importing datasets costs about a second
+
+    try:
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
+        if builder != "text" and ds.features is not None and text_field in ds.features:
+            ds = ds.select_columns([text_field])  # other columns are never read: faster
+        yield from ds
+    except Exception as err:  # pyarrow, json, unicode and datasets errors alike: diagnose the file ourselves
+        raise DataError(f"{path}: {_diagnose(path, builder) or f'cannot be read ({err})'}") from err
+
+
+def _diagnose(path: str, builder: str) -> str | None:
+    """The first line that does not decode (or, for JSON Lines, parse), as 'line N: why'; None if none."""
+    is_array = builder == "json" and _starts_with_bracket(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)"
+            if builder == "json" and not is_array and line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
+    if is_array:
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except json.JSONDecodeError as err:
+            return f"not a valid JSON array ({err.msg} at line {err.lineno}, column {err.colno})"
+    return None
+
+
+def _starts_with_bracket(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+_MISSING = object()
+
+
+def _bad_record(path: str, index: int, field: str, record: dict) -> str:
+    """Why record `index` (0-based) has no usable text; JSON Lines re-read its line to tell exactly."""
+    if _is_json_lines(path):
+        number, obj = _jsonl_record(path, index)
+        if not isinstance(obj, dict):
+            return f"line {number} (record {index + 1}): expected a JSON object, got {type(obj).__name__}"
+        return f"line {number} (record {index + 1}): {_describe_value(obj.get(field, _MISSING), field)}"
+    # datasets fills a JSON array's missing fields with null; a Parquet column is there or not at all
+    null = "null" if path.lower().endswith(".parquet") else "missing or null"
+    return f"record {index + 1}: {_describe_value(record.get(field, _MISSING), field, null)}"
+
+
+def _describe_value(value: object, field: str, null: str = "null") -> str:
+    if value is _MISSING:
+        return f"field {field!r} is missing"
+    if value is None:
+        return f"field {field!r} is {null}"
+    return f"field {field!r} has type {type(value).__name__}, expected a string"
+
+
+def _is_json_lines(path: str) -> bool:
+    suffix = Path(path).suffix.lower()
+    return suffix == ".jsonl" or (suffix == ".json" and not _starts_with_bracket(path))
+
+
+def _jsonl_record(path: str, index: int) -> tuple[int, object]:
+    """(line number, parsed object) of the index-th non-blank line: datasets skips blank lines."""
+    with open(path, encoding="utf-8") as f:
+        lines = ((n, line) for n, line in enumerate(f, start=1) if line.strip())
+        number, line = next(islice(lines, index, None))
+    return number, json.loads(line)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_blocks(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> Iterator[list[int]]:
+    """Token ids of consecutive documents, each followed by EOS, in blocks of exactly seq_len tokens.
+
+    Blocks cross document boundaries (the EOS marks them); only the final partial block is dropped.
+    """
+    for block, _, _ in _pack(docs, seq_len, eos_id):
+        yield block
+
+
+def _pack(
+    docs: Iterable[list[int]], seq_len: int, eos_id: int, doc: int = 0, offset: int = 0
+) -> Iterator[tuple[list[int], int, int]]:
+    """pack_blocks, each block with where the next one starts: (document index, token offset in it).
+
+    `docs` starts at document `doc`, of which the first `offset` tokens are skipped: resuming there
+    continues the packing exactly, without tokenizing the documents before it.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    buf: list[int] = []
+    for d, ids in enumerate(docs, start=doc):
+        start = offset if d == doc else 0
+        tokens = [*ids, eos_id]
+        i = start
+        while len(buf) + len(tokens) - i >= seq_len:
+            take = seq_len - len(buf)
+            buf.extend(tokens[i : i + take])
+            i += take
+            yield buf, *((d, i) if i < len(tokens) else (d + 1, 0))
+            buf = []
+        buf.extend(tokens[i:])
+
+
+def _token_ids(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
+    """Token ids per document, tokenizing a batch of documents per call."""
+    it = iter(texts)
+    while chunk := list(islice(it, _TOKENIZE_BATCH)):
+        yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token, which marks document boundaries in packed blocks")
+    return tokenizer.eos_token_id
+
+
+def heldout_blocks(
+    files: list[str], text_field: str, tokenizer, seq_len: int, max_blocks: int
+) -> torch.Tensor:
+    """A domain's fixed evaluation set: its first max_blocks packed blocks [n, seq_len], same on all ranks."""
+    docs = _token_ids(read_documents(files, text_field), tokenizer)
+    blocks = list(islice(pack_blocks(docs, seq_len, _eos_id(tokenizer)), max_blocks))
+    if not blocks:
+        raise DataError(
+            f"held-out set smaller than one evaluation block of {seq_len} tokens: "
+            + ", ".join(map(str, files))
+        )
+    return torch.tensor(blocks, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+@dataclass(frozen=True)
+class _Position:
+    """A block boundary of the endless stream: where packing resumes and whose blocks are whose.
+
+    In epoch `epoch`, block n goes to rank (shift + n) % world_size, shift being (blocks of all earlier
+    epochs) % world_size; packing resumes at block `block`, which starts `offset` tokens into document `doc`.
+    """
+
+    epoch: int = 0
+    shift: int = 0
+    block: int = 0
+    doc: int = 0
+    offset: int = 0
+
+
+class TrainStream:
+    """This rank's batches [micro_batch_size, seq_len] of a domain's packed blocks, epoch after epoch.
+
+    Sharding: the blocks of the endless stream (epoch after epoch) are numbered g = 0, 1, 2, ...; block g
+    goes to rank g % world_size, and each rank's consecutive blocks form its batches. In the first epoch
+    that is block b -> rank b % world_size. An epoch whose block count is not a multiple of the world size
+    does not drop its incomplete final round: the round is completed with the first blocks of the next
+    epoch, so all ranks take one batch per step forever, every block is seen as often as any other (give
+    or take one), and the ranks' batches of one step are world_size * micro_batch_size consecutive blocks,
+    all distinct because the corpus must hold at least that many. Iterate one iterator at a time:
+    `state_dict()` is the position of the batches handed out so far.
+    """
+
+    def __init__(self, files, text_field, tokenizer, seq_len, rank, world_size, micro_batch_size):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.files = [str(f) for f in files]
+        self.text_field = text_field
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size = micro_batch_size
+        self.eos_id = _eos_id(tokenizer)
+        self._pos = _Position()
+        self._check_size()
+
+    def _check_size(self) -> None:
+        # Reads only as far as one step of all ranks needs, so a large corpus costs nothing here.
+        need = self.world_size * self.micro_batch_size
+        if sum(1 for _ in islice(self._blocks(_Position()), need)) < need:
+            raise DataError(
+                f"corpus too small for {self.world_size} ranks x micro batch {self.micro_batch_size} "
+                f"(fewer than {need} blocks of {self.seq_len} tokens): {', '.join(self.files)}"
+            )
+
+    def _blocks(self, pos: _Position) -> Iterator[tuple[int, list[int], int, int]]:
+        """(block number in the epoch, block, next doc, next offset) from `pos` to the end of the epoch."""
+        texts = islice(read_documents(self.files, self.text_field), pos.doc, None)
+        packed = _pack(_token_ids(texts, self.tokenizer), self.seq_len, self.eos_id, pos.doc, pos.offset)
+        for n, (block, doc, offset) in enumerate(packed, start=pos.block):
+            yield n, block, doc, offset
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        pos, batch = self._pos, []
+        while True:
+            n = pos.block - 1
+            for n, block, doc, offset in self._blocks(pos):
+                if (pos.shift + n) % self.world_size != self.rank:
+                    continue
+                batch.append(block)
+                if len(batch) == self.micro_batch_size:
+                    # Recorded before the yield: the state names what the consumer has received.
+                    self._pos = replace(pos, block=n + 1, doc=doc, offset=offset)
+                    yield torch.tensor(batch, dtype=torch.long)
+                    batch = []
+            pos = _Position(epoch=pos.epoch + 1, shift=(pos.shift + n + 1) % self.world_size)
+            logging.getLogger(__name__).debug("rank %d: epoch %d of %s", self.rank, pos.epoch, self.files)
+
+    def state_dict(self) -> dict:
+        return {
+            **asdict(self._pos),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seq_len": self.seq_len,
+            "files": list(self.files),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("rank", "world_size", "seq_len", "files"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"data stream state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
+                    "a resumed run needs the same files, sequence length and ranks"
+                )
+        self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})

@@ -1,0 +1,221 @@
+"""The run's tokenizer: a sentencepiece BPE trained on the domains' train files, or a model's own, or a dir.
+
+The trained tokenizer round-trips any text exactly: byte fallback encodes characters it has no piece
+for, normalization is the identity (no NFKC, whitespace kept as is: code indentation survives) and no
+dummy space is prepended. It is saved as a transformers `LlamaTokenizer` (tokenizer.model,
+tokenizer.json, tokenizer_config.json) that `AutoTokenizer` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pretrain.config import ConfigError, RunConfig
+from pretrain.data import read_documents
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}  # ids 0-3, in this order
+MAX_SENTENCE_CHARS = 2048  # longer documents are cut: bounds the training text at max_sentences x this
+# Written last when moving a finished tokenizer in place: its presence means the directory is complete.
+_COMPLETE_MARK = "tokenizer_config.json"
+
+
+def train_tokenizer(
+    files_by_domain: list[tuple[list[str], str]], out_dir: str, vocab_size: int, max_sentences: int
+) -> PreTrainedTokenizerBase:
+    """Train a sentencepiece BPE on a balanced sample of the domains; save and return it as transformers'.
+
+    Deterministic: the sample is the first documents of each domain, taken in turn, and training is
+    single-threaded. The tokenizer is built in a temporary sibling directory and moved in when complete.
+    """
+    import sentencepiece as spm
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        sentences = _balanced_sentences(files_by_domain, max_sentences)
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=sentences, **_trainer_args(tmp, vocab_size))
+        except RuntimeError as err:
+            raise _training_error(err, vocab_size) from err
+        tokenizer = _to_transformers(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        _move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("trained a %d-token BPE tokenizer in %s", vocab_size, out)
+    return load_tokenizer(str(out))
+
+
+def _trainer_args(model_dir: Path, vocab_size: int) -> dict:
+    ids = {f"{name}_id": i for i, name in enumerate(SPECIAL)}
+    pieces = {f"{name}_piece": piece for name, piece in SPECIAL.items()}
+    return dict(
+        model_prefix=str(model_dir / "tokenizer"),
+        model_type="bpe",  # transformers 5 mis-converts unigram models
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=0.9995,  # the rarest characters go to byte pieces, not to the vocabulary
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes; sentences are cut to the char limit before
+        input_sentence_size=0,  # use every sentence given: the sample is already bounded
+        num_threads=1,  # the merges are then independent of thread scheduling
+        minloglevel=2,
+        **ids,
+        **pieces,
+    )
+
+
+def _balanced_sentences(files_by_domain: list[tuple[list[str], str]], max_sentences: int) -> Iterator[str]:
+    """Up to max_sentences pieces of text, one document from each domain in turn until all run dry."""
+    streams = [_sentences(read_documents(files, field)) for files, field in files_by_domain]
+    count = 0
+    while streams and count < max_sentences:
+        for stream in list(streams):
+            sentence = next(stream, None)
+            if sentence is None:
+                streams.remove(stream)
+            elif count < max_sentences:
+                count += 1
+                yield sentence
+
+
+def _sentences(docs: Iterator[str]) -> Iterator[str]:
+    """A document's first MAX_SENTENCE_CHARS characters, cut at a line end where there is one."""
+    for doc in docs:
+        if len(doc) > MAX_SENTENCE_CHARS:
+            cut = doc.rfind("\n", 0, MAX_SENTENCE_CHARS)
+            doc = doc[: cut + 1] if cut > 0 else doc[:MAX_SENTENCE_CHARS]
+        yield doc
+
+
+def _training_error(err: RuntimeError, vocab_size: int) -> Exception:
+    need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(err))
+    if need:
+        return ConfigError(
+            f"key `tokenizer.vocab_size`: {vocab_size} is too small for these corpora; sentencepiece "
+            f"needs at least {need.group(2)} (256 byte pieces, {len(SPECIAL)} special tokens and the "
+            "characters that cover 99.95% of the text), plus room for merges"
+        )
+    most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(err))
+    if most:
+        return ConfigError(
+            f"key `tokenizer.vocab_size`: {vocab_size} is more than these corpora can fill; sentencepiece "
+            f"makes at most {most.group(1)} pieces of them (lower it, or raise tokenizer.max_sentences)"
+        )
+    return ConfigError(f"sentencepiece could not train a {vocab_size}-token tokenizer: {err}")
+
+
+def _to_transformers(model_dir: Path):
+    """LlamaTokenizer from model_dir/tokenizer.model, checked piece by piece against sentencepiece."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    # from_pretrained converts tokenizer.model; the constructor LlamaTokenizer(vocab_file=...) would
+    # silently build a 3-token tokenizer.
+    tokenizer = LlamaTokenizer.from_pretrained(
+        str(model_dir), pad_token=SPECIAL["pad"], add_prefix_space=False, local_files_only=True
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    _check_same_vocabulary(tokenizer, sp)
+    return tokenizer
+
+
+def _check_same_vocabulary(tokenizer, sp) -> None:
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = tokenizer.get_vocab()
+    wrong = [(i, p) for i, p in enumerate(pieces) if vocab.get(p) != i]
+    if len(tokenizer) != len(pieces) or wrong or tokenizer.eos_token_id != sp.eos_id():
+        raise RuntimeError(
+            f"the transformers tokenizer does not match the sentencepiece model: {len(tokenizer)} vs "
+            f"{len(pieces)} tokens, {len(wrong)} pieces at other ids (first: {wrong[:3]}), eos id "
+            f"{tokenizer.eos_token_id} vs {sp.eos_id()}"
+        )
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Move the finished files into out, the completeness mark last, replacing stale ones."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in tmp.iterdir() if p.name != _COMPLETE_MARK)
+    for name in [*names, _COMPLETE_MARK]:
+        os.replace(tmp / name, out / name)
+
+
+def holds_tokenizer(path: str) -> bool:
+    return (Path(path) / _COMPLETE_MARK).is_file() and (Path(path) / "tokenizer.json").is_file()
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A saved transformers tokenizer; it must have an EOS token (packing marks document ends with it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {err}") from err
+    return _with_eos(tokenizer, path)
+
+
+def _with_eos(tokenizer, path: str):
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"the tokenizer in {path} has no EOS token; packed training blocks need one to mark where "
+            "documents end (set eos_token in its tokenizer_config.json)"
+        )
+    return tokenizer
+
+
+def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """The run's tokenizer by `tokenizer.source`: train (or reuse the trained one), the model's, or a dir."""
+    tok = cfg.tokenizer
+    if tok.source == "path":
+        return load_tokenizer(tok.path)
+    if tok.source == "model":
+        return _model_tokenizer(cfg)
+    path = tok.path or str(Path(cfg.output_dir) / "tokenizer")
+    if holds_tokenizer(path):
+        return _reuse(path, tok.vocab_size)
+    domains = [(d.train, d.text_field) for d in cfg.domains]
+    return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences)
+
+
+def _reuse(path: str, vocab_size: int):
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) != vocab_size:  # sentencepiece BPE yields exactly vocab_size pieces or fails
+        raise ConfigError(
+            f"key `tokenizer.vocab_size`: {path} already holds a tokenizer of {len(tokenizer)} tokens, the "
+            f"config asks for {vocab_size}; delete that directory to train a new one, or set tokenizer.path"
+        )
+    log.info("using the tokenizer already trained in %s", path)
+    return tokenizer
+
+
+def _model_tokenizer(cfg: RunConfig):
+    path = Path(cfg.model.path)
+    if cfg.model.source != "gguf":
+        return load_tokenizer(str(path))
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the tokenizer of {path}: {err}") from err
+    return _with_eos(tokenizer, str(path))

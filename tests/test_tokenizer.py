@@ -1,0 +1,169 @@
+"""pretrain.tokenizer: training a sentencepiece BPE, its transformers form, loading, resolving by config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from pretrain.config import ConfigError, DomainConfig, PhaseConfig, RunConfig, TokenizerConfig
+from pretrain.tokenizer import (
+    _balanced_sentences,
+    _check_same_vocabulary,
+    holds_tokenizer,
+    load_tokenizer,
+    resolve_tokenizer,
+    train_tokenizer,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 400
+ROUND_TRIP = [
+    "Hello world.",
+    "  two leading spaces, two  inside and a trailing one ",
+    "def f(x):\n    return x  # indented code\n\n\ttab",
+    "émoji 🎉, 中文, Ελληνικά, ﬁ ligature and a non-breaking\u00a0space",
+    "digits 1234567890 and symbols <>{}[]|~^`",
+]
+
+
+def shared_jsonl(task: str, n: int, out: Path) -> str:
+    """The first n records of a shared benchmark task copied to out; skip when the data is not there."""
+    roots = [Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")]
+    for root in roots:
+        path = root / "data" / "cl_benchmark" / task / "train.jsonl"
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                out.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
+            return str(out)
+    pytest.skip(f"shared benchmark data not found under {[str(r) for r in roots]}")
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory) -> list[tuple[list[str], str]]:
+    src = tmp_path_factory.mktemp("corpora")
+    return [([shared_jsonl(t, 150, src / f"{t}.jsonl")], "text") for t in ("agnews", "sst2", "wic")]
+
+
+@pytest.fixture(scope="module")
+def trained(domains, tmp_path_factory) -> tuple[object, Path]:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return train_tokenizer(domains, str(out), VOCAB, 400), out
+
+
+def test_trained_tokenizer_round_trips_any_text(trained):
+    tok, _ = trained
+    for text in ROUND_TRIP:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text  # byte fallback: nothing is unknown
+        assert tok.decode(ids) == text
+
+
+def test_trained_tokenizer_is_complete_and_matches_sentencepiece(trained):
+    tok, out = trained
+    assert len(tok) == VOCAB  # not the 3-token tokenizer LlamaTokenizer(vocab_file=...) would build
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == ("</s>", 2, 3, 0)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    vocab = tok.get_vocab()
+    assert all(vocab[sp.id_to_piece(i)] == i for i in range(sp.get_piece_size()))
+    for text in ROUND_TRIP:
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert holds_tokenizer(str(out))
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # temporary dir removed
+
+
+def test_saved_tokenizer_loads_back_identically(trained):
+    tok, out = trained
+    again = load_tokenizer(str(out))
+    assert len(again) == len(tok) and again.eos_token_id == tok.eos_token_id
+    batch = again(ROUND_TRIP, add_special_tokens=False)["input_ids"]
+    assert batch == tok(ROUND_TRIP, add_special_tokens=False)["input_ids"]
+
+
+def test_training_is_deterministic_and_replaces_stale_files(domains, trained, tmp_path):
+    tok, _ = trained
+    out = tmp_path / "tok"
+    train_tokenizer(domains, str(out), VOCAB + 100, 400)  # a stale, different tokenizer in the same place
+    again = train_tokenizer(domains, str(out), VOCAB, 400)
+    assert again.get_vocab() == tok.get_vocab()
+    assert len(load_tokenizer(str(out))) == VOCAB
+
+
+def test_sample_takes_domains_in_turn_up_to_the_bound(tmp_path):
+    def domain(name, n):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{name}{i}"}) + "\n" for i in range(n)))
+        return [str(path)], "text"
+
+    doms = [domain("a", 5), domain("b", 1), domain("c", 3)]
+    assert list(_balanced_sentences(doms, 6)) == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    assert len(list(_balanced_sentences(doms, 100))) == 9
+
+
+def test_too_small_a_vocabulary_is_a_config_error(domains, tmp_path):
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size`: 256 is too small.*needs at least \d+"):
+        train_tokenizer(domains, str(tmp_path / "tok"), 256, 400)
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text('{"text": "hello world"}\n')
+    with pytest.raises(ConfigError, match=r"vocab_size`: 2000 is more than.*at most \d+ pieces"):
+        train_tokenizer([([str(tiny)], "text")], str(tmp_path / "tok"), 2000, 400)
+
+
+def test_load_tokenizer_requires_an_eos_token(trained, tmp_path):
+    tok, _ = trained
+    config = json.loads((trained[1] / "tokenizer_config.json").read_text())
+    broken = tmp_path / "no-eos"
+    tok.save_pretrained(str(broken))
+    (broken / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    with pytest.raises(ConfigError, match="no EOS token"):
+        load_tokenizer(str(broken))
+    with pytest.raises(ConfigError, match="cannot load a tokenizer"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+
+
+def run_config(tmp_path: Path, domains, **tokenizer) -> RunConfig:
+    files, field = domains[0]
+    return RunConfig(
+        output_dir=str(tmp_path / "run"),
+        domains=[DomainConfig(name="d", train=files, heldout=files, text_field=field)],
+        phases=[PhaseConfig(domain="d", steps=1)],
+        tokenizer=TokenizerConfig(**{"vocab_size": VOCAB, "max_sentences": 150, **tokenizer}),
+    )
+
+
+def test_resolve_trains_once_then_reuses(domains, tmp_path, monkeypatch):
+    cfg = run_config(tmp_path, domains)
+    first = resolve_tokenizer(cfg)
+    assert holds_tokenizer(str(tmp_path / "run" / "tokenizer")) and len(first) == VOCAB
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a tokenizer already there must be reused")
+
+    monkeypatch.setattr("pretrain.tokenizer.train_tokenizer", no_training)
+    assert resolve_tokenizer(cfg).get_vocab() == first.get_vocab()
+    cfg.tokenizer.vocab_size = VOCAB + 8
+    with pytest.raises(ConfigError, match="already holds a tokenizer of 400 tokens"):
+        resolve_tokenizer(cfg)
+
+
+def test_resolve_path_and_model_sources(trained, domains, tmp_path):
+    tok, out = trained
+    by_path = resolve_tokenizer(run_config(tmp_path, domains, source="path", path=str(out)))
+    cfg = run_config(tmp_path, domains, source="model")
+    cfg.model.source, cfg.model.path = "hf", str(out)
+    by_model = resolve_tokenizer(cfg)
+    assert by_path.get_vocab() == by_model.get_vocab() == tok.get_vocab()
+    assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_a_transformers_tokenizer_that_differs_from_sentencepiece_is_refused(trained, domains, tmp_path):
+    tok, out = trained
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    _check_same_vocabulary(tok, sp)
+    other = train_tokenizer(domains, str(tmp_path / "other"), VOCAB, 150)  # same size, other pieces
+    with pytest.raises(RuntimeError, match="does not match the sentencepiece model"):
+        _check_same_vocabulary(other, sp)
