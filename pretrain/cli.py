@@ -34,6 +34,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    # the deepspeed launcher puts --local_rank=N before the verb; the rank comes from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     verbs = p.add_subparsers(dest="verb", required=True)
 
     t = _with_config(verbs.add_parser("train", help="continual pre-training, phase by phase"))

@@ -15,6 +15,9 @@ def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S")
     log.setLevel(level)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save are noise
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -61,6 +61,7 @@ class Trainer:
     stream: TrainStream | None = None
     stop: StopRequest | None = None
     phase_losses: list[float] = field(default_factory=list)  # rank 0's loss per step of this phase
+    step_lr: float = 0.0
 
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
@@ -121,6 +122,7 @@ class Trainer:
     def train_step(self, batches, step_start: dict) -> float:
         """One optimizer step: grad_accum micro-batches; DeepSpeed steps at the boundary."""
         total = 0.0
+        self.step_lr = self.engine.get_lr()[0]  # the lr this step uses; get_lr() after it is the next one's
         for _ in range(self.cfg.train.grad_accum):
             batch = next(batches).to(self.engine.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
@@ -232,7 +234,7 @@ class Trainer:
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
         mean_loss = all_reduce_sum(torch.tensor([interval["loss"]], dtype=torch.float64)).item()
         mean_loss /= self.dist.world_size
-        lr = self.engine.get_lr()[0]
+        lr = self.step_lr
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         log.info(

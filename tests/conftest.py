@@ -34,7 +34,7 @@ def tiny_run_config(
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2},
         "tokenizer": {
             "source": "train",
-            "vocab_size": 256,
+            "vocab_size": 512,
             "max_sentences": 2000,
             "path": str(out_dir / "tokenizer"),
         },
@@ -44,7 +44,7 @@ def tiny_run_config(
             for a, b in [cl_task(d)]
         ],
         "phases": [{"domain": d, "steps": steps} for d in domains],
-        "train": {"micro_batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1, "log_every": 1},
+        "train": {"micro_batch_size": 2, "seq_len": 32, "lr": 1e-2, "warmup_steps": 0, "log_every": 1},
         "eval": {"batch_size": 4, "max_blocks": 8},
         "deepspeed": {"config": str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")},
     }

@@ -46,8 +46,8 @@ def test_metrics_matrix_shape_and_values(finished_run):
 
 def test_training_a_domain_lowers_its_heldout_loss(finished_run):
     loss = json.loads((finished_run[0] / "metrics.json").read_text())["eval_loss"]
-    assert loss[1][0] < loss[0][0] - 0.05  # agnews, trained in phase 1
-    assert loss[2][1] < loss[1][1] - 0.05  # sst2, trained in phase 2
+    assert loss[1][0] < loss[0][0] - 0.02  # agnews, trained in phase 1
+    assert loss[2][1] < loss[1][1] - 0.02  # sst2, trained in phase 2
 
 
 def test_only_rank0_logs_lines(finished_run):
