@@ -44,22 +44,51 @@ def build_model():
     return model
 
 
-def timed_steps(engine, method, batches, steps: int) -> list[float]:
-    times = []
+HOOK_SECONDS = [0.0]  # time spent inside MIGU's forward hooks, summed
+
+
+def time_the_hooks() -> None:
+    """Wrap MIGU's forward hooks with a clock, to report MIGU's own work apart from the machine's noise."""
+    import pretrain.migu as migu
+
+    original = migu._magnitude_hook
+
+    def timed(method, slot):
+        hook = original(method, slot)
+
+        def wrapped(*args):
+            start = time.perf_counter()
+            hook(*args)
+            HOOK_SECONDS[0] += time.perf_counter() - start
+
+        return wrapped
+
+    migu._magnitude_hook = timed
+
+
+def timed_steps(engine, method, batches, steps: int) -> tuple[list[float], list[tuple[float, float, float]]]:
+    """Wall time per step, and the parts spent in the method: (hooks, before_backward, after_backward)."""
+    times, own = [], []
     for i in range(steps):
         batch = batches[i % len(batches)]
+        HOOK_SECONDS[0] = 0.0
         start = time.perf_counter()
         loss = engine(input_ids=batch, labels=batch).loss
+        t0 = time.perf_counter()
         method.before_backward(engine)
+        t1 = time.perf_counter()
         engine.backward(loss)
+        t2 = time.perf_counter()
         method.after_backward(engine)
+        t3 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
-    return times
+        own.append((HOOK_SECONDS[0], t1 - t0, t3 - t2))
+    return times, own
 
 
 def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, list[list[float]]]:
-    """Per method, the step times of each round's block."""
+    """Per method, the step times of each round's block; `migu_own`: MIGU's own seconds per step."""
     import deepspeed
     import torch.distributed as dist
 
@@ -84,16 +113,18 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
     g = torch.Generator().manual_seed(dist.get_rank())
     shape = (MODEL["micro_batch"], MODEL["seq"])
     batches = [torch.randint(0, MODEL["vocab"], shape, generator=g) for _ in range(4)]
-    times: dict[str, list[list[float]]] = {"none": [], "migu": []}
+    times: dict[str, list[list[float]]] = {"none": [], "migu": [], "migu_own": []}
 
     def run(name: str, steps: int, keep: bool) -> None:
         if name == "migu":
             methods["migu"].begin_phase(1)  # installs the hooks
-        result = timed_steps(engine, methods[name], batches, steps)
+        result, own = timed_steps(engine, methods[name], batches, steps)
         if name == "migu":
             methods["migu"].remove_hooks()  # `none` blocks run with no hook at all
         if keep:
             times[name].append(result)
+            if name == "migu":
+                times["migu_own"].append(own)
 
     for name in ("none", "migu"):
         run(name, warmup, keep=False)
@@ -122,13 +153,19 @@ def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Name
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
         f"{args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other jobs share the cores: ratios",
-        "within a few percent of 1 are noise; the per-round ratio pairs blocks run back to back).",
+        "within a few percent of 1 are noise; the per-round ratio pairs blocks run back to back). MIGU's own",
+        "time (its forward hooks, before_backward with the all_reduce and top-k, after_backward with the",
+        "masking) is clocked inside each step (medians); before_backward includes waiting in the all_reduce",
+        "for the slower rank, which `none` spends in backward's reduction instead.",
         "",
         "| ZeRO | none median (s) | migu median (s) | ratio of medians | ratio of means "
-        "| median of per-round ratios |",
-        "|---|---|---|---|---|---|",
+        "| median of per-round ratios | MIGU's own s/step: hooks, before_backward, after_backward "
+        "| 1 + own / none median |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for stage, t in results.items():
+        own = [x for block in t.pop("migu_own") for x in block]
+        parts = [statistics.median(p) for p in zip(*own, strict=True)]
         flat = {k: [x for block in v for x in block] for k, v in t.items()}
         med = {k: statistics.median(v) for k, v in flat.items()}
         mean = {k: statistics.fmean(v) for k, v in flat.items()}
@@ -137,7 +174,9 @@ def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Name
         )
         lines.append(
             f"| {stage} | {med['none']:.4f} | {med['migu']:.4f} | {med['migu'] / med['none']:.3f} "
-            f"| {mean['migu'] / mean['none']:.3f} | {rounds:.3f} |"
+            f"| {mean['migu'] / mean['none']:.3f} | {rounds:.3f} "
+            f"| {parts[0]:.4f}, {parts[1]:.4f}, {parts[2]:.4f} "
+            f"| {1 + sum(parts) / med['none']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -155,6 +194,7 @@ def main() -> None:
     import torch.distributed as dist
 
     args.load_before = os.getloadavg()[0]
+    time_the_hooks()
     deepspeed.init_distributed(auto_mpi_discovery=False)
     stages = [int(s) for s in args.stages.split(",")]
     results = {s: bench_stage(s, args.warmup, args.rounds, args.block) for s in stages}
