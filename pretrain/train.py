@@ -302,7 +302,9 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     phase_steps = [steps_for_phase(p, cfg.train, dist.world_size) for p in cfg.phases]
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed)
     engine = build_engine(cfg, model, phase_steps, dist.world_size)
-    method = build_method(cfg.method, engine.module, engine)
+    method = build_method(
+        cfg.method, engine.module, engine, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum
+    )
     heldout = {
         d.name: heldout_blocks(d.heldout, d.text_field, tokenizer, cfg.train.seq_len, cfg.eval.max_blocks)
         for d in cfg.domains
