@@ -8,6 +8,7 @@ any rank, or a NaN/inf loss on any rank.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -182,6 +183,7 @@ class Trainer:
             "position": asdict(self.pos),
             "results": self.results.to_dict(),
             "method": self.method.state_dict(),
+            "phase_losses": self.phase_losses,
         }
         save_checkpoint(
             self.engine,
@@ -379,15 +381,21 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> Path:
 
 
 def _changed_keys(cfg: RunConfig, saved: Path) -> list[str]:
+    """Keys whose value differs from the config the run was started with (tuples compare as lists)."""
     if not saved.is_file():
         return []
-    old, new = yaml.safe_load(saved.read_text()), cfg.to_dict()
-    return [
-        f"{section}"
-        for section in new
-        if old.get(section) != new[section]
-        and not (isinstance(new[section], tuple | list) and list(new[section]) == old.get(section))
-    ]
+    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(json.loads(json.dumps(cfg.to_dict())))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):

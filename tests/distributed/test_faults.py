@@ -80,5 +80,5 @@ def _tokenizer(tmp_path) -> str:
 
     cfg = tiny_run_config(tmp_path)
     files = [(d["train"], "text") for d in cfg["domains"]]
-    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=256, max_sentences=500)
+    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=512, max_sentences=500)
     return str(tmp_path / "tok")
