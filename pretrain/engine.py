@@ -58,3 +58,11 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, phase_steps: list[int],
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
     return engine
+
+
+def build_eval_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int):
+    """An engine for evaluation only: no optimizer state is allocated (ZeRO-3 still shards the weights)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, world_size))
+    return engine

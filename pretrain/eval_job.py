@@ -12,7 +12,7 @@ from pathlib import Path
 from pretrain.config import ConfigError, load_config
 from pretrain.data import heldout_blocks
 from pretrain.distributed import barrier, init_distributed
-from pretrain.engine import build_engine
+from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains
 from pretrain.logs import log, setup_logging
 from pretrain.model import build_model
@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
                 )
                 for d in cfg.domains
             }
-        engine = build_engine(cfg, model, [1], dist.world_size)
+        engine = build_eval_engine(cfg, model, dist.world_size)
         ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
         results.set_eval(row, ev)
         log.info("eval row %d: %s", row, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))

@@ -1,0 +1,87 @@
+"""Evaluation as its own job and the report, end to end on 2 CPU ranks under the deepspeed launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, assert_ok, free_port, run_deepspeed, tiny_run_config, write_config
+from PIL import Image
+
+pytestmark = pytest.mark.distributed
+
+
+def _close(a, b, tol):
+    return len(a) == len(b) and all(r == pytest.approx(q, abs=tol) for r, q in zip(a, b, strict=True))
+
+
+def _metrics(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+def _single(*args):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def inline_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inline")
+    cfg = tiny_run_config(tmp, stage=3, steps=3, method={"name": "migu", "start_phase": 2})
+    assert_ok(run_deepspeed(["pretrain", "train", "--config", str(write_config(cfg, tmp / "run.yaml"))]))
+    return tmp / "run"
+
+
+def test_eval_job_reproduces_inline_numbers(inline_run):
+    inline = _metrics(inline_run)["eval_loss"]
+    assert_ok(run_deepspeed(["pretrain", "eval", "--run", str(inline_run)]))
+    again = _metrics(inline_run)["eval_loss"]
+    assert _close(again, inline, 1e-5)
+    # a re-run gives the same numbers; a single process (other summation order) agrees to float tolerance
+    assert_ok(run_deepspeed(["pretrain", "eval", "--run", str(inline_run), "--phase", "2"]))
+    assert _metrics(inline_run)["eval_loss"] == again
+    _single("eval", "--run", str(inline_run), "--phase", "1")
+    assert _metrics(inline_run)["eval_loss"][1] == pytest.approx(inline[1], abs=1e-4)
+
+
+def test_report_writes_markdown_and_real_pictures(inline_run):
+    _single("report", "--run", str(inline_run))
+    report = (inline_run / "report.md").read_text()
+    loss = _metrics(inline_run)["eval_loss"]
+    assert f"{loss[2][1]:.4f}" in report and "avg_forgetting" in report
+    for name in ("loss_heatmap.png", "loss_curves.png"):
+        with Image.open(inline_run / name) as img:
+            img.verify()
+        with Image.open(inline_run / name) as img:
+            assert img.size[0] >= 400 and img.size[1] >= 300
+            assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 20  # not a blank canvas
+
+
+def test_deferred_evaluation_fills_the_matrix_by_jobs(inline_run, tmp_path):
+    cfg = tiny_run_config(
+        tmp_path, stage=3, steps=3, method={"name": "migu", "start_phase": 2}, eval={"inline": False}
+    )
+    path = write_config(cfg, tmp_path / "run.yaml")
+    assert_ok(run_deepspeed(["pretrain", "train", "--config", str(path)]))
+    run = tmp_path / "run"
+    assert _metrics(run)["eval_loss"] == []
+    assert_ok(run_deepspeed(["pretrain", "eval", "--run", str(run)]))
+    deferred = _metrics(run)
+    # same seed, data and config: the job-evaluated matrix equals the in-line one of the same training
+    assert _close(deferred["eval_loss"], _metrics(inline_run)["eval_loss"], 1e-5)
+    assert deferred["avg_forgetting"] is not None and deferred["plasticity"] > 0
+    out = _single("compare", str(inline_run), str(run), "--out", str(tmp_path))
+    assert (tmp_path / "comparison.md").is_file() and (tmp_path / "comparison.png").is_file()
+    assert "forgot least" in out.stdout or "forgot" in out.stdout
