@@ -23,7 +23,12 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODEL = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=2048, seq=256, micro_batch=4)
+MODELS = {
+    "medium": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=2048, seq=256, micro_batch=4),
+    # the model and batch of configs/demo.yaml
+    "demo": dict(hidden=128, intermediate=384, layers=4, heads=4, vocab=2048, seq=128, micro_batch=8),
+}
+MODEL = dict(MODELS["medium"])
 
 
 def build_model():
@@ -143,7 +148,7 @@ def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Name
         "",
         "```",
         "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 benchmarks/migu_overhead.py"
-        + (f" --warmup {args.warmup} --rounds {args.rounds} --block {args.block}"),
+        + (f" --model {args.model} --warmup {args.warmup} --rounds {args.rounds} --block {args.block}"),
         "```",
         "",
         f"Model: Llama {MODEL}; AdamW, fp32, grad accumulation 1, gradient clipping 1.0; MIGU T=0.7 on all",
@@ -188,8 +193,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--block", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("migu_overhead.md"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="medium")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
+    MODEL.update(MODELS[args.model])
     import deepspeed
     import torch.distributed as dist
 
