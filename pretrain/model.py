@@ -47,7 +47,12 @@ def _load_local(cfg: ModelConfig) -> PreTrainedModel:
     path = Path(cfg.path)
     kwargs = {"local_files_only": True, "dtype": torch.float32}
     if cfg.source == "gguf":
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        # transformers de-quantizes GGUF weights to `dtype` on load but keeps the quantizer attached,
+        # which makes save_pretrained refuse; the weights we train and export are plain tensors.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        return model
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 

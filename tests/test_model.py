@@ -41,7 +41,7 @@ def _smollm2() -> Path:
     return found[0]
 
 
-def test_real_gguf_checkpoint_loads_with_its_tokenizer():
+def test_real_gguf_checkpoint_loads_with_its_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     gguf = _smollm2()
@@ -54,3 +54,7 @@ def test_real_gguf_checkpoint_loads_with_its_tokenizer():
         loss = model(input_ids=ids, labels=ids).loss.item()
     # a pretrained model knows English: far below the uniform loss ln(vocab) of an untrained one
     assert loss < 0.5 * math.log(len(tok))
+    # the de-quantized weights export as a plain transformers model (what export/phase-N holds)
+    model.save_pretrained(tmp_path / "export")
+    again = build_model(ModelConfig(source="hf", path=str(tmp_path / "export")), len(tok), seed=0)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
