@@ -10,7 +10,11 @@ tokenized in batches, each followed by EOS, and cut into blocks of exactly seq_l
   document boundaries and no single document has to be the whole file.
 
 Documents that are empty or only whitespace are skipped. Bad input raises `DataError` naming the file,
-the line or record, and the field.
+the line or record, and the field; given a `SkipCounter`, bad records (a JSON line that does not parse, a
+record without a string in the text field, undecodable bytes) are skipped and counted instead. Which
+records are bad depends on the file alone, so every rank and every resumed run skips the same ones.
+Missing files, unknown types and files whose records cannot be told apart (a broken JSON array or
+Parquet file) are errors either way.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -26,32 +30,164 @@ import torch
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 256  # documents per tokenizer call: the fast tokenizer parallelises within a call
+_SKIP_EXAMPLES = 5  # bad records logged and kept as examples; the rest are only counted
+
+
+_MISSING = object()
 
 
 class DataError(ValueError):
     """Input data that cannot be used; the message names the file and, where known, line/record and field."""
 
 
+@dataclass
+class SkipCounter:
+    """Bad records skipped instead of raising: how many, and the first few messages (file, line, why)."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.examples) < _SKIP_EXAMPLES:
+            self.examples.append(message)
+        if self.count <= _SKIP_EXAMPLES:
+            more = "; further bad records are counted, not logged" if self.count == _SKIP_EXAMPLES else ""
+            logging.getLogger("pretrain").warning("skipped bad record: %s%s", message, more)
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_documents(files: list[str], text_field: str = "text") -> Iterator[str]:
-    """The non-empty documents of `files`, in order, streamed (see the module docstring for formats)."""
+def read_documents(
+    files: list[str], text_field: str = "text", skip: SkipCounter | None = None
+) -> Iterator[str]:
+    """The non-empty documents of `files`, in order, streamed (see the module docstring for formats).
+
+    Without `skip` the first bad record raises DataError; with it, each bad record read is counted there.
+    """
     for path in files:
-        yield from _file_documents(str(path), text_field)
+        path = str(path)
+        if skip is None:
+            yield from _file_documents(path, text_field)
+        else:
+            yield from _file_documents_skipping(path, text_field, skip)
 
 
 def _file_documents(path: str, text_field: str) -> Iterator[str]:
     builder = _builder(path)
     for i, record in enumerate(_records(path, builder, text_field)):
-        if builder == "text":
-            text = record["text"].strip("\n")  # a run of 3+ newlines leaves newlines at a paragraph's ends
-        else:
-            text = record.get(text_field)
-            if not isinstance(text, str):
-                raise DataError(f"{path}: {_bad_record(path, i, text_field, record)}")
+        text = _text(builder, record, text_field)
+        if text is None:
+            raise DataError(f"{path}: {_bad_record(path, i, text_field, record)}")
         if text.strip():
             yield text
+
+
+def _text(builder: str, record: dict, text_field: str) -> str | None:
+    """A record's document, None when it has no string in the text field."""
+    if builder == "text":
+        return record["text"].strip("\n")  # a run of 3+ newlines leaves newlines at a paragraph's ends
+    text = record.get(text_field)
+    return text if isinstance(text, str) else None
+
+
+def _file_documents_skipping(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
+    """_file_documents, bad records skipped and counted.
+
+    Clean files take the fast `datasets` path. Its JSON loader fails a whole chunk for one bad line, so a
+    JSON Lines or text file is read line by line from its first bad record on, which also names the
+    line without re-reading the file; records before it were delivered already and are passed over.
+    """
+    builder = _builder(path)
+    by_line = builder == "text" or _is_json_lines(path)
+    n = 0  # records read through datasets
+    try:
+        for record in _dataset_records(path, builder, text_field):
+            text = _text(builder, record, text_field)
+            if text is None:
+                if by_line:
+                    break
+                skip.add(f"{path}: {_bad_record(path, n, text_field, record)}")
+            elif text.strip():
+                yield text
+            n += 1
+        else:
+            return
+    except Exception as err:  # as in _records; only line-based files can go on past the bad line
+        if not by_line:
+            raise DataError(f"{path}: {_diagnose(path, builder) or f'cannot be read ({err})'}") from err
+    if builder == "text":
+        yield from _paragraphs_skipping(path, skip, start=n)
+    else:
+        yield from _json_lines_skipping(path, text_field, skip, start=n)
+
+
+def _json_lines_skipping(path: str, text_field: str, skip: SkipCounter, start: int) -> Iterator[str]:
+    """The documents of a JSON Lines file from record `start` on (records are its non-blank lines, as
+    datasets counts them), read with the json module, bad ones counted in `skip`."""
+    record = -1
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, which datasets drops too
+            if not raw.strip():
+                continue
+            record += 1
+            if record < start:
+                continue
+            text, why = _json_line_text(raw, text_field)
+            if text is None:
+                skip.add(f"{path}: line {number} (record {record + 1}): {why}")
+            elif text.strip():
+                yield text
+
+
+def _json_line_text(raw: bytes, text_field: str) -> tuple[str | None, str]:
+    """(document, '') of one JSON line, or (None, why it has none)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return None, f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)"
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    text = obj.get(text_field, _MISSING)
+    return (text, "") if isinstance(text, str) else (None, _describe_value(text, text_field))
+
+
+def _paragraphs_skipping(path: str, skip: SkipCounter, start: int) -> Iterator[str]:
+    """The documents of a text file from paragraph `start` on, split as datasets splits them (on blank
+    lines, newlines translated), a paragraph with undecodable bytes counted in `skip`."""
+    line, paragraph = 1, -1
+    for piece in _split_text(path, "\n\n"):
+        first_line, line = line, line + piece.count("\n") + 2
+        if not piece:
+            continue
+        paragraph += 1
+        if paragraph < start:
+            continue
+        try:
+            piece.encode("utf-8")  # undecodable bytes were read as lone surrogates, which do not encode
+        except UnicodeEncodeError as err:
+            bad = first_line + piece.count("\n", 0, err.start)
+            byte = ord(piece[err.start]) - 0xDC00
+            skip.add(f"{path}: line {bad} (paragraph {paragraph + 1}): not valid UTF-8 (byte {byte:#04x})")
+            continue
+        text = piece.strip("\n")
+        if text.strip():
+            yield text
+
+
+def _split_text(path: str, sep: str, chunk: int = 1 << 20) -> Iterator[str]:
+    """The file's text split on `sep`, streamed; bytes that are not UTF-8 come as lone surrogates."""
+    rest = ""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        while data := f.read(chunk):
+            *pieces, rest = (rest + data).split(sep)
+            yield from pieces
+    yield rest
 
 
 def _builder(path: str) -> str:
@@ -67,16 +203,20 @@ def _builder(path: str) -> str:
 
 def _records(path: str, builder: str, text_field: str) -> Iterator[dict]:
     """Raw records from `datasets`; its parse errors become a DataError that points at the bad line."""
-    import datasets  # deferred: importing datasets costs about a second
-
     try:
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
-        if builder != "text" and ds.features is not None and text_field in ds.features:
-            ds = ds.select_columns([text_field])  # other columns are never read: faster
-        yield from ds
+        yield from _dataset_records(path, builder, text_field)
     except Exception as err:  # pyarrow, json, unicode and datasets errors alike: diagnose the file ourselves
         raise DataError(f"{path}: {_diagnose(path, builder) or f'cannot be read ({err})'}") from err
+
+
+def _dataset_records(path: str, builder: str, text_field: str) -> Iterator[dict]:
+    import datasets  # deferred: importing datasets costs about a second
+
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
+    if builder != "text" and ds.features is not None and text_field in ds.features:
+        ds = ds.select_columns([text_field])  # other columns are never read: faster
+    yield from ds
 
 
 def _diagnose(path: str, builder: str) -> str | None:
@@ -105,9 +245,6 @@ def _diagnose(path: str, builder: str) -> str | None:
 def _starts_with_bracket(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
-
-
-_MISSING = object()
 
 
 def _bad_record(path: str, index: int, field: str, record: dict) -> str:
@@ -193,10 +330,18 @@ def _eos_id(tokenizer) -> int:
 
 
 def heldout_blocks(
-    files: list[str], text_field: str, tokenizer, seq_len: int, max_blocks: int
+    files: list[str],
+    text_field: str,
+    tokenizer,
+    seq_len: int,
+    max_blocks: int,
+    skip: SkipCounter | None = None,
 ) -> torch.Tensor:
-    """A domain's fixed evaluation set: its first max_blocks packed blocks [n, seq_len], same on all ranks."""
-    docs = _token_ids(read_documents(files, text_field), tokenizer)
+    """A domain's fixed evaluation set: its first max_blocks packed blocks [n, seq_len], same on all ranks.
+
+    With `skip`, the bad records read on the way are skipped and counted (see read_documents).
+    """
+    docs = _token_ids(read_documents(files, text_field, skip), tokenizer)
     blocks = list(islice(pack_blocks(docs, seq_len, _eos_id(tokenizer)), max_blocks))
     if not blocks:
         raise DataError(
@@ -235,9 +380,24 @@ class TrainStream:
     or take one), and the ranks' batches of one step are world_size * micro_batch_size consecutive blocks,
     all distinct because the corpus must hold at least that many. Iterate one iterator at a time:
     `state_dict()` is the position of the batches handed out so far.
+
+    With `skip`, bad records are skipped (the same ones on every rank, in every epoch: document indices
+    count delivered documents) and each is counted once per stream, the first time it is read, not again
+    in later epochs. The state dict carries that count: loading it adds to `skip` what the saved stream
+    had counted, and the records before the resume point, read again to get there, are not counted twice.
     """
 
-    def __init__(self, files, text_field, tokenizer, seq_len, rank, world_size, micro_batch_size):
+    def __init__(
+        self,
+        files,
+        text_field,
+        tokenizer,
+        seq_len,
+        rank,
+        world_size,
+        micro_batch_size,
+        skip: SkipCounter | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.files = [str(f) for f in files]
@@ -247,6 +407,8 @@ class TrainStream:
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size = micro_batch_size
         self.eos_id = _eos_id(tokenizer)
+        self.skip = skip
+        self._skipped = 0  # bad records counted into skip: the first ones any pass meets
         self._pos = _Position()
         self._check_size()
 
@@ -261,7 +423,8 @@ class TrainStream:
 
     def _blocks(self, pos: _Position) -> Iterator[tuple[int, list[int], int, int]]:
         """(block number in the epoch, block, next doc, next offset) from `pos` to the end of the epoch."""
-        texts = islice(read_documents(self.files, self.text_field), pos.doc, None)
+        skip = None if self.skip is None else _NewSkips(self)
+        texts = islice(read_documents(self.files, self.text_field, skip), pos.doc, None)
         packed = _pack(_token_ids(texts, self.tokenizer), self.seq_len, self.eos_id, pos.doc, pos.offset)
         for n, (block, doc, offset) in enumerate(packed, start=pos.block):
             yield n, block, doc, offset
@@ -289,6 +452,7 @@ class TrainStream:
             "world_size": self.world_size,
             "seq_len": self.seq_len,
             "files": list(self.files),
+            "skipped": self._skipped,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -300,3 +464,24 @@ class TrainStream:
                     "a resumed run needs the same files, sequence length and ranks"
                 )
         self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})
+        skipped = max(self._skipped, int(state.get("skipped", 0)))
+        if self.skip is not None:
+            self.skip.count += skipped - self._skipped
+        self._skipped = skipped
+
+
+class _NewSkips:
+    """One pass's view of a stream's SkipCounter that passes on only the bad records not counted yet.
+
+    Every pass reads the files from their start and the same records are bad each time, so the k-th bad
+    record of any pass is the same record: the ones up to the stream's count were counted already.
+    """
+
+    def __init__(self, stream: TrainStream):
+        self.stream, self.seen = stream, 0
+
+    def add(self, message: str) -> None:
+        self.seen += 1
+        if self.seen > self.stream._skipped:
+            self.stream._skipped = self.seen
+            self.stream.skip.add(message)

@@ -1,8 +1,10 @@
-"""pretrain.data: each format, bad-input errors, packing, rank sharding, epochs, resume, held-out set."""
+"""pretrain.data: each format, bad-input errors, skipping bad records, packing, rank sharding, epochs,
+resume, held-out set."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 
 from pretrain.data import (
     DataError,
+    SkipCounter,
     TrainStream,
     _pack,
     heldout_blocks,
@@ -255,3 +258,178 @@ def test_heldout_smaller_than_one_block(tmp_path, tokenizer):
     with pytest.raises(DataError, match="held-out set smaller than one evaluation block") as err:
         heldout_blocks([path], "text", tokenizer, 512, max_blocks=4)
     assert path in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- skipping
+
+SKIPPABLE = [
+    ("broken.jsonl", b'{"text": "b}', ["line 2", "not valid JSON"]),
+    ("missing.jsonl", b'{"body": "b"}', ["line 2", "'text'", "missing"]),
+    ("null.jsonl", b'{"text": null}', ["line 2", "'text'", "null"]),
+    ("number.jsonl", b'{"text": 5}', ["line 2", "'text'", "int"]),
+    ("list.jsonl", b'{"text": ["b"]}', ["line 2", "'text'", "list"]),
+    ("object.jsonl", b"[1, 2]", ["line 2", "expected a JSON object, got list"]),
+    ("bytes.jsonl", b'{"text": "b\xff"}', ["line 2", "UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(("name", "bad", "expected"), SKIPPABLE, ids=[b[0] for b in SKIPPABLE])
+def test_skip_drops_each_kind_of_bad_json_line_and_keeps_the_rest(tmp_path, name, bad, expected):
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "a"}\n' + bad + b'\n{"text": "c"}\n\n{"text": "d"}\n')
+    skip = SkipCounter()
+    assert list(read_documents([str(path)], skip=skip)) == ["a", "c", "d"]
+    assert skip.count == 1 and len(skip.examples) == 1
+    for part in [str(path), *expected]:
+        assert part in skip.examples[0]
+
+
+def test_skip_in_text_json_array_and_parquet(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_bytes(b"one,\r\nstill one\r\n\r\n\r\ntwo \xfe\nbad\n\n  \n\nthree\n")
+    arr = tmp_path / "b.json"
+    arr.write_text(json.dumps([{"text": "four"}, {"other": "x"}, {"text": "five"}]))
+    par = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["six", None, "seven"]}), par)
+    skip = SkipCounter()
+    got = list(read_documents([str(txt), str(arr), str(par)], skip=skip))
+    assert got == ["one,\nstill one", "three", "four", "five", "six", "seven"]
+    assert skip.count == 3
+    assert f"{txt}: line 5 (paragraph 2): not valid UTF-8 (byte 0xfe)" == skip.examples[0]
+    assert f"{arr}: record 2" in skip.examples[1] and "'text'" in skip.examples[1]
+    assert f"{par}: record 2" in skip.examples[2] and "null" in skip.examples[2]
+
+
+def test_skip_leaves_clean_files_as_they_are(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("Para one,\nstill one.\n\n\nPara two.\n\n   \n\nPara three\n")
+    lines = tmp_path / "b.jsonl"
+    lines.write_text('{"text": "x"}\n\n{"text": " "}\n{"text": "y\\nz"}\n')
+    skip = SkipCounter()
+    files = [str(txt), str(lines)]
+    assert list(read_documents(files, skip=skip)) == list(read_documents(files))
+    assert skip == SkipCounter()
+
+
+def test_skip_counts_all_keeps_five_examples_and_logs_five_warnings(tmp_path, caplog):
+    rows = [json.dumps({"text": f"good {i}"}) if i % 3 else f'{{"text": {i}}}' for i in range(30)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    skip = SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        got = list(read_documents([str(path)], skip=skip))
+    assert got == [f"good {i}" for i in range(30) if i % 3]
+    assert skip.count == 10
+    assert [e.split(": ")[1] for e in skip.examples] == [f"line {n} (record {n})" for n in (1, 4, 7, 10, 13)]
+    warnings = [r for r in caplog.records if r.name == "pretrain" and r.levelno == logging.WARNING]
+    assert len(warnings) == 5 and all("skipped bad record" in r.getMessage() for r in warnings)
+
+
+def test_skip_after_datasets_fails_mid_file_delivers_each_record_once(tmp_path, monkeypatch):
+    """datasets fails a whole chunk (10 MB) for one bad line: what it delivered before is not repeated."""
+    import pretrain.data as data
+
+    texts = [f"doc {i}" for i in range(40)]
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[25] = '{"text": oops}'
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n\n".join(lines) + "\n")
+    real = data._dataset_records
+
+    def fails_after_20(path_, builder, text_field):
+        for i, record in enumerate(real(path_, builder, text_field)):
+            if i == 20:
+                raise ValueError("chunk failed")
+            yield record
+
+    monkeypatch.setattr(data, "_dataset_records", fails_after_20)
+    skip = SkipCounter()
+    assert list(read_documents([str(path)], skip=skip)) == texts[:25] + texts[26:]
+    assert skip.count == 1 and "line 51 (record 26)" in skip.examples[0]
+
+
+def test_skip_reads_a_file_with_a_bom_line_by_line_alike(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"text": "a"}\n{"text": \n{"text": "c"}\n'
+    )  # read line by line from line 1
+    skip = SkipCounter()
+    assert list(read_documents([str(path)], skip=skip)) == ["a", "c"]
+    assert skip.count == 1 and "line 2 (record 2)" in skip.examples[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [("array.json", b'[{"text": "a"}, {"text": ', "not a valid JSON array"), ("a.csv", b"a\n", "unknown")],
+)
+def test_skip_still_raises_when_records_cannot_be_told_apart(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        list(read_documents([str(path)], skip=SkipCounter()))
+
+
+@pytest.fixture(scope="module")
+def dirty_corpus(tmp_path_factory) -> tuple[str, str, int]:
+    """(corpus with bad lines, the same corpus without them, number of bad lines): the same real texts."""
+    root = tmp_path_factory.mktemp("dirty")
+    good = [json.dumps({"text": t}).encode() for t in shared_texts("sst2", 60)]
+    bad = [b'{"text": "cut', b'{"body": "x"}', b'{"text": "b\xfe"}', b'{"text": 7}', b"[]"]
+    dirty = list(good)
+    for k, line in enumerate(bad):
+        dirty.insert(1 + 13 * k, line)
+    (root / "dirty.jsonl").write_bytes(b"\n".join(dirty) + b"\n")
+    (root / "clean.jsonl").write_bytes(b"\n".join(good) + b"\n")
+    return str(root / "dirty.jsonl"), str(root / "clean.jsonl"), len(bad)
+
+
+@pytest.mark.parametrize(("world", "micro"), [(1, 2), (2, 2), (3, 1)])
+def test_stream_with_skip_equals_the_stream_without_the_bad_lines(dirty_corpus, tokenizer, world, micro):
+    dirty, clean, n_bad = dirty_corpus
+    ids = tokenizer(list(read_documents([clean])), add_special_tokens=False)["input_ids"]
+    n = len(list(pack_blocks(ids, SEQ_LEN, tokenizer.eos_token_id)))
+    steps = 3 * n // (world * micro) + 1  # into the fourth epoch
+    for rank in range(world):
+        skip = SkipCounter()
+        got = take(iter(TrainStream([dirty], "text", tokenizer, SEQ_LEN, rank, world, micro, skip)), steps)
+        expected = take(iter(stream(clean, tokenizer, rank, world, micro)), steps)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert skip.count == n_bad  # once each, though every epoch reads them again
+
+
+def test_stream_without_skip_still_raises_on_bad_lines(dirty_corpus, tokenizer):
+    with pytest.raises(DataError, match="line 2"):
+        stream(dirty_corpus[0], tokenizer)
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 9, 14])
+def test_resume_with_skip_is_exact_and_counts_each_bad_record_once(
+    dirty_corpus, tokenizer, consumed, monkeypatch
+):
+    monkeypatch.setattr("pretrain.data._TOKENIZE_BATCH", 4)  # read little ahead: counts grow as it goes
+    dirty, clean, n_bad = dirty_corpus
+    steps = len(heldout_blocks([clean], "text", tokenizer, SEQ_LEN, 10_000)) // 4 + 1  # past an epoch end
+    first_skip = SkipCounter()
+    first = TrainStream([dirty], "text", tokenizer, SEQ_LEN, 1, 2, 2, first_skip)
+    it = iter(first)
+    take(it, consumed)
+    state, counted = first.state_dict(), first_skip.count
+    assert 0 < counted and (counted < n_bad or consumed > 0)
+    expected = take(it, steps)
+    skip = SkipCounter()
+    resumed = TrainStream([dirty], "text", tokenizer, SEQ_LEN, 1, 2, 2, skip)
+    resumed.load_state_dict(state)
+    assert skip.count == counted  # what the saved stream counted, the re-read ones not again
+    got = take(iter(resumed), steps)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert skip.count == first_skip.count == n_bad  # all of them, once
+
+
+def test_heldout_with_skip_equals_heldout_without_the_bad_lines(dirty_corpus, tokenizer):
+    dirty, clean, n_bad = dirty_corpus
+    skip = SkipCounter()
+    got = heldout_blocks([dirty], "text", tokenizer, SEQ_LEN, max_blocks=10_000, skip=skip)
+    assert torch.equal(got, heldout_blocks([clean], "text", tokenizer, SEQ_LEN, max_blocks=10_000))
+    assert skip.count == n_bad
+    with pytest.raises(DataError, match="line 2"):
+        heldout_blocks([dirty], "text", tokenizer, SEQ_LEN, max_blocks=10_000)
