@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,18 +75,32 @@ def run_label(data: dict[str, Any], run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write report.md, loss_heatmap.png and loss_curves.png into the run directory; return report.md."""
+    """Write report.md, loss_heatmap.png, loss_curves.png and, for a MIGU run, migu_overlap.png and
+    migu_magnitudes.png into the run directory; return report.md."""
     run = Path(run_dir)
     data = load_metrics(run)
     title = data.get("run_name") or run.resolve().name
     plot_heatmap(data, run / "loss_heatmap.png", title=f"held-out loss: {title}")
     plot_loss_curves(data, run / "loss_curves.png", title=f"held-out loss across phases: {title}")
+    pictures = write_migu_pictures(data, run, title)
     out = run / "report.md"
-    out.write_text(report_markdown(data, title))
+    out.write_text(report_markdown(data, title, migu_pictures=[p.name for p in pictures]))
     return out
 
 
-def report_markdown(data: dict[str, Any], title: str) -> str:
+def write_migu_pictures(data: dict[str, Any], run_dir: str | Path, title: str) -> list[Path]:
+    """migu_overlap.png (needs top sets of two phases) and migu_magnitudes.png (needs quantiles) when the
+    run's metrics hold them; nothing for `none` runs, nor for `random` runs, which record neither."""
+    run, summaries, made = Path(run_dir), migu_summaries(data), []
+    if sum(bool(unit_sets(e)) for e in summaries) >= 2:
+        made.append(plot_migu_overlap(data, run / "migu_overlap.png", title=f"MIGU mask overlap: {title}"))
+    if any(e.get("magnitude_quantiles") for e in summaries):
+        path = run / "migu_magnitudes.png"
+        made.append(plot_migu_magnitudes(data, path, title=f"MIGU output magnitudes: {title}"))
+    return made
+
+
+def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[str] = ()) -> str:
     domains, phases = data["domains"], data["phases"]
     done = _rows_present(data["eval_loss"]) - 1
     lines = [f"# Run report: {title}", ""]
@@ -99,6 +114,7 @@ def report_markdown(data: dict[str, Any], title: str) -> str:
     lines += ["## Held-out perplexity", "", matrix_table(data["perplexity"], domains, phases, "{:.2f}"), ""]
     lines += _metrics_section(data)
     lines += _method_stats_section(data.get("migu"))
+    lines += _migu_pictures_section(data, migu_pictures)
     lines += [
         "## Pictures",
         "",
@@ -173,13 +189,24 @@ def _forgetting_table(data: dict[str, Any]) -> list[str]:
 
 
 def _method_stats_section(stats: Any) -> list[str]:
-    """Per-phase method statistics (metrics["migu"]): scalar fields as they are, per-layer dicts as means."""
+    """Per-phase method statistics (metrics["migu"]): scalar fields as they are, per-layer dicts as means.
+
+    Columns with the same value in every phase go into one line above the table, and
+    `jaccard_per_layer` (its mean is `jaccard_with_previous`) is left out, so the table stays narrow.
+    """
     entries = [stats] if isinstance(stats, dict) else list(stats or [])
     entries = [e for e in entries if isinstance(e, dict) and e]
     columns = list(dict.fromkeys(k for e in entries for k, v in e.items() if _summary_value(v) is not None))
+    if "jaccard_with_previous" in columns and "jaccard_per_layer" in columns:
+        columns.remove("jaccard_per_layer")
     if not columns:
         return []
     lines = ["## Method statistics", "", "Per-layer values are shown as their mean over layers.", ""]
+    same = [c for c in columns if c != "phase" and len(entries) > 1 and _constant(entries, c)]
+    if same:
+        text = ", ".join(f"{c}={_plain(_summary_value(entries[0].get(c)))}" for c in same)
+        lines += [f"Same in every phase: {text}.", ""]
+        columns = [c for c in columns if c not in same]
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for e in entries:
         lines.append("| " + " | ".join(_plain(_summary_value(e.get(c))) for c in columns) + " |")
@@ -188,6 +215,44 @@ def _method_stats_section(stats: Any) -> list[str]:
         mean = sum(overlaps) / len(overlaps)
         lines += ["", f"Mean Jaccard overlap of the kept units between consecutive phases: {mean:.4f}."]
     return lines + [""]
+
+
+def _constant(entries: list[dict[str, Any]], column: str) -> bool:
+    values = [_plain(_summary_value(e.get(column))) for e in entries]
+    return len(set(values)) == 1 and values[0] != "—"
+
+
+def _migu_pictures_section(data: dict[str, Any], pictures: Sequence[str]) -> list[str]:
+    """Links to the MIGU pictures with how to read them; for `random` runs, why there are none."""
+    lines = []
+    if "migu_overlap.png" in pictures:
+        chance = _chance_overlap(migu_summaries(data))
+        lines += [
+            "![MIGU mask overlap](migu_overlap.png)",
+            "",
+            "Left: per layer, the Jaccard overlap |A∩B|/|A∪B| of the units kept (largest mean output "
+            "magnitude) in a phase and in the one before; right: the same averaged over layers for every "
+            "pair of phases. Low values off the diagonal mean the domains light up different units"
+            + (f"; two independent random sets of this size overlap about {chance:.2f}." if chance else "."),
+            "",
+        ]
+    if "migu_magnitudes.png" in pictures:
+        lines += [
+            "![MIGU output magnitudes](migu_magnitudes.png)",
+            "",
+            "Per phase and layer, the spread of the L1-normalised output magnitudes over a layer's units "
+            "(x d_out, so 1 = every unit equal): box 25-75%, whiskers 10-90%, dots min and max, bar the "
+            "median; a wide box means a few units carry most of the output, which is what MIGU's top-T "
+            "choice relies on.",
+            "",
+        ]
+    method = data.get("method")
+    if not pictures and isinstance(method, dict) and method.get("name") == "random" and migu_summaries(data):
+        lines += [
+            "The `random` ablation records no unit magnitudes or kept sets, so it has no MIGU pictures.",
+            "",
+        ]
+    return lines
 
 
 # -- pictures
@@ -257,6 +322,236 @@ def _draw_curves(ax, data: dict[str, Any], title: str, legend: bool) -> None:
     ax.set_title(title, pad=30)
     if legend:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+
+# -- MIGU pictures
+
+MAX_LAYERS = 30  # more layers than this are shown evenly subsampled, and the titles say so
+
+
+def migu_summaries(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-phase method summaries of metrics["migu"] (a list, or one dict), in phase order."""
+    stats = data.get("migu")
+    entries = [stats] if isinstance(stats, dict) else list(stats or [])
+    return [e for e in entries if isinstance(e, dict) and e]
+
+
+def unit_sets(entry: dict[str, Any]) -> dict[str, set[int]]:
+    """Per layer, the indices of the units kept in that phase, decoded from its `top_units` bitmaps."""
+    from pretrain.migu import decode_units
+
+    top = entry.get("top_units")
+    if not isinstance(top, dict):
+        return {}
+    # d_out is not stored next to the bitmap; its padding bits are 0, so 4 * len decodes the same set
+    return {
+        name: set(decode_units(bits, 4 * len(bits)))
+        for name, bits in top.items()
+        if isinstance(bits, str) and re.fullmatch(r"[0-9a-fA-F]+", bits)  # malformed ones are left out
+    }
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    """|a ∩ b| / |a ∪ b|; 1 for two empty sets (as pretrain.migu counts them)."""
+    union = len(a | b)
+    return len(a & b) / union if union else 1.0
+
+
+def overlap_matrix(sets: Sequence[dict[str, set[int]]]):
+    """Phase x phase matrix of the Jaccard overlap of kept units, averaged over the layers both phases
+    have (NaN where they share none)."""
+    import numpy as np
+
+    n = len(sets)
+    out = np.full((n, n), np.nan)
+    for i in range(n):
+        for j in range(n):
+            common = sets[i].keys() & sets[j].keys()
+            if common:
+                out[i, j] = sum(jaccard(sets[i][k], sets[j][k]) for k in common) / len(common)
+    return out
+
+
+def plot_migu_overlap(data: dict[str, Any], path: str | Path, title: str = "MIGU mask overlap") -> Path:
+    """Left: per layer, the Jaccard overlap of kept units with the previous phase; right: the phase x phase
+    overlap averaged over layers, from the decoded top sets."""
+    entries = [e for e in migu_summaries(data) if unit_sets(e)]
+    sets = [unit_sets(e) for e in entries]
+    labels = [_phase_label(e, data["phases"]) for e in entries]
+    names = _layer_order(n for s in sets for n in s)
+    shown, note = _pick_layers(names)
+    pairs = list(zip(range(len(sets) - 1), range(1, len(sets)), strict=True))
+    per_layer = [[_pair_overlap(sets[i], sets[j], n) for i, j in pairs] for n in shown]
+    mean = [_nanmean([_pair_overlap(sets[i], sets[j], n) for n in names]) for i, j in pairs]
+    fig = Figure(
+        figsize=(4.5 + 1.1 * len(pairs) + 1.0 * len(sets), 2.5 + 0.26 * len(shown)), layout="constrained"
+    )
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(
+        2,
+        2,
+        width_ratios=[len(pairs) + 2.5, len(sets) + 0.5],
+        height_ratios=[len(sets) + 1, max(len(shown) - len(sets), 1)],
+    )
+    left = fig.add_subplot(grid[:, 0])
+    steps = [f"{labels[i]}\n→ {labels[j]}" for i, j in pairs]
+    image = _overlap_cells(left, [mean] + per_layer, ["mean"] + _short_names(shown), steps)
+    left.axhline(0.5, color="white", linewidth=3)
+    left.set_title(
+        "kept units shared with the\nprevious phase, per layer" + note.replace(" (", "\n("), fontsize=10
+    )
+    right = fig.add_subplot(grid[0, 1])
+    _overlap_cells(right, overlap_matrix(sets).tolist(), labels, labels)
+    right.set_title("all phase pairs, mean over layers", fontsize=10)
+    fig.colorbar(image, ax=[left, right], label="Jaccard overlap of kept units", shrink=0.6)
+    chance = _chance_overlap(entries)
+    fig.suptitle(title + (f"\n(independent random sets of this size: about {chance:.2f})" if chance else ""))
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _overlap_cells(ax, rows: Sequence[Sequence[float]], ylabels: Sequence[str], xlabels: Sequence[str]):
+    """Jaccard values as viridis cells on [0, 1], annotated when the grid is small enough to read."""
+    import matplotlib
+    import numpy as np
+
+    values = np.array(rows, dtype=float).reshape(len(ylabels), len(xlabels))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(xlabels)), xlabels, fontsize=8)
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
+    ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False)
+    if values.size <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            text = "—" if math.isnan(v) else f"{v:.2f}"
+            color = "white" if not math.isnan(v) and v < 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    return image
+
+
+def plot_migu_magnitudes(
+    data: dict[str, Any], path: str | Path, title: str = "MIGU output magnitudes"
+) -> Path:
+    """One panel per phase, one box per layer from the recorded quantiles of the L1-normalised output
+    magnitudes (x d_out: 1 = uniform)."""
+    entries = [e for e in migu_summaries(data) if e.get("magnitude_quantiles")]
+    names = _layer_order(n for e in entries for n in e["magnitude_quantiles"])
+    shown, note = _pick_layers(names)
+    fig = Figure(figsize=(2.0 + 2.6 * len(entries), 1.8 + 0.24 * len(shown)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(entries), sharex=True, sharey=True, squeeze=False)[0]
+    high = max(max(q) for e in entries for q in e["magnitude_quantiles"].values() if q)
+    low = min(min(q) for e in entries for q in e["magnitude_quantiles"].values() if q)
+    for ax, e in zip(axes, entries, strict=True):
+        stats = [_box_stats(e, n) for n in shown]
+        ys = [k for k, st in enumerate(stats) if st is not None]
+        ax.bxp(
+            [stats[k] for k in ys],
+            positions=ys,
+            **_horizontal(),
+            widths=0.6,
+            showfliers=True,
+            patch_artist=True,
+            boxprops={"facecolor": "#9ecae1"},
+            medianprops={"color": "#d62728"},
+            flierprops={"marker": ".", "markersize": 3},
+        )
+        ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(
+            _phase_label(e, data["phases"]) + ("" if e.get("masked", True) else "\n(not masked)"), fontsize=10
+        )
+        ax.set_xlabel("magnitude x d_out")
+        if low > 0 and high / low > 30:
+            ax.set_xscale("log")
+    axes[0].set_yticks(range(len(shown)), _short_names(shown), fontsize=8)
+    axes[0].set_ylim(len(shown) - 0.5, -0.5)
+    fig.suptitle(f"{title}{note}\nbox 25-75%, whiskers 10-90%, dots min/max, red bar median; 1 = uniform")
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _box_stats(entry: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """matplotlib bxp statistics from a layer's recorded quantiles (interpolated at the levels we draw)."""
+    import numpy as np
+
+    values = entry["magnitude_quantiles"].get(name)
+    levels = entry.get("quantiles") or [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
+    if not values or len(values) != len(levels):
+        return None
+    at = dict(
+        zip(
+            (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            np.interp([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], levels, values),
+            strict=True,
+        )
+    )
+    return {
+        "med": at[0.5],
+        "q1": at[0.25],
+        "q3": at[0.75],
+        "whislo": at[0.1],
+        "whishi": at[0.9],
+        "fliers": [at[0.0], at[1.0]],
+    }
+
+
+def _horizontal() -> dict[str, Any]:
+    """bxp's keyword for horizontal boxes: `orientation` since matplotlib 3.10, `vert` before."""
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
+def _pair_overlap(a: dict[str, set[int]], b: dict[str, set[int]], name: str) -> float:
+    return jaccard(a[name], b[name]) if name in a and name in b else math.nan
+
+
+def _chance_overlap(entries: Sequence[dict[str, Any]]) -> float | None:
+    """Expected Jaccard of two independent random sets keeping a fraction k of the units: k / (2 - k)."""
+    fractions = [
+        v for e in entries for v in (e.get("expected_kept_fraction") or {}).values() if _is_number(v)
+    ]
+    if not fractions:
+        return None
+    k = sum(fractions) / len(fractions)
+    return k / (2 - k)
+
+
+def _pick_layers(names: Sequence[str], limit: int = MAX_LAYERS) -> tuple[list[str], str]:
+    """All layers, or `limit` of them evenly spaced, and the note that says so."""
+    if len(names) <= limit:
+        return list(names), ""
+    picks = sorted({round(i * (len(names) - 1) / (limit - 1)) for i in range(limit)})
+    return [names[i] for i in picks], f" ({len(picks)} of {len(names)} layers, evenly spaced)"
+
+
+def _layer_order(names: Iterable[str]) -> list[str]:
+    """Distinct layer names by block (the first number in the name), recorded order within a block."""
+    unique = list(dict.fromkeys(names))
+    block = {n: int(m.group()) if (m := re.search(r"\d+", n)) else -1 for n in unique}
+    return sorted(unique, key=lambda n: block[n])
+
+
+def _short_names(names: Sequence[str]) -> list[str]:
+    """Layer names without the dotted prefix they all share ("model.layers.")."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+def _phase_label(entry: dict[str, Any], phases: Sequence[str]) -> str:
+    k = entry.get("phase")
+    if isinstance(k, int) and 0 < k <= len(phases):
+        return f"{k} {phases[k - 1]}"
+    return f"phase {k}"
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 # -- several runs

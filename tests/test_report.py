@@ -7,9 +7,19 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pretrain.report import ReportError, compare_runs, format_comparison, write_report
+from pretrain.migu import QUANTILES, encode_units
+from pretrain.report import (
+    ReportError,
+    compare_runs,
+    format_comparison,
+    jaccard,
+    overlap_matrix,
+    unit_sets,
+    write_report,
+)
 
 DOMAINS = ["code", "docs", "plays", "news"]
 PHASES = ["code", "docs", "plays"]
@@ -119,9 +129,127 @@ def test_method_statistics_generic(tmp_path):
     run = write_run(tmp_path / "run", method="migu", migu=migu)
     write_report(run)
     text = (run / "report.md").read_text()
-    assert "| phase | masked | kept_fraction | jaccard_with_previous |" in text  # top_units left out
-    assert "| 1 | yes | 0.6000 | — |" in text and "| 2 | yes | 0.5000 | 0.3000 |" in text
+    assert "Same in every phase: masked=yes." in text  # constant columns leave the table
+    assert "| phase | kept_fraction | jaccard_with_previous |" in text  # top_units left out
+    assert "| 1 | 0.6000 | — |" in text and "| 2 | 0.5000 | 0.3000 |" in text
     assert "between consecutive phases: 0.4000." in text
+    assert "migu_overlap.png" not in text  # "0-3" is no bitmap of two phases: no pictures
+    assert not (run / "migu_overlap.png").exists() and not (run / "migu_magnitudes.png").exists()
+
+
+D_OUT = 10
+LAYERS = [f"model.layers.{b}.{kind}" for b in range(3) for kind in ("attn.q_proj", "mlp.up_proj")]
+
+
+def bitmap(units):
+    mask = torch.zeros(D_OUT, dtype=torch.bool)
+    mask[list(units)] = True
+    return encode_units(mask)
+
+
+def migu_stats(kept=((0, 1, 2), (0, 1, 5), (6, 7, 8)), masked=(False, True, True)):
+    """One summary per phase as GradientMask.end_phase writes them: phase k keeps the units kept[k - 1]
+    in every layer; magnitudes spread wider in later phases."""
+    stats, previous = [], None
+    for k, (units, on) in enumerate(zip(kept, masked, strict=True), 1):
+        spread = 0.2 * k
+        quantiles = [
+            1 - 3 * spread,
+            1 - spread,
+            1 - spread / 2,
+            1.0,
+            1 + spread / 2,
+            1 + spread,
+            1 + 3 * spread,
+        ]
+        overlap = None if previous is None else len(previous & set(units)) / len(previous | set(units))
+        stats.append(
+            {
+                "phase": k,
+                "method": "migu",
+                "masked": on,
+                "threshold": 0.7,
+                "kept_fraction": {n: 0.3 for n in LAYERS} if on else {},
+                "expected_kept_fraction": {n: 0.3 for n in LAYERS},
+                "quantiles": list(QUANTILES),
+                "magnitude_quantiles": {n: [max(q, 0.01) for q in quantiles] for n in LAYERS},
+                "jaccard_with_previous": overlap,
+                "jaccard_per_layer": {} if overlap is None else {n: overlap for n in LAYERS},
+                "top_units": {n: bitmap(units) for n in LAYERS},
+            }
+        )
+        previous = set(units)
+    return stats
+
+
+def test_jaccard_and_overlap_matrix_of_hand_made_sets():
+    assert jaccard({1, 2, 3}, {2, 3, 4}) == 0.5 and jaccard(set(), set()) == 1.0 and jaccard({1}, {2}) == 0.0
+    sets = [
+        {"a": {0, 1, 2}, "b": {0, 1}},
+        {"a": {0, 1, 5}, "b": {2, 3}},
+        {"a": {6, 7, 8}},  # layer b missing: the mean is over the layers both phases have
+    ]
+    m = overlap_matrix(sets)
+    assert m.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(m), 1.0)
+    np.testing.assert_allclose(m, m.T)
+    assert m[0, 1] == pytest.approx((2 / 4 + 0 / 4) / 2)
+    assert m[0, 2] == 0.0 and m[1, 2] == 0.0
+    assert np.isnan(overlap_matrix([{"a": {1}}, {"b": {1}}])[0, 1])  # no layer in common
+
+
+def test_unit_sets_decode_the_bitmaps():
+    entry = migu_stats()[1]
+    assert unit_sets(entry) == {n: {0, 1, 5} for n in LAYERS}
+    assert unit_sets({"top_units": {"x": bitmap([9])}}) == {"x": {9}}  # the last unit of a padded digit
+    assert unit_sets({"kept_fraction": {"x": 0.3}}) == {}  # a `random` summary records no sets
+
+
+def test_migu_pictures(tmp_path):
+    run = write_run(tmp_path / "run", method="migu", migu=migu_stats())
+    write_report(run)
+    text = (run / "report.md").read_text()
+    overlap, magnitudes = run / "migu_overlap.png", run / "migu_magnitudes.png"
+    assert (
+        "![MIGU mask overlap](migu_overlap.png)" in text
+        and "![MIGU output magnitudes](migu_magnitudes.png)" in text
+    )
+    assert text.index("## Method statistics") < text.index("migu_overlap.png") < text.index("## Pictures")
+    assert "two independent random sets of this size overlap about 0.18." in text  # 0.3 / 1.7
+    assert "| phase | masked | kept_fraction | jaccard_with_previous |" in text
+    assert "Same in every phase: method=migu, threshold=0.7000, expected_kept_fraction=0.3000." in text
+    assert_picture(overlap, min_w=600, min_h=300)
+    # cells of overlap 1 (the diagonal) are bright yellow, cells of 0 (phases 1, 2 vs 3) dark purple
+    assert pixels_near(overlap, VIRIDIS_HIGH) > 2000
+    assert pixels_near(overlap, VIRIDIS_LOW) > 2000
+    assert_picture(magnitudes, min_w=600, min_h=300)
+    assert pixels_near(magnitudes, (0x9E, 0xCA, 0xE1), tol=4) > 3000  # the boxes: 6 layers x 3 phases
+    assert pixels_near(magnitudes, (214, 39, 40), tol=20) > 50  # the red medians
+
+
+def test_migu_pictures_subsample_many_layers(tmp_path):
+    stats = migu_stats()
+    many = [f"model.layers.{i}.mlp.up_proj" for i in range(80)]
+    for e in stats:
+        e["top_units"] = dict.fromkeys(many, e["top_units"][LAYERS[0]])
+        e["magnitude_quantiles"] = dict.fromkeys(many, e["magnitude_quantiles"][LAYERS[0]])
+    run = write_run(tmp_path / "run", method="migu", migu=stats)
+    write_report(run)
+    with Image.open(run / "migu_magnitudes.png") as img:
+        assert img.height < 1400  # 30 rows drawn, not 80
+    assert_picture(run / "migu_overlap.png")
+
+
+def test_no_migu_pictures_without_unit_data(tmp_path):
+    none = write_run(tmp_path / "none")
+    write_report(none)
+    assert not list(none.glob("migu_*.png"))
+    assert "MIGU" not in (none / "report.md").read_text()
+    rand = [{k: e[k] for k in ("phase", "method", "masked", "kept_fraction")} for e in migu_stats()]
+    random = write_run(tmp_path / "random", method="random", migu=rand)
+    write_report(random)
+    assert not list(random.glob("migu_*.png"))
+    assert "records no unit magnitudes or kept sets" in (random / "report.md").read_text()
 
 
 def test_missing_metrics_json(tmp_path):
