@@ -78,6 +78,9 @@ class TrainConfig:
     log_every: int = Field(10, gt=0)
     # a NaN/inf loss on any rank: stop (checkpoint the last good state) or skip that optimizer step
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # a bad corpus record (unparsable JSON line, no text field, undecodable bytes): stop naming it, or
+    # skip it and count it in the log and metrics.json (`skipped_records`)
+    on_bad_record: Literal["error", "skip"] = "error"
 
 
 @dataclass(config=_STRICT)

@@ -30,7 +30,7 @@ import torch
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 256  # documents per tokenizer call: the fast tokenizer parallelises within a call
-_SKIP_EXAMPLES = 5  # bad records logged and kept as examples; the rest are only counted
+SKIP_EXAMPLES = 5  # bad records logged and kept as examples; the rest are only counted
 
 
 _MISSING = object()
@@ -49,11 +49,16 @@ class SkipCounter:
 
     def add(self, message: str) -> None:
         self.count += 1
-        if len(self.examples) < _SKIP_EXAMPLES:
+        if len(self.examples) < SKIP_EXAMPLES:
             self.examples.append(message)
-        if self.count <= _SKIP_EXAMPLES:
-            more = "; further bad records are counted, not logged" if self.count == _SKIP_EXAMPLES else ""
+        if self.count <= SKIP_EXAMPLES:
+            more = "; further bad records are counted, not logged" if self.count == SKIP_EXAMPLES else ""
             logging.getLogger("pretrain").warning("skipped bad record: %s%s", message, more)
+
+
+def bad_record_counter(policy: str) -> SkipCounter | None:
+    """A fresh counter if `train.on_bad_record` is 'skip'; None (the first bad record raises) if 'error'."""
+    return SkipCounter() if policy == "skip" else None
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.data import heldout_blocks
 from pretrain.distributed import barrier, init_distributed
 from pretrain.engine import build_eval_engine
-from pretrain.evaluate import evaluate_domains
+from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
 from pretrain.model import build_model
 from pretrain.results import RunResults
@@ -31,12 +30,7 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
     for row in rows:
         model, tokenizer = _model_for_row(cfg, run, row)
         if heldout is None:  # the same fixed blocks for every row
-            heldout = {
-                d.name: heldout_blocks(
-                    d.heldout, d.text_field, tokenizer, cfg.train.seq_len, cfg.eval.max_blocks
-                )
-                for d in cfg.domains
-            }
+            heldout = load_heldout(cfg, tokenizer, results)
         engine = build_eval_engine(cfg, model, dist.world_size)
         ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
         results.set_eval(row, ev)

@@ -11,7 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pretrain.config import RunConfig
+from pretrain.data import bad_record_counter, heldout_blocks
 from pretrain.distributed import DistInfo, all_reduce_sum
+from pretrain.results import RunResults
 
 
 @torch.no_grad()
@@ -50,3 +53,15 @@ def _token_loss_sum(engine, batch: torch.Tensor) -> torch.Tensor:
     targets = batch[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
     return torch.tensor([loss.item(), targets.numel()], dtype=torch.float64)
+
+
+def load_heldout(cfg: RunConfig, tokenizer, results: RunResults) -> dict[str, torch.Tensor]:
+    """Every domain's fixed evaluation blocks; bad records skipped under that policy count in `results`."""
+    heldout = {}
+    for d in cfg.domains:
+        skip = bad_record_counter(cfg.train.on_bad_record)
+        heldout[d.name] = heldout_blocks(
+            d.heldout, d.text_field, tokenizer, cfg.train.seq_len, cfg.eval.max_blocks, skip
+        )
+        results.count_skipped("heldout", d.name, skip)
+    return heldout

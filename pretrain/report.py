@@ -113,6 +113,7 @@ def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[st
     lines += [matrix_table(data["eval_loss"], domains, phases, "{:.4f}"), ""]
     lines += ["## Held-out perplexity", "", matrix_table(data["perplexity"], domains, phases, "{:.2f}"), ""]
     lines += _metrics_section(data)
+    lines += _skipped_section(data)
     lines += _method_stats_section(data.get("migu"))
     lines += _migu_pictures_section(data, migu_pictures)
     lines += [
@@ -167,6 +168,19 @@ def _metrics_section(data: dict[str, Any]) -> list[str]:
             lines.append(f"| {d} | {u['initial']:.4f} | {u['final']:.4f} | {u['change']:+.4f} |")
         lines.append("")
     return lines
+
+
+def _skipped_section(data: dict[str, Any]) -> list[str]:
+    """What the run skipped instead of stopping (train.on_nonfinite / train.on_bad_record: skip)."""
+    lines = []
+    if data.get("skipped_steps"):
+        lines.append(f"- Optimizer steps skipped for a non-finite loss: {data['skipped_steps']}")
+    records = data.get("skipped_records") or {}
+    for split in ("train", "heldout"):
+        for domain, n in (records.get(split) or {}).items():
+            lines.append(f"- Bad records skipped in {domain} {split}: {n}")
+    lines += [f"  - e.g. {m}" for m in records.get("examples", [])]
+    return ["## Skipped", "", *lines, ""] if lines else []
 
 
 def _forgetting_table(data: dict[str, Any]) -> list[str]:

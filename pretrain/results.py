@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import RunConfig
+from pretrain.data import SKIP_EXAMPLES, SkipCounter
 
 
 @dataclass
@@ -27,6 +28,8 @@ class RunResults:
     train: list[dict[str, Any]] = field(default_factory=list)
     migu: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
+    # bad corpus records skipped (train.on_bad_record: skip): {"heldout"|"train": {domain: n}, "examples"}
+    skipped_records: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -44,6 +47,17 @@ class RunResults:
         self.perplexity[row] = [ev["perplexity"][d] for d in self.domains]
         self.eval_tokens = dict(ev["tokens"])
         self.summary = self._forgetting()
+
+    def count_skipped(self, split: str, domain: str, skip: SkipCounter | None) -> None:
+        """Record the bad records skipped reading a domain's split. A held-out set is read whole every
+        time, so its count is set; training counts add up over the phases that train the domain."""
+        if skip is None:
+            return
+        counts = self.skipped_records.setdefault(split, {})
+        counts[domain] = skip.count + (counts.get(domain, 0) if split == "train" else 0)
+        examples = self.skipped_records.setdefault("examples", [])
+        examples.extend(m for m in skip.examples if m not in examples)
+        del examples[SKIP_EXAMPLES:]
 
     def _forgetting(self) -> dict[str, Any]:
         from pretrain.metrics import forgetting_metrics

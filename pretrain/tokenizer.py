@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pretrain.config import ConfigError, RunConfig
-from pretrain.data import read_documents
+from pretrain.data import SkipCounter, bad_record_counter, read_documents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -32,12 +32,17 @@ _COMPLETE_MARK = "tokenizer_config.json"
 
 
 def train_tokenizer(
-    files_by_domain: list[tuple[list[str], str]], out_dir: str, vocab_size: int, max_sentences: int
+    files_by_domain: list[tuple[list[str], str]],
+    out_dir: str,
+    vocab_size: int,
+    max_sentences: int,
+    skip: SkipCounter | None = None,
 ) -> PreTrainedTokenizerBase:
     """Train a sentencepiece BPE on a balanced sample of the domains; save and return it as transformers'.
 
     Deterministic: the sample is the first documents of each domain, taken in turn, and training is
     single-threaded. The tokenizer is built in a temporary sibling directory and moved in when complete.
+    With `skip`, bad records are skipped and counted there instead of raising DataError.
     """
     import sentencepiece as spm
 
@@ -45,7 +50,7 @@ def train_tokenizer(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        sentences = _balanced_sentences(files_by_domain, max_sentences)
+        sentences = _balanced_sentences(files_by_domain, max_sentences, skip)
         try:
             spm.SentencePieceTrainer.train(sentence_iterator=sentences, **_trainer_args(tmp, vocab_size))
         except RuntimeError as err:
@@ -82,9 +87,11 @@ def _trainer_args(model_dir: Path, vocab_size: int) -> dict:
     )
 
 
-def _balanced_sentences(files_by_domain: list[tuple[list[str], str]], max_sentences: int) -> Iterator[str]:
+def _balanced_sentences(
+    files_by_domain: list[tuple[list[str], str]], max_sentences: int, skip: SkipCounter | None = None
+) -> Iterator[str]:
     """Up to max_sentences pieces of text, one document from each domain in turn until all run dry."""
-    streams = [_sentences(read_documents(files, field)) for files, field in files_by_domain]
+    streams = [_sentences(read_documents(files, field, skip)) for files, field in files_by_domain]
     count = 0
     while streams and count < max_sentences:
         for stream in list(streams):
@@ -192,7 +199,8 @@ def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     if holds_tokenizer(path):
         return _reuse(path, tok.vocab_size)
     domains = [(d.train, d.text_field) for d in cfg.domains]
-    return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences)
+    skip = bad_record_counter(cfg.train.on_bad_record)
+    return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)
 
 
 def _reuse(path: str, vocab_size: int):

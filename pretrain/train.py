@@ -21,10 +21,10 @@ import yaml
 
 from pretrain.checkpoint import export_phase, latest_tag, load_checkpoint, save_checkpoint
 from pretrain.config import RunConfig, save_config, steps_for_phase
-from pretrain.data import TrainStream, heldout_blocks
+from pretrain.data import TrainStream, bad_record_counter
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from pretrain.engine import build_engine
-from pretrain.evaluate import evaluate_domains
+from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
@@ -108,16 +108,23 @@ class Trainer:
                 self.checkpoint(f"step-{self.pos.global_step}")
             _fault_kill(self.pos.global_step, self.dist.rank)
         bar.close()
-        self.results.train.append(
-            {
-                "phase": phase,
-                "domain": domain.name,
-                "steps": steps,
-                "tokens": steps * self.tokens_per_step,
-                "losses": self.phase_losses,
-                **meter.totals(),
-            }
-        )
+        self._record_phase(phase, domain.name, steps, meter)
+
+    def _record_phase(self, phase: int, domain: str, steps: int, meter: ThroughputMeter) -> None:
+        row = {
+            "phase": phase,
+            "domain": domain,
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
+            "losses": self.phase_losses,
+            **meter.totals(),
+        }
+        skip = self.stream.skip
+        if skip is not None:  # counted by the stream, so a resumed phase still counts its whole pass
+            row["skipped_records"] = skip.count
+            self.results.count_skipped("train", domain, skip)
+            log.info("phase %d %s: %d bad records skipped", phase, domain, skip.count)
+        self.results.train.append(row)
         self.phase_losses = []
 
     def train_step(self, batches, step_start: dict) -> float:
@@ -231,6 +238,7 @@ class Trainer:
             self.dist.rank,
             self.dist.world_size,
             self.cfg.train.micro_batch_size,
+            skip=bad_record_counter(self.cfg.train.on_bad_record),
         )
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
@@ -307,10 +315,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     method = build_method(
         cfg.method, engine.module, engine, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum
     )
-    heldout = {
-        d.name: heldout_blocks(d.heldout, d.text_field, tokenizer, cfg.train.seq_len, cfg.eval.max_blocks)
-        for d in cfg.domains
-    }
+    results = RunResults.for_run(cfg)
+    heldout = load_heldout(cfg, tokenizer, results)
     trainer = Trainer(
         cfg,
         dist,
@@ -320,7 +326,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
         method,
         heldout,
         phase_steps,
-        RunResults.for_run(cfg),
+        results,
         Position(world_size=dist.world_size),
         tensorboard_writer(run_dir, dist.rank),
         stop=StopRequest().install(),

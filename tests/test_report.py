@@ -120,6 +120,19 @@ def test_partial_run(tmp_path):
     assert_picture(run / "loss_curves.png")
 
 
+def test_report_lists_what_the_run_skipped(tmp_path):
+    bad = ["code.jsonl: line 7: not valid JSON"]
+    records = {"train": {"code": 3}, "heldout": {"news": 1}, "examples": bad}
+    run = write_run(tmp_path / "run", skipped_steps=[4], skipped_records=records)
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "## Skipped" in text and "non-finite loss: [4]" in text
+    assert "Bad records skipped in code train: 3" in text and "in news heldout: 1" in text
+    assert "code.jsonl: line 7: not valid JSON" in text
+    write_report(write_run(tmp_path / "clean", skipped_steps=[], skipped_records={}))
+    assert "## Skipped" not in (tmp_path / "clean" / "report.md").read_text()
+
+
 def test_method_statistics_generic(tmp_path):
     migu = [
         {"phase": 1, "masked": True, "kept_fraction": {"a": 0.5, "b": 0.7}, "jaccard_with_previous": None},

@@ -75,6 +75,27 @@ def test_broken_record_is_named_before_training(tmp_path):
     assert not (tmp_path / "run" / "export").exists()  # stopped before any phase finished
 
 
+def test_skip_policy_skips_and_counts_bad_records(tmp_path):
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",), train={"on_bad_record": "skip"})
+    domain = cfg["domains"][0]
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    _insert_line(domain["train"][0], train, 50, '{"text": "unterminated')
+    _insert_line(domain["heldout"][0], heldout, 5, '{"title": "no text"}')
+    domain.update(train=[str(train)], heldout=[str(heldout)])
+    proc = _launch(write_config(cfg, tmp_path / "run.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped bad record: {train}: line 51" in proc.stdout + proc.stderr
+    skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_records"]
+    assert skipped["train"] == {"agnews": 1} and skipped["heldout"] == {"agnews": 1}
+    assert any(f"{heldout}: line 6" in m and "text" in m for m in skipped["examples"])
+
+
+def _insert_line(source: str, dest, index: int, line: str) -> None:
+    """dest: source's lines with `line` inserted before its line index+1."""
+    lines = open(source).read().splitlines()
+    dest.write_text("\n".join(lines[:index] + [line] + lines[index:]) + "\n")
+
+
 def _tokenizer(tmp_path) -> str:
     from pretrain.tokenizer import train_tokenizer
 
