@@ -702,6 +702,11 @@ def _verdict(runs: list[RunMetrics]) -> str:
         )
     elif best is base or fb >= base.data["avg_forgetting"]:
         head = f"No run forgot less than the baseline {base.label} (avg_forgetting {fb:.4f})."
+    elif base.data["avg_forgetting"] <= 0:  # "forgot least" would mislead: nobody forgot
+        head = (
+            f"No forgetting to reduce: the baseline {base.label} did not forget on average "
+            f"(avg_forgetting <= 0). Lowest avg_forgetting: {best.label}, {_versus(best, base)}"
+        )
     else:
         head = f"{best.label} forgot least: {_versus(best, base)}"
     return " ".join([head] + notes)

@@ -313,6 +313,17 @@ def test_compare_when_the_baseline_forgot_least(tmp_path):
     assert "No run forgot less than the baseline migu (avg_forgetting -0.0500)." in text
 
 
+def test_compare_says_when_the_baseline_did_not_forget(tmp_path):
+    # later phases improved the earlier domains of both runs: avg_forgetting -0.1 and -0.2
+    base = [[4, 4, 4, 5], [2.0, 3.5, 3.8, 5], [1.9, 2.0, 3.6, 5], [1.8, 1.9, 1.5, 5]]
+    other = [[4, 4, 4, 5], [2.5, 3.5, 3.8, 5], [2.3, 2.5, 3.6, 5], [2.1, 2.3, 2.0, 5]]
+    text = format_comparison([write_run(tmp_path / "a", base), write_run(tmp_path / "b", other, "migu")])
+    assert "No forgetting to reduce: the baseline none did not forget on average" in text
+    lowest = "Lowest avg_forgetting: migu, avg_forgetting -0.2000 vs -0.1000 for none, at a plasticity cost"
+    assert lowest in text
+    assert "forgot least" not in text
+
+
 def test_compare_labels_and_unusable_runs(tmp_path):
     a = write_run(tmp_path / "first", method=None)
     b = write_run(tmp_path / "x" / "dup", method="migu")
