@@ -226,6 +226,7 @@ class GradientMask:
         self.token_mask: torch.Tensor | None = None
         self.previous_top: dict[str, torch.Tensor] = {}
         self.phase, self.masking, self.micro_step = 0, False, 0
+        self.forwards = 0  # layer forwards recorded since the last boundary
         self._reset_phase_stats()
 
     # -- phases
@@ -236,7 +237,7 @@ class GradientMask:
         if observe and not self.handles:
             self._install_hooks()
         self.magnitudes.zero_()
-        self.micro_step, self.masks = 0, None
+        self.micro_step, self.masks, self.forwards = 0, None, 0
         self._reset_phase_stats()
 
     def _install_hooks(self) -> None:
@@ -267,6 +268,12 @@ class GradientMask:
         if not self.is_boundary(engine):
             return
         if self.name == "migu":
+            if not self.forwards:  # all-zero magnitudes would silently keep the lowest-index units
+                raise RuntimeError(
+                    "MIGU recorded no training forward pass in this step: is the model in eval mode? "
+                    "(call model.train() before training)"
+                )
+            self.forwards = 0
             if self.group is not None or (dist.is_initialized() and dist.get_world_size() > 1):
                 dist.all_reduce(self.magnitudes, group=self.group)
             slabs = [g.slab(self.magnitudes) for g in self.groups]
@@ -388,6 +395,7 @@ def _magnitude_hook(method: GradientMask, slot: torch.Tensor):
         if tokens is not None and tuple(h.shape[:-1]) == tuple(tokens.shape):
             h = h * tokens.unsqueeze(-1).to(h.dtype)
         slot.add_(h.sum(dim=tuple(range(h.ndim - 1)), dtype=torch.float32))
+        method.forwards += 1
 
     return hook
 

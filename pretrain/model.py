@@ -27,7 +27,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrainedModel
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model
+    return model.train()  # from_pretrained returns eval mode: dropout off and MIGU's hooks would see nothing
 
 
 def _scratch_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:

@@ -176,6 +176,16 @@ def test_eval_mode_forwards_are_not_counted():
     assert method.magnitudes.abs().sum() > 0
 
 
+def test_a_step_without_training_forwards_is_an_error_not_a_lowest_index_mask():
+    model = tiny_llama()
+    method = build_method(migu(), model)
+    method.begin_phase(2)
+    model.eval()  # e.g. a checkpoint loaded with from_pretrained and never put back in train mode
+    model(input_ids=torch.randint(0, 100, (2, 8))).logits.sum()
+    with pytest.raises(RuntimeError, match="no training forward pass in this step: is the model in eval"):
+        method.before_backward()
+
+
 @pytest.mark.parametrize("threshold", [0.3, 0.7, 0.9])
 def test_random_kept_fraction_is_exact_for_any_threshold(threshold):
     method = build_method(MethodConfig(name="random", threshold=threshold, start_phase=1), tiny_llama())

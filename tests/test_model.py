@@ -28,6 +28,7 @@ def test_local_directory_round_trip_and_vocabulary_check(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     loaded = build_model(ModelConfig(source="hf", path=str(tmp_path / "ckpt")), 300, seed=1)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.training  # from_pretrained gives eval mode; a model built to train must not stay there
     with pytest.raises(ModelError, match="300 embedding rows but the tokenizer has 400 tokens"):
         build_model(ModelConfig(source="hf", path=str(tmp_path / "ckpt")), 400, seed=0)
 

@@ -78,3 +78,18 @@ def test_refuses_to_overwrite_a_finished_run(finished_run):
     )
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
     assert (run / "metrics.json").read_bytes() == before
+
+
+def test_migu_on_a_loaded_checkpoint_sees_real_magnitudes(finished_run, tmp_path):
+    # from_pretrained returns a model in eval mode; trained so, MIGU's hooks saw nothing and kept the
+    # lowest-index rows of every layer
+    run, _ = finished_run
+    if not run.parent.name.startswith("zero2"):
+        pytest.skip("one stage suffices: the model's mode does not depend on it")
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("sst2",), method={"name": "migu", "start_phase": 1})
+    cfg["model"] = {"source": "hf", "path": str(run / "export" / "phase-2")}
+    cfg["tokenizer"] = {"source": "model"}
+    assert_ok(run_deepspeed(["pretrain", "train", "--config", str(write_config(cfg, tmp_path / "c.yaml"))]))
+    phase = json.loads((tmp_path / "run" / "metrics.json").read_text())["migu"][0]
+    medians = {name: q[3] for name, q in phase["magnitude_quantiles"].items()}
+    assert medians and all(m > 0 for m in medians.values()), medians
