@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,21 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     if not dist.is_initialized():
+        own = shm_buffer(os.environ["RANK"])
+        # A stale buffer of an earlier run on this port would be mapped by the peers with its old flags.
+        # Safe: peers open it only after the rendezvous, which waits for this rank.
+        own.unlink(missing_ok=True)
         deepspeed.init_distributed(auto_mpi_discovery=False)
+        barrier()  # every rank has mapped every buffer now, so the names can go
+        own.unlink(missing_ok=True)  # else each run leaves 66 MiB per rank in RAM-backed /dev/shm
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def shm_buffer(rank: int | str) -> Path:
+    """DeepSpeed's CPU shared-memory all-reduce buffer of `rank` (named so in ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}"
+    return Path("/dev/shm") / f"{name}_{rank}"
 
 
 def free_port() -> int:

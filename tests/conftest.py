@@ -68,6 +68,9 @@ def run_deepspeed(
     args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = True, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N [--module] ARGS` on CPU ranks; output captured for the assertion message."""
+    port = free_port()
+    for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        stale.unlink(missing_ok=True)  # of a run that died before init_distributed could remove it
     launcher = [
         sys.executable,
         "-m",
@@ -75,7 +78,7 @@ def run_deepspeed(
         "--num_gpus",
         str(nprocs),
         "--master_port",
-        str(free_port()),
+        str(port),
     ]
     cmd = launcher + (["--module"] if module else []) + args
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

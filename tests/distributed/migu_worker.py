@@ -134,9 +134,9 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    from pretrain.distributed import init_distributed
 
-    deepspeed.init_distributed(auto_mpi_discovery=False)
+    init_distributed()
     for name in args.cases.split(","):
         if CASES[name].runs_at(args.stage):
             run_case(name, args.stage, args.out)

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,3 +94,11 @@ def test_migu_on_a_loaded_checkpoint_sees_real_magnitudes(finished_run, tmp_path
     phase = json.loads((tmp_path / "run" / "metrics.json").read_text())["migu"][0]
     medians = {name: q[3] for name, q in phase["magnitude_quantiles"].items()}
     assert medians and all(m > 0 for m in medians.values()), medians
+
+
+def test_no_shared_memory_buffers_left_behind(finished_run):
+    # DeepSpeed's CPU all-reduce maps a 66 MiB /dev/shm buffer per rank and never unlinks it
+    _, proc = finished_run
+    assert "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr  # the buffers were made
+    port = proc.args[proc.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
