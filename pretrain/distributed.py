@@ -57,6 +57,15 @@ def shm_buffer(rank: int | str) -> Path:
     return Path("/dev/shm") / f"{name}_{rank}"
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group once every rank is done. Exiting with it alive, a rank now and then
+    aborted during interpreter exit ("terminate called without an active exception", no Python frame
+    on the stack) after all its work was written."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

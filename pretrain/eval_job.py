@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import barrier, init_distributed
+from pretrain.distributed import barrier, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
@@ -38,6 +38,7 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
         if dist.is_main:
             results.save(run / "metrics.json")
         barrier()
+    shutdown_distributed()
     return results
 
 

@@ -22,7 +22,14 @@ import yaml
 from pretrain.checkpoint import export_phase, latest_tag, load_checkpoint, save_checkpoint
 from pretrain.config import RunConfig, save_config, steps_for_phase
 from pretrain.data import TrainStream, bad_record_counter
-from pretrain.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from pretrain.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
 from pretrain.engine import build_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
@@ -435,4 +442,5 @@ def train(cfg: RunConfig, resume: bool = False) -> RunResults:
     trainer, stream_state = build_trainer(cfg, dist, resume)
     results = trainer.run(stream_state)
     log.info("run finished: %s", trainer.run_dir)
+    shutdown_distributed()
     return results

@@ -134,12 +134,13 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from pretrain.distributed import init_distributed
+    from pretrain.distributed import init_distributed, shutdown_distributed
 
     init_distributed()
     for name in args.cases.split(","):
         if CASES[name].runs_at(args.stage):
             run_case(name, args.stage, args.out)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
