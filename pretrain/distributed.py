@@ -50,11 +50,18 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+_SHM = Path("/dev/shm") / "deepspeed_allreduce_buffer"  # as named in DeepSpeed's ops/csrc/cpu/comm/shm.cpp
+
+
 def shm_buffer(rank: int | str) -> Path:
-    """DeepSpeed's CPU shared-memory all-reduce buffer of `rank` (named so in ops/csrc/cpu/comm/shm.cpp)."""
+    """DeepSpeed's CPU shared-memory all-reduce buffer of `rank` in this process group."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}"
-    return Path("/dev/shm") / f"{name}_{rank}"
+    return _SHM.with_name(f"{_SHM.name}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def shm_buffers_on_port(port: int | str) -> list[Path]:
+    """Every rank's buffer of any process group that met on `port`, whoever made it."""
+    return list(_SHM.parent.glob(f"{_SHM.name}_*_{port}_*"))
 
 
 def shutdown_distributed() -> None:

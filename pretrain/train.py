@@ -90,7 +90,6 @@ class Trainer:
         if stream_state:
             self.stream.load_state_dict(stream_state)
         batches = iter(self.stream)
-        self.engine.train()  # whatever mode the model was loaded or last evaluated in
         self.method.begin_phase(phase)
         log.info(
             "phase %d/%d: %s, steps %d-%d",

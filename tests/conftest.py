@@ -64,12 +64,18 @@ def free_port() -> int:
     return port()
 
 
+def shm_buffers_on_port(port: int | str) -> list[Path]:
+    from pretrain.distributed import shm_buffers_on_port as buffers
+
+    return buffers(port)
+
+
 def run_deepspeed(
     args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = True, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N [--module] ARGS` on CPU ranks; output captured for the assertion message."""
     port = free_port()
-    for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+    for stale in shm_buffers_on_port(port):
         stale.unlink(missing_ok=True)  # of a run that died before init_distributed could remove it
     launcher = [
         sys.executable,

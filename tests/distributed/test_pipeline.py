@@ -6,11 +6,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, assert_ok, run_deepspeed, tiny_run_config, write_config
+from conftest import REPO, assert_ok, run_deepspeed, shm_buffers_on_port, tiny_run_config, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -101,4 +100,4 @@ def test_no_shared_memory_buffers_left_behind(finished_run):
     _, proc = finished_run
     assert "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr  # the buffers were made
     port = proc.args[proc.args.index("--master_port") + 1]
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not shm_buffers_on_port(port)
