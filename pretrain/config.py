@@ -255,6 +255,11 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         problems.append("key `train.on_nonfinite`: 'skip' needs train.grad_accum 1 (use 'stop')")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path is None:
         problems.append("key `tokenizer.path`: required for source 'path'")
+    if cfg.method.name != "none" and cfg.method.start_phase > len(cfg.phases):
+        problems.append(
+            f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "
+            f"({len(cfg.phases)}); method {cfg.method.name!r} would never mask"
+        )
     return problems
 
 
@@ -276,11 +281,29 @@ def _file_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"key `model.path`: {cfg.model.path} does not exist")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
         problems.append(f"key `tokenizer.path`: directory {cfg.tokenizer.path} does not exist")
-    problems += _deepspeed_problems(cfg.deepspeed.config)
+    problems += _deepspeed_problems(cfg.deepspeed.config, cfg.train)
     return problems
 
 
-def _deepspeed_problems(path: str) -> list[str]:
+# DeepSpeed keys the run config owns (train.*): the DeepSpeed file may repeat them, not contradict them
+RUN_OWNED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_clipping": "grad_clip",
+}
+
+
+def run_owned_conflicts(ds: dict[str, Any], train: TrainConfig, source: str) -> list[str]:
+    """The DeepSpeed keys in `ds` whose value contradicts the run config, described ("auto" agrees)."""
+    return [
+        f"{source}: `{key}` is {ds[key]} but the run config gives train.{field} = "
+        f"{getattr(train, field)}; set it in the run config (train.*) only"
+        for key, field in RUN_OWNED_DEEPSPEED_KEYS.items()
+        if ds.get(key, "auto") not in ("auto", getattr(train, field))
+    ]
+
+
+def _deepspeed_problems(path: str, train: TrainConfig) -> list[str]:
     p = Path(path)
     if not p.is_file():
         return [f"key `deepspeed.config`: file {path} does not exist"]
@@ -288,10 +311,19 @@ def _deepspeed_problems(path: str) -> list[str]:
         ds = json.loads(p.read_text())
     except json.JSONDecodeError as err:
         return [f"key `deepspeed.config`: {path} is not valid JSON ({err})"]
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        return [f"key `deepspeed.config`: {path} sets zero_optimization.stage={stage}, expected 0-3"]
-    return []
+    if not isinstance(ds, dict):
+        return [f"key `deepspeed.config`: {path} must hold a JSON object, not {type(ds).__name__}"]
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return [
+            f"key `deepspeed.config`: {path}: `zero_optimization` must be an object such as "
+            f'{{"stage": 2}}, not {json.dumps(zero)}'
+        ]
+    stage = zero.get("stage", 0)
+    problems = []
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        problems.append(f"key `deepspeed.config`: {path} sets zero_optimization.stage={stage}, expected 0-3")
+    return problems + [f"key `deepspeed.config`: {c}" for c in run_owned_conflicts(ds, train, path)]
 
 
 def steps_for_phase(phase: PhaseConfig, train: TrainConfig, world_size: int) -> int:

@@ -11,27 +11,27 @@ from typing import Any
 
 import torch
 
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import RUN_OWNED_DEEPSPEED_KEYS, ConfigError, RunConfig, run_owned_conflicts
 from pretrain.schedule import phase_schedule
-
-_RUN_OWNED = {
-    "train_micro_batch_size_per_gpu": lambda t: t.micro_batch_size,
-    "gradient_accumulation_steps": lambda t: t.grad_accum,
-    "gradient_clipping": lambda t: t.grad_clip,
-}
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON with the run's batch keys; ConfigError if it contradicts the run config."""
     with open(cfg.deepspeed.config) as f:
         ds = json.load(f)
-    for key, value_of in _RUN_OWNED.items():
-        value = value_of(cfg.train)
-        if key in ds and ds[key] != value:
-            raise ConfigError(
-                f"{cfg.deepspeed.config}: `{key}` is {ds[key]} but the run config gives {value}; "
-                "set it in the run config (train.*) only"
-            )
-        ds[key] = value
+    t = cfg.train
+    problems = run_owned_conflicts(ds, t, cfg.deepspeed.config)
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
+        problems.append(
+            f"{cfg.deepspeed.config}: `train_batch_size` is {ds['train_batch_size']} but "
+            f"train.micro_batch_size x train.grad_accum x {world_size} ranks = {global_batch}; "
+            "leave it out (it is derived)"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for key, field in RUN_OWNED_DEEPSPEED_KEYS.items():
+        ds[key] = getattr(t, field)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two keys above and the world size
     ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is a plain torch one
     return ds
@@ -64,5 +64,19 @@ def build_eval_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int):
     """An engine for evaluation only: no optimizer state is allocated (ZeRO-3 still shards the weights)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(cfg, world_size))
+    engine, _, _, _ = deepspeed.initialize(model=model, config=eval_deepspeed_config(cfg, world_size))
     return engine
+
+
+def eval_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The run's DeepSpeed config for an optimizer-free engine.
+
+    ZeRO-1/2 partition optimizer state and gradients, which evaluation has none of (DeepSpeed asserts an
+    optimizer at those stages); their weights are whole on every rank, as at stage 0, which evaluates
+    the same. Stage 3 stays: it shards the weights themselves.
+    """
+    ds = deepspeed_config(cfg, world_size)
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("stage", 0) in (1, 2):
+        ds["zero_optimization"] = {"stage": 0}
+    return ds

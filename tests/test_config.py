@@ -91,16 +91,55 @@ def test_token_budget_becomes_whole_steps(cfg_file):
     assert steps_for_phase(cfg.phases[0], cfg.train, world_size=2) == 8
 
 
-def test_deepspeed_file_may_not_contradict_run_config(tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}))
-    cfg = load_config(
-        write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml"), [f"deepspeed.config={ds}"]
-    )
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps` is 4 but the run config gives 1"):
-        deepspeed_config(cfg, world_size=2)
+def _with_deepspeed(tmp_path, ds: object, *overrides: str):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    run = write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml")
+    return lambda: load_config(run, [f"deepspeed.config={path}", *overrides])
+
+
+def test_deepspeed_file_may_not_contradict_run_config_found_when_loading(tmp_path):
+    # found by load_config, before any run directory is touched (probe 10)
+    load = _with_deepspeed(tmp_path, {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4})
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps` is 4 but the run config gives "):
+        load()
     merged = deepspeed_config(load_config(tmp_path / "run.yaml"), world_size=2)
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["gradient_clipping"] == 1.0
+
+
+def test_deepspeed_auto_values_take_the_run_config(tmp_path):
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    cfg = _with_deepspeed(tmp_path, {**auto, "train_batch_size": "auto", "gradient_clipping": "auto"})()
+    merged = deepspeed_config(cfg, world_size=2)
+    assert (merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) == (2, 1)
+    assert "train_batch_size" not in merged
+
+
+def test_deepspeed_global_batch_must_match_the_world(tmp_path):
+    cfg = _with_deepspeed(tmp_path, {"train_batch_size": 4})()
+    assert "train_batch_size" not in deepspeed_config(cfg, world_size=2)  # 2 x 1 x 2 ranks = 4
+    with pytest.raises(ConfigError, match=r"`train_batch_size` is 4 but .* x 3 ranks = 6"):
+        deepspeed_config(cfg, world_size=3)
+
+
+@pytest.mark.parametrize(
+    "ds, expected",
+    [
+        ({"zero_optimization": None}, r"`zero_optimization` must be an object .*, not null"),
+        ({"zero_optimization": {"stage": 4}}, r"zero_optimization.stage=4, expected 0-3"),
+        ([1, 2], r"must hold a JSON object, not list"),
+    ],
+)
+def test_malformed_deepspeed_file_is_a_config_error(tmp_path, ds, expected):
+    with pytest.raises(ConfigError, match=expected):
+        _with_deepspeed(tmp_path, ds)()
+
+
+def test_method_start_phase_after_the_last_phase_is_refused(cfg_file):
+    with pytest.raises(ConfigError, match=r"method.start_phase`: 3 is after the last phase \(2\)"):
+        load_config(cfg_file, ["method.name=migu", "method.start_phase=3"])
+    assert load_config(cfg_file, ["method.name=random", "method.start_phase=2"]).method.start_phase == 2
+    assert load_config(cfg_file, ["method.start_phase=9"]).method.name == "none"  # nothing to mask
 
 
 def test_resolved_config_round_trips(tmp_path, cfg_file):
