@@ -1,5 +1,9 @@
 """The run's tokenizer: a sentencepiece BPE trained on the domains' train files, or a model's own, or a dir.
 
+A trained tokenizer's directory carries a mark (`pretrain_tokenizer.json`: vocabulary size and
+fingerprint, the files it consists of), written with the rest in one rename of a finished directory. Only
+a marked directory is reused or replaced; a directory holding anything else is refused, never written to.
+
 The trained tokenizer round-trips any text exactly: byte fallback encodes characters it has no piece
 for, normalization is the identity (no NFKC, whitespace kept as is: code indentation survives) and no
 dummy space is prepended. It is saved as a transformers `LlamaTokenizer` (tokenizer.model,
@@ -8,6 +12,8 @@ tokenizer.json, tokenizer_config.json) that `AutoTokenizer` loads.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -27,8 +33,8 @@ log = logging.getLogger(__name__)
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}  # ids 0-3, in this order
 MAX_SENTENCE_CHARS = 2048  # longer documents are cut: bounds the training text at max_sentences x this
-# Written last when moving a finished tokenizer in place: its presence means the directory is complete.
-_COMPLETE_MARK = "tokenizer_config.json"
+# The mark of a complete tokenizer trained by this project; it lists the directory's files.
+_MARK = "pretrain_tokenizer.json"
 
 
 def train_tokenizer(
@@ -47,6 +53,7 @@ def train_tokenizer(
     import sentencepiece as spm
 
     out = Path(out_dir)
+    refuse_foreign_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -57,6 +64,7 @@ def train_tokenizer(
             raise _training_error(err, vocab_size) from err
         tokenizer = _to_transformers(tmp)
         tokenizer.save_pretrained(str(tmp))
+        _write_mark(tmp, tokenizer)
         _move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,16 +164,66 @@ def _check_same_vocabulary(tokenizer, sp) -> None:
         )
 
 
-def _move_into(tmp: Path, out: Path) -> None:
-    """Move the finished files into out, the completeness mark last, replacing stale ones."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in tmp.iterdir() if p.name != _COMPLETE_MARK)
-    for name in [*names, _COMPLETE_MARK]:
-        os.replace(tmp / name, out / name)
+def fingerprint(tokenizer) -> dict[str, object]:
+    """Size and a hash of the token -> id map: equal exactly when two tokenizers number tokens alike."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"size": len(tokenizer), "sha256": digest}
+
+
+def _write_mark(tmp: Path, tokenizer) -> None:
+    files = sorted(p.name for p in tmp.iterdir()) + [_MARK]
+    mark = {"trained_by": "pretrain", "files": files, **fingerprint(tokenizer)}
+    (tmp / _MARK).write_text(json.dumps(mark, indent=2))
+
+
+def _mark(path: Path) -> dict | None:
+    try:
+        mark = json.loads((path / _MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) and isinstance(mark.get("files"), list) else None
 
 
 def holds_tokenizer(path: str) -> bool:
-    return (Path(path) / _COMPLETE_MARK).is_file() and (Path(path) / "tokenizer.json").is_file()
+    """True if `path` holds a complete tokenizer trained by this project, and nothing else."""
+    mark = _mark(Path(path))
+    if mark is None:
+        return False
+    present = {p.name for p in Path(path).iterdir()}
+    return present == set(mark["files"])
+
+
+def refuse_foreign_dir(out: Path) -> None:
+    """ConfigError unless `out` is absent, empty, or one of this project's complete tokenizers."""
+    if not out.exists() or holds_tokenizer(str(out)):
+        return
+    if not out.is_dir():
+        raise ConfigError(f"tokenizer directory {out} is a file; choose another tokenizer.path")
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ConfigError(
+            f"tokenizer directory {out} holds files that are not a tokenizer this project trained "
+            f"({shown}); it is left untouched. To use the tokenizer there, set tokenizer.source: path; "
+            "to train one, set tokenizer.path to a new or empty directory"
+        )
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Put the finished directory at `out` by renames: absent, empty, or our own earlier tokenizer."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; give it an ordinary directory's mode
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    old = None
+    if out.exists():  # our own complete tokenizer (refuse_foreign_dir let it through): replace it whole
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.replace(out, old / "tokenizer")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -198,6 +256,7 @@ def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     path = tok.path or str(Path(cfg.output_dir) / "tokenizer")
     if holds_tokenizer(path):
         return _reuse(path, tok.vocab_size)
+    refuse_foreign_dir(Path(path))  # before reading any corpus
     domains = [(d.train, d.text_field) for d in cfg.domains]
     skip = bad_record_counter(cfg.train.on_bad_record)
     return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)

@@ -167,3 +167,53 @@ def test_a_transformers_tokenizer_that_differs_from_sentencepiece_is_refused(tra
     other = train_tokenizer(domains, str(tmp_path / "other"), VOCAB, 150)  # same size, other pieces
     with pytest.raises(RuntimeError, match="does not match the sentencepiece model"):
         _check_same_vocabulary(other, sp)
+
+
+def _foreign_tokenizer(path: Path) -> dict[str, bytes]:
+    """A directory holding someone else's sentencepiece tokenizer files; returns their bytes."""
+    path.mkdir(parents=True)
+    files = {"tokenizer.model": b"\x0a\x0bnot ours", "tokenizer_config.json": b'{"model_max_length": 2048}'}
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return files
+
+
+def test_a_directory_with_someone_elses_tokenizer_is_refused_and_left_untouched(domains, tmp_path):
+    # probe 7: training into it replaced their tokenizer.model and tokenizer_config.json
+    theirs = tmp_path / "their-tokenizer"
+    files = _foreign_tokenizer(theirs)
+    with pytest.raises(ConfigError, match=r"holds files that are not a tokenizer this project trained"):
+        train_tokenizer(domains, str(theirs), VOCAB, 150)
+    cfg = run_config(tmp_path, domains, path=str(theirs))  # `pretrain tokenizer` and `train` resolve this
+    with pytest.raises(ConfigError, match=r"tokenizer.model, tokenizer_config.json.*tokenizer.source: path"):
+        resolve_tokenizer(cfg)
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == files
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_extra_files_in_a_trained_tokenizer_directory_make_it_someone_elses(trained, domains, tmp_path):
+    _, out = trained
+    mine = tmp_path / "tok"
+    mine.mkdir()
+    for p in out.iterdir():
+        (mine / p.name).write_bytes(p.read_bytes())
+    assert holds_tokenizer(str(mine))
+    (mine / "notes.txt").write_text("a user's file")
+    assert not holds_tokenizer(str(mine))
+    with pytest.raises(ConfigError, match=r"notes.txt"):
+        train_tokenizer(domains, str(mine), VOCAB, 150)
+    assert (mine / "notes.txt").read_text() == "a user's file"
+
+
+def test_an_empty_directory_is_trained_into(domains, tmp_path):
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    tok = train_tokenizer(domains, str(empty), VOCAB, 150)
+    assert holds_tokenizer(str(empty)) and len(tok) == VOCAB
+    assert oct(empty.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's private mode
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
