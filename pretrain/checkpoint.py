@@ -4,11 +4,15 @@ A checkpoint is DeepSpeed's (weights, optimizer, scheduler, ZeRO shards) plus on
 with what only that rank knows: its RNG state and its position in its data stream. It becomes the one
 to resume from only when every rank has finished writing it: DeepSpeed's own `latest` is written by
 rank 0 without waiting for the others, so we save with `save_latest=False` and, after a barrier, rank 0
-replaces `latest` by an atomic rename. Older checkpoints are pruned only after that.
+writes the checkpoint's completeness mark (`complete.json`: step, world size, tokenizer fingerprint)
+and then replaces `latest` by an atomic rename. Rotation counts only marked checkpoints, deletes
+unmarked leftovers of crashed saves, and never deletes the one `latest` names. A save never writes into
+a complete checkpoint: a tag that exists already (a second stop at the same step) gets a suffix.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,9 +20,10 @@ from typing import Any
 
 import torch
 
-from pretrain.distributed import DistInfo, barrier
+from pretrain.distributed import DistInfo, barrier, broadcast_object
 
 LATEST = "latest"
+COMPLETE = "complete.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -33,22 +38,58 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     dist: DistInfo,
     keep: int,
-) -> None:
+    meta: dict[str, Any] | None = None,
+) -> str:
+    """Write checkpoint `tag` (or a fresh variant of it) on every rank; return the tag written."""
     root = checkpoint_dir(run_dir)
+    tag = broadcast_object(_fresh_tag(root, tag) if dist.is_main else None)
+    barrier()  # rank 0 may have removed an unfinished directory of that name
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank_state = {**rank_state, "torch_rng": torch.get_rng_state()}
     torch.save(rank_state, root / tag / f"rank{dist.rank}_state.pt")
     _fault_point(f"crash_saving:{tag}")
     barrier()
     if dist.is_main:
+        mark = {"tag": tag, "world_size": dist.world_size, **(meta or {})}
+        _write_atomic(root / tag / COMPLETE, json.dumps(mark, indent=2))
         _write_atomic(root / LATEST, tag)
-        _prune(root, keep)
+        prune(root, keep)
     barrier()
+    return tag
+
+
+def _fresh_tag(root: Path, tag: str) -> str:
+    """`tag`, or `tag-2`, `tag-3`, ... if a complete checkpoint (or `latest`) holds that name already.
+
+    An unfinished directory of the name (a crashed save) is removed, so no stale shard mixes in.
+    """
+    current = _read_latest(root)
+    name, n = tag, 1
+    while name == current or is_complete(root / name):
+        n += 1
+        name = f"{tag}-{n}"
+    if (root / name).exists():
+        shutil.rmtree(root / name)
+    return name
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
 
 
 def latest_tag(run_dir: Path) -> str | None:
-    marker = checkpoint_dir(run_dir) / LATEST
+    return _read_latest(checkpoint_dir(run_dir))
+
+
+def _read_latest(root: Path) -> str | None:
+    marker = root / LATEST
     return marker.read_text().strip() if marker.is_file() else None
+
+
+def checkpoint_meta(run_dir: Path, tag: str) -> dict[str, Any]:
+    """The completeness mark of a checkpoint; empty for one written before marks existed."""
+    path = checkpoint_dir(run_dir) / tag / COMPLETE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_checkpoint(engine, run_dir: Path, dist: DistInfo) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -71,11 +112,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep: int) -> None:
-    tags = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    current = (root / LATEST).read_text().strip()
-    for old in [p for p in tags if p.name != current][: max(0, len(tags) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(root: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints and the one `latest` names; delete the rest, and every
+    unfinished directory (a crashed or out-of-space save), which can never be resumed from."""
+    current = _read_latest(root)
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    # A checkpoint from before completeness marks is complete if `latest` names it.
+    complete = [p for p in dirs if is_complete(p) or p.name == current]
+    complete.sort(key=_saved_at, reverse=True)
+    kept = {p.name for p in complete[:keep]} | {current}
+    for old in dirs:
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _saved_at(path: Path) -> float:
+    mark = path / COMPLETE
+    return (mark if mark.is_file() else path).stat().st_mtime
 
 
 def _fault_point(name: str) -> None:

@@ -1,0 +1,68 @@
+"""Checkpoint rotation and naming, on directories laid out as DeepSpeed and save_checkpoint leave them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pretrain.checkpoint import COMPLETE, LATEST, _fresh_tag, is_complete, prune
+
+
+def _checkpoint(root, tag, when, complete=True):
+    """A checkpoint directory written at time `when` (its mark too), complete or left by a crash."""
+    path = root / tag
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    if complete:
+        (path / COMPLETE).write_text(json.dumps({"tag": tag}))
+        os.utime(path / COMPLETE, (when, when))
+    os.utime(path, (when, when))
+    return path
+
+
+def _latest(root, tag):
+    (root / LATEST).write_text(tag)
+
+
+def test_rotation_counts_only_complete_checkpoints(tmp_path):
+    # probe 6: an unfinished directory newer than every complete one used to count as one to keep
+    for i, tag in enumerate(["step-2", "step-4", "step-6"]):
+        _checkpoint(tmp_path, tag, when=1000 + i)
+    _checkpoint(tmp_path, "step-8", when=2000, complete=False)  # a crash (or a full disk) while saving
+    _latest(tmp_path, "step-6")
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-4", "step-6"]
+
+
+def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
+    _checkpoint(tmp_path, "phase-1", when=1000)
+    for i, tag in enumerate(["step-12", "step-14"]):
+        _checkpoint(tmp_path, tag, when=3000 + i)
+    _latest(tmp_path, "phase-1")  # e.g. older by its time stamps after a copy; it is still the one to resume
+    prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["phase-1", "step-14"]
+
+
+def test_a_checkpoint_from_before_marks_counts_when_latest_names_it(tmp_path):
+    _checkpoint(tmp_path, "step-2", when=1000, complete=False)
+    _latest(tmp_path, "step-2")
+    _checkpoint(tmp_path, "step-4", when=2000, complete=False)
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-2"]
+
+
+def test_a_save_never_reuses_the_name_of_latest_or_of_a_complete_checkpoint(tmp_path):
+    # probe 4: a resumed run that stops again at the same step wrote into the checkpoint `latest` named
+    _checkpoint(tmp_path, "step-2-stop", when=1000)
+    _latest(tmp_path, "step-2-stop")
+    assert _fresh_tag(tmp_path, "step-2-stop") == "step-2-stop-2"
+    _checkpoint(tmp_path, "step-2-stop-2", when=1001)
+    assert _fresh_tag(tmp_path, "step-2-stop") == "step-2-stop-3"
+    assert is_complete(tmp_path / "step-2-stop") and (tmp_path / "step-2-stop" / COMPLETE).is_file()
+
+
+def test_an_unfinished_directory_of_the_name_is_cleared_before_writing(tmp_path):
+    stale = _checkpoint(tmp_path, "phase-2", when=1000, complete=False)
+    _latest(tmp_path, "step-6")
+    assert _fresh_tag(tmp_path, "phase-2") == "phase-2"
+    assert not stale.exists()  # no stale shard of the crashed save can mix into the new one
