@@ -15,7 +15,7 @@ from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
 from pretrain.model import build_model
-from pretrain.results import RunResults
+from pretrain.results import RunResults, metrics_lock, write_json_atomic
 from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
 
 
@@ -25,36 +25,45 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
     rows = _rows_to_evaluate(run, len(cfg.phases), phase)
     dist = init_distributed()
     setup_logging(dist.rank)
-    results = _load_or_new(run, cfg)
+    seen = RunResults.for_run(cfg)  # what reading the held-out sets met (bad records skipped)
     heldout = None
     for row in rows:
         model, tokenizer = _model_for_row(cfg, run, row)
         if heldout is None:  # the same fixed blocks for every row
-            heldout = load_heldout(cfg, tokenizer, results)
+            heldout = load_heldout(cfg, tokenizer, seen)
         engine = build_eval_engine(cfg, model, dist.world_size)
         ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
-        results.set_eval(row, ev)
         log.info("eval row %d: %s", row, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
         if dist.is_main:
-            results.save(run / "metrics.json")
+            _record_row(run / "metrics.json", cfg, row, ev, seen)
         barrier()
     shutdown_distributed()
-    return results
+    return RunResults.load(run / "metrics.json")
+
+
+def _record_row(path: Path, cfg, row: int, ev: dict, seen: RunResults) -> None:
+    """Set one row in metrics.json as it is now: a training run may have written it since this job began."""
+    with metrics_lock(path):
+        results = RunResults.load(path) if path.exists() else RunResults.for_run(cfg)
+        results.set_eval(row, ev)
+        if "heldout" in seen.skipped_records:
+            results.skipped_records["heldout"] = seen.skipped_records["heldout"]
+        write_json_atomic(path, results.to_dict())
 
 
 def _rows_to_evaluate(run: Path, phases: int, phase: int | None) -> list[int]:
+    """--phase N, or the initial model and every phase exported so far (the run may still be going)."""
     if phase is not None and not 0 <= phase <= phases:
         raise ConfigError(f"--phase {phase}: the run has phases 0 (initial) to {phases}")
-    wanted = range(phases + 1) if phase is None else [phase]
-    missing = [r for r in wanted if r > 0 and not (run / "export" / f"phase-{r}").is_dir()]
-    if missing:
-        raise ConfigError(f"{run}: no export for phase(s) {missing} (export/phase-N); has the run got there?")
-    return list(wanted)
-
-
-def _load_or_new(run: Path, cfg) -> RunResults:
-    path = run / "metrics.json"
-    return RunResults.load(path) if path.exists() else RunResults.for_run(cfg)
+    exported = [r for r in range(1, phases + 1) if (run / "export" / f"phase-{r}").is_dir()]
+    if phase is not None and phase > 0 and phase not in exported:
+        raise ConfigError(f"{run}: no export for phase {phase} (export/phase-N); has the run got there?")
+    if phase is None and len(exported) < phases:
+        log.info(
+            "phases not exported yet, left for a later job: %s",
+            sorted(set(range(1, phases + 1)) - set(exported)),
+        )
+    return [phase] if phase is not None else [0, *exported]
 
 
 def _model_for_row(cfg, run: Path, row: int):

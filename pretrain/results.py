@@ -7,8 +7,11 @@ half-written file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ class RunResults:
     skipped_steps: list[int] = field(default_factory=list)
     # bad corpus records skipped (train.on_bad_record: skip): {"heldout"|"train": {domain: n}, "examples"}
     skipped_records: dict[str, Any] = field(default_factory=dict)
+    # keys changed on resume: {"key", "from", "to", "phase", "step", "global_step"}
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -40,13 +45,32 @@ class RunResults:
 
     def set_eval(self, row: int, ev: dict[str, dict[str, float]]) -> None:
         """Store the evaluation of the model after phase `row` (0 = initial); rows fill in order."""
+        losses = [ev["loss"][d] for d in self.domains]
+        self._put_row(row, losses, [ev["perplexity"][d] for d in self.domains])
+        self.eval_tokens = dict(ev["tokens"])
+        self.summary = self._forgetting()
+
+    def _put_row(self, row: int, losses: list[float], perplexities: list[float]) -> None:
         while len(self.eval_loss) <= row:  # an eval job may fill a later row first: gaps stay null
             self.eval_loss.append(None)
             self.perplexity.append(None)
-        self.eval_loss[row] = [ev["loss"][d] for d in self.domains]
-        self.perplexity[row] = [ev["perplexity"][d] for d in self.domains]
-        self.eval_tokens = dict(ev["tokens"])
-        self.summary = self._forgetting()
+        self.eval_loss[row], self.perplexity[row] = losses, perplexities
+
+    def adopt_eval_rows(self, other: RunResults) -> list[int]:
+        """Take over the evaluation rows `other` has and this lacks (rows an eval job wrote to disk)."""
+        if other.domains != self.domains:
+            return []
+        taken = [
+            row
+            for row, losses in enumerate(other.eval_loss)
+            if losses is not None and (row >= len(self.eval_loss) or self.eval_loss[row] is None)
+        ]
+        for row in taken:
+            self._put_row(row, other.eval_loss[row], other.perplexity[row])
+        if taken:
+            self.eval_tokens = self.eval_tokens or dict(other.eval_tokens)
+            self.summary = self._forgetting()
+        return taken
 
     def count_skipped(self, split: str, domain: str, skip: SkipCounter | None) -> None:
         """Record the bad records skipped reading a domain's split. A held-out set is read whole every
@@ -74,8 +98,16 @@ class RunResults:
         out.update(out.pop("summary"))
         return out
 
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
+    def save(self, path: str | Path) -> list[int]:
+        """Write metrics.json, first taking over rows an eval job wrote there; return those rows.
+
+        The trainer and `pretrain eval` jobs write the same file: under a lock, each keeps the other's rows.
+        """
+        path = Path(path)
+        with metrics_lock(path):
+            taken = self.adopt_eval_rows(RunResults.load(path)) if path.is_file() else []
+            write_json_atomic(path, self.to_dict())
+        return taken
 
     @classmethod
     def load(cls, path: str | Path) -> RunResults:
@@ -86,6 +118,17 @@ class RunResults:
         results = cls(**{k: data[k] for k in cls.__dataclass_fields__.keys() - {"summary"} if k in data})
         results.summary = results._forgetting() if results.eval_loss else {}
         return results
+
+
+@contextmanager
+def metrics_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on a run's metrics.json for a read-modify-write (a lock file beside it)."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def domain_order(cfg: RunConfig) -> list[str]:

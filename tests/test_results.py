@@ -1,0 +1,52 @@
+"""metrics.json shared by the trainer and `pretrain eval` jobs: neither erases the other's rows."""
+
+from __future__ import annotations
+
+import json
+
+from pretrain.results import RunResults
+
+
+def _ev(loss: float) -> dict:
+    perplexity, tokens = {"a": 1.0, "b": 2.0}, {"a": 8, "b": 8}
+    return {"loss": {"a": loss, "b": loss + 1}, "perplexity": perplexity, "tokens": tokens}
+
+
+def _results() -> RunResults:
+    return RunResults(domains=["a", "b"], phases=["a", "b"], method={"name": "none"})
+
+
+def test_saving_keeps_rows_an_eval_job_wrote_since(tmp_path):
+    # probe 3: the trainer rewrote metrics.json from its checkpoint's copy, erasing an eval job's rows
+    path = tmp_path / "metrics.json"
+    trainer = _results()
+    trainer.train.append({"phase": 1, "losses": [3.0]})
+    trainer.save(path)
+    job = RunResults.load(path)
+    job.set_eval(0, _ev(5.0))
+    job.set_eval(1, _ev(4.0))
+    job.save(path)
+    assert trainer.save(path) == [0, 1]
+    on_disk = json.loads(path.read_text())
+    assert on_disk["eval_loss"] == [[5.0, 6.0], [4.0, 5.0]] and on_disk["train"] == trainer.train
+    assert trainer.eval_loss == on_disk["eval_loss"] and "avg_forgetting" in on_disk
+
+
+def test_the_trainers_own_rows_win_and_gaps_stay_null(tmp_path):
+    path = tmp_path / "metrics.json"
+    job = _results()
+    job.set_eval(2, _ev(9.0))
+    job.save(path)
+    trainer = _results()
+    trainer.set_eval(0, _ev(5.0))
+    trainer.set_eval(2, _ev(3.0))  # in-line evaluation of the same phase
+    assert trainer.save(path) == []
+    assert json.loads(path.read_text())["eval_loss"] == [[5.0, 6.0], None, [3.0, 4.0]]
+
+
+def test_rows_of_another_runs_domains_are_not_taken(tmp_path):
+    path = tmp_path / "metrics.json"
+    other = RunResults(domains=["x"], phases=["x"], method={})
+    other.set_eval(0, {"loss": {"x": 1.0}, "perplexity": {"x": 1.0}, "tokens": {"x": 1}})
+    other.save(path)
+    assert _results().save(path) == []
