@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pretrain.data import DataError
     from pretrain.model import ModelError
     from pretrain.report import ReportError
-    from pretrain.train import RunDirError
+    from pretrain.rundir import RunDirError
 
     return (ConfigError, DataError, ModelError, ReportError, RunDirError)
 

@@ -190,6 +190,9 @@ class NoMethod:
     def after_backward(self, engine: Any = None) -> None:
         pass
 
+    def discard_step(self) -> None:
+        pass
+
     def end_phase(self, phase: int) -> dict[str, Any]:
         return {}
 
@@ -297,6 +300,12 @@ class GradientMask:
                 _apply_layer_mask(module, mask[j], self.cfg.mask_bias)
             g.slab(self.kept).add_(mask)
         self.masked_steps += 1
+
+    def discard_step(self) -> None:
+        """Forget what this step's forwards recorded: the trainer skips it (a non-finite loss), and its
+        magnitudes (NaN or inf) must neither choose a later mask nor enter the phase statistics."""
+        self.magnitudes.zero_()
+        self.forwards = 0
 
     # -- visibility
     def _reset_phase_stats(self) -> None:

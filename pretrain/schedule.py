@@ -32,3 +32,15 @@ def phase_schedule(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: phase_lr_factor(step, starts, phase_steps, warmup, min_ratio)
     )
+
+
+def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Make `lr` the peak of a (resumed) schedule from its current step on.
+
+    A loaded scheduler keeps the peak it was saved with (`base_lrs`), and the optimizer the lr of the
+    step it stopped at; both are set to what the new peak gives at that step.
+    """
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -8,7 +8,6 @@ any rank, or a NaN/inf loss on any rank.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,30 +16,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from pretrain.checkpoint import export_phase, latest_tag, load_checkpoint, save_checkpoint
+from pretrain.checkpoint import checkpoint_meta, export_phase, latest_tag, load_checkpoint, save_checkpoint
 from pretrain.config import RunConfig, save_config, steps_for_phase
 from pretrain.data import TrainStream, bad_record_counter
 from pretrain.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    broadcast_object,
     init_distributed,
     shutdown_distributed,
 )
-from pretrain.engine import build_engine
+from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.results import RunResults
-from pretrain.tokenizer import resolve_tokenizer
-
-
-class RunDirError(RuntimeError):
-    """The output directory holds another run that this one would overwrite, or cannot be resumed."""
+from pretrain.rundir import RunDirError, RunDirPlan, prepare_run_dir
+from pretrain.schedule import set_peak_lr
+from pretrain.tokenizer import fingerprint, resolve_tokenizer
 
 
 @dataclass
@@ -70,6 +65,7 @@ class Trainer:
     stop: StopRequest | None = None
     phase_losses: list[float] = field(default_factory=list)  # rank 0's loss per step of this phase
     step_lr: float = 0.0
+    tokenizer_id: dict = field(default_factory=dict)  # fingerprint, kept in each checkpoint's mark
 
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
@@ -148,6 +144,8 @@ class Trainer:
             if nonfinite:
                 if self.cfg.train.on_nonfinite == "stop":
                     self._stop(EXIT_NONFINITE, "non-finite loss", step_start)
+                self.method.discard_step()
+                self.engine.lr_scheduler.step()  # the schedule counts the skipped step, so phases keep length
                 self.results.skipped_steps.append(self.pos.global_step + 1)
                 log.warning("non-finite loss at step %d on some rank: step skipped", self.pos.global_step + 1)
                 return math.nan
@@ -199,14 +197,10 @@ class Trainer:
             "method": self.method.state_dict(),
             "phase_losses": self.phase_losses,
         }
-        save_checkpoint(
-            self.engine,
-            self.run_dir,
-            tag,
-            client,
-            {"stream": stream_state},
-            self.dist,
-            self.cfg.checkpoint.keep,
+        meta = {"global_step": self.pos.global_step, "tokenizer": self.tokenizer_id}
+        rank_state = {"stream": stream_state}
+        tag = save_checkpoint(
+            self.engine, self.run_dir, tag, client, rank_state, self.dist, self.cfg.checkpoint.keep, meta
         )
         log.info("checkpoint %s written", tag)
 
@@ -276,7 +270,9 @@ class Trainer:
 
     def _save_results(self) -> None:
         if self.dist.is_main:
-            self.results.save(self.run_dir / "metrics.json")
+            taken = self.results.save(self.run_dir / "metrics.json")
+            if taken:
+                log.info("kept evaluation rows %s that an eval job wrote to metrics.json", taken)
 
 
 class ThroughputMeter:
@@ -311,10 +307,14 @@ class ThroughputMeter:
 
 
 def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer, dict | None]:
-    """Every part from the config, in dependency order; then the newest checkpoint if resuming."""
+    """Every part from the config, in dependency order; then the newest checkpoint if resuming.
+
+    The run's config.yaml is written last: a start that fails on the way leaves the directory as it was.
+    """
     from pretrain.migu import build_method
 
-    run_dir = prepare_run_dir(cfg, dist, resume)
+    deepspeed_config(cfg, dist.world_size)  # a batch-size conflict is an error before anything is touched
+    plan = prepare_run_dir(cfg, dist, resume)
     tokenizer = _tokenizer_rank0_first(cfg, dist)
     phase_steps = [steps_for_phase(p, cfg.train, dist.world_size) for p in cfg.phases]
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed)
@@ -327,7 +327,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     trainer = Trainer(
         cfg,
         dist,
-        run_dir,
+        plan.path,
         tokenizer,
         engine,
         method,
@@ -335,80 +335,77 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
         phase_steps,
         results,
         Position(world_size=dist.world_size),
-        tensorboard_writer(run_dir, dist.rank),
+        tensorboard_writer(plan.path, dist.rank),
         stop=StopRequest().install(),
+        tokenizer_id=fingerprint(tokenizer),
     )
-    stream_state = _restore(trainer) if resume else None
+    stream_state = None
+    if plan.resuming:
+        stream_state = _restore(trainer, plan)
+    elif resume:
+        log.info("no checkpoint in %s: starting from the beginning", plan.path)
+    if dist.is_main:
+        save_config(cfg, plan.path / "config.yaml")
     return trainer, stream_state
 
 
-def _restore(trainer: Trainer) -> dict | None:
+def _restore(trainer: Trainer, plan: RunDirPlan) -> dict:
     """Load the newest complete checkpoint into the trainer; return this rank's data-stream position."""
     tag = latest_tag(trainer.run_dir)
-    if tag is None:
-        log.info("no checkpoint in %s: starting from the beginning", trainer.run_dir)
-        return None
-    saved_world = _saved_world_size(trainer)
+    _check_resumable(trainer, tag)
+    client, rank_state = load_checkpoint(trainer.engine, trainer.run_dir, trainer.dist)
+    trainer.pos = Position(**client["position"])
+    trainer.results = RunResults.from_dict(client["results"])
+    metrics = trainer.run_dir / "metrics.json"
+    if metrics.is_file():  # rows a `pretrain eval` job wrote after this checkpoint was taken
+        trainer.results.adopt_eval_rows(RunResults.load(metrics))
+    trainer.method.load_state_dict(client["method"])
+    trainer.phase_losses = client["phase_losses"]
+    log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
+    _apply_changes(trainer, plan.changes)
+    return rank_state["stream"]
+
+
+def _check_resumable(trainer: Trainer, tag: str) -> None:
+    """Refuse, before DeepSpeed's load fails obscurely, a checkpoint this run cannot take up."""
+    saved_world = len(list((trainer.run_dir / "checkpoints" / tag).glob("rank*_state.pt")))
     if saved_world != trainer.dist.world_size:
         raise RunDirError(
             f"checkpoint {tag} was written by {saved_world} ranks, this run has {trainer.dist.world_size}: "
             f"resume with {saved_world} ranks, or convert it with DeepSpeed's "
             "`python -m deepspeed.checkpoint.ds_to_universal` and load the universal checkpoint"
         )
-    client, rank_state = load_checkpoint(trainer.engine, trainer.run_dir, trainer.dist)
-    trainer.pos = Position(**client["position"])
-    trainer.results = RunResults.from_dict(client["results"])
-    trainer.method.load_state_dict(client["method"])
-    trainer.phase_losses = client["phase_losses"]
-    log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
-    return rank_state["stream"]
+    saved = checkpoint_meta(trainer.run_dir, tag).get("tokenizer")
+    if saved and saved != trainer.tokenizer_id:
+        now = trainer.tokenizer_id
+        what = f"{saved['size']} tokens, now {now['size']}"
+        if saved["size"] == now["size"]:
+            what = f"{now['size']} tokens both, numbered differently"
+        where = _tokenizer_source(trainer.cfg)
+        raise RunDirError(
+            f"the tokenizer changed since checkpoint {tag} was written ({what}; {where}): "
+            "the checkpoint's embeddings belong to the old vocabulary. Put the run's tokenizer back, or "
+            "start a new run in another output_dir"
+        )
 
 
-def _saved_world_size(trainer: Trainer) -> int:
-    # Read before DeepSpeed's load, which would fail with an obscure shape error on a mismatch.
-    tag = latest_tag(trainer.run_dir)
-    shards = list((trainer.run_dir / "checkpoints" / tag).glob("rank*_state.pt"))
-    return len(shards)
+def _tokenizer_source(cfg: RunConfig) -> str:
+    tok = cfg.tokenizer
+    if tok.source == "model":
+        return f"the tokenizer of model.path {cfg.model.path}"
+    return f"tokenizer.path {tok.path or Path(cfg.output_dir) / 'tokenizer'}"
 
 
-def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> Path:
-    """Create the run directory; refuse to write over a run that already has results unless resuming."""
-    run_dir = Path(cfg.output_dir)
-    error = None
-    if dist.is_main:
-        if (run_dir / "metrics.json").exists() and not resume:
-            error = (
-                f"{run_dir} already holds a run (metrics.json); choose another output_dir or pass --resume"
-            )
-        elif resume and (run_dir / "metrics.json").exists() and latest_tag(run_dir) is None:
-            error = f"{run_dir} has results but no complete checkpoint to resume from"
-        elif resume and (changed := _changed_keys(cfg, run_dir / "config.yaml")):
-            error = f"{run_dir}: --resume with a different config ({', '.join(changed)})"
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-    error = broadcast_object(error)
-    if error:
-        raise RunDirError(error)
-    return run_dir
-
-
-def _changed_keys(cfg: RunConfig, saved: Path) -> list[str]:
-    """Keys whose value differs from the config the run was started with (tuples compare as lists)."""
-    if not saved.is_file():
-        return []
-    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(json.loads(json.dumps(cfg.to_dict())))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _apply_changes(trainer: Trainer, changes: list[dict]) -> None:
+    """Record the config keys changed on this resume in metrics.json and put a new train.lr into effect."""
+    pos = trainer.pos
+    for change in changes:
+        trainer.results.config_changes.append(
+            {**change, "phase": pos.phase, "step": pos.step, "global_step": pos.global_step}
+        )
+        log.warning("resumed with %s changed: %r -> %r", change["key"], change["from"], change["to"])
+        if change["key"] == "train.lr":
+            set_peak_lr(trainer.engine.lr_scheduler, change["to"])
 
 
 def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):

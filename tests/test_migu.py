@@ -353,3 +353,26 @@ def test_state_dict_round_trip_restores_the_step_in_progress():
     method.remove_hooks()
     model(input_ids=batch, labels=batch)  # the restored method's hooks write into its restored buffer
     assert torch.equal(other.magnitudes, 2 * method.magnitudes)
+
+
+def test_a_discarded_step_leaves_no_trace_in_masks_or_phase_statistics():
+    # probe 5: with train.on_nonfinite: skip, the skipped step's NaN magnitudes chose later masks
+    model, clean = tiny_llama(), tiny_llama()
+    poisoned, reference = build_method(migu(), model), build_method(migu(), clean)
+    poisoned.begin_phase(1)
+    reference.begin_phase(1)
+    batch = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        model(input_ids=batch)  # the step the trainer skips: its loss is NaN
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = clean.model.layers[0].mlp.up_proj.weight[0, 0]
+    assert poisoned.magnitudes.isnan().any()
+    poisoned.discard_step()
+    for method, m in ((poisoned, model), (reference, clean)):
+        m(input_ids=batch, labels=batch).loss.backward()
+        method.before_backward()
+        method.after_backward()
+    assert all(torch.equal(a, b) for a, b in zip(poisoned.masks, reference.masks, strict=True))
+    summary = poisoned.end_phase(1)
+    assert summary == reference.end_phase(1)
+    assert all(v == v for q in summary["magnitude_quantiles"].values() for v in q)  # no NaN

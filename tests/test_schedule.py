@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.schedule import phase_lr_factor, phase_schedule
+from pretrain.schedule import phase_lr_factor, phase_schedule, set_peak_lr
 
 
 def test_each_phase_rewarms_and_decays():
@@ -29,3 +29,26 @@ def test_scheduler_drives_optimizer_lr():
         sched.step()
     assert lrs[0] == pytest.approx(0.5) and lrs[4] == pytest.approx(0.5)
     assert lrs[1] == pytest.approx(1.0) and lrs[3] == pytest.approx(0.0)
+
+
+def test_a_new_peak_lr_takes_effect_at_the_resumed_step():
+    def run(lr, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = phase_schedule(opt, [4, 4], warmup=1, min_ratio=0.1)
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+        return opt, sched
+
+    saved_opt, saved_sched = run(1.0, 5)
+    opt, sched = run(1.0, 0)  # a resumed run: built with the new lr, then the old state loaded over it
+    opt.load_state_dict(saved_opt.state_dict())
+    sched.load_state_dict(saved_sched.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(saved_opt.param_groups[0]["lr"])  # the old peak's
+    set_peak_lr(sched, 0.25)
+    fresh, fresh_sched = run(0.25, 5)  # what a run with peak 0.25 from the start has at this step
+    assert opt.param_groups[0]["lr"] == pytest.approx(fresh.param_groups[0]["lr"])
+    for o, s in ((opt, sched), (fresh, fresh_sched)):
+        o.step()
+        s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(fresh.param_groups[0]["lr"])

@@ -1,15 +1,20 @@
-"""Faults on real 2-rank runs: a NaN on one rank, bad records, a changed world size on resume."""
+"""Faults on real 2-rank runs: a NaN on one rank, a kill before any checkpoint, bad records, a changed
+world size or tokenizer on resume."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO, free_port, run_deepspeed, tiny_run_config, write_config
+
+from pretrain.schedule import phase_lr_factor
 
 pytestmark = pytest.mark.distributed
 
@@ -22,21 +27,47 @@ def _launch(cfg_path, *extra, fault=""):
         del os.environ["PRETRAIN_FAULT"]
 
 
-def test_nan_on_one_rank_stops_every_rank_with_last_good_checkpoint(tmp_path):
+def test_nan_stop_never_rewrites_latest_and_resumes_with_a_lower_lr_or_skip(tmp_path):
     path = write_config(tiny_run_config(tmp_path, steps=4, domains=("agnews",)), tmp_path / "run.yaml")
+    ckpts = tmp_path / "run" / "checkpoints"
     proc = _launch(path, fault="nan_loss:3")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "non-finite loss at phase 1 step 3: checkpointing and exiting with 76" in out
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-2-stop"
-    # the last good state: two steps trained, the third never applied
-    resumed = _launch(path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step-2-stop: phase 1, step 2" in resumed.stdout + resumed.stderr
+    assert (ckpts / "latest").read_text() == "step-2-stop"
+    first = _files(ckpts / "step-2-stop")
+    # probe 4: resumed as it was, the run meets the same NaN and wrote into the checkpoint `latest` named
+    again = _launch(path, "--resume", fault="nan_loss:3")
+    assert "resumed from step-2-stop: phase 1, step 2" in again.stdout + again.stderr
+    assert again.returncode != 0 and (ckpts / "latest").read_text() == "step-2-stop-2"
+    assert _files(ckpts / "step-2-stop") == first
+    # the keys a user changes to get past it are accepted on resume, and recorded with their step
+    changed = ["--set", "train.lr=1e-3", "--set", "train.on_nonfinite=skip"]
+    lowered = _launch(path, "--resume", *changed, fault="nan_loss:3")  # the same bad batch comes again
+    assert lowered.returncode == 0, lowered.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    changes = {c["key"]: (c["from"], c["to"], c["global_step"]) for c in metrics["config_changes"]}
+    assert changes == {"train.lr": (1e-2, 1e-3, 2), "train.on_nonfinite": ("stop", "skip", 2)}
+    lrs = [
+        float(m) for m in re.findall(r"\| step \d/4 \| loss \S+ \| lr (\S+)", lowered.stdout + lowered.stderr)
+    ]
+    factors = [phase_lr_factor(s, [0], [4], warmup=0, min_ratio=0.1) for s in (2, 3)]
+    assert lrs == pytest.approx([1e-3 * f for f in factors], rel=1e-2)  # logged with 3 digits
+    assert metrics["skipped_steps"] == [3] and len(metrics["train"][0]["losses"]) == 4
+
+
+def _files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
-    cfg = tiny_run_config(tmp_path, steps=4, domains=("agnews",), train={"on_nonfinite": "skip"})
+    cfg = tiny_run_config(
+        tmp_path,
+        steps=4,
+        domains=("agnews",),
+        train={"on_nonfinite": "skip"},
+        method={"name": "migu", "start_phase": 1},
+    )
     proc = _launch(write_config(cfg, tmp_path / "run.yaml"), fault="nan_loss:3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -44,6 +75,43 @@ def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
     losses = metrics["train"][0]["losses"]
     assert math.isnan(losses[2]) and all(math.isfinite(x) for i, x in enumerate(losses) if i != 2)
     assert all(math.isfinite(x) for x in metrics["eval_loss"][1])
+    # probe 5: the skipped step's non-finite activations stayed in MIGU's magnitudes and statistics
+    migu = metrics["migu"][0]
+    assert migu["steps"] == 3 and migu["masked"]
+    assert all(math.isfinite(v) for q in migu["magnitude_quantiles"].values() for v in q)
+
+
+def test_killed_before_the_first_checkpoint_then_resume_starts_again(tmp_path):
+    # probe 1: the default save_every 0 leaves no checkpoint before phase 1 ends; a requeued job failed
+    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("agnews",)), tmp_path / "run.yaml")
+    killed = _launch(path, fault="kill:2")
+    run = tmp_path / "run"
+    assert killed.returncode != 0 and not (run / "checkpoints" / "latest").exists()
+    first = json.loads((run / "metrics.json").read_text())
+    resumed = _launch(path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no complete checkpoint: starting the run again" in resumed.stdout + resumed.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["train"][0]["losses"]) == 4 and len(metrics["eval_loss"]) == 2
+    assert json.loads((run / "metrics.attempt-1.json").read_text()) == first  # the attempt's record kept
+    assert metrics["eval_loss"][0] == first["eval_loss"][0]  # the same initial model
+
+
+def test_a_changed_tokenizer_on_resume_is_a_clear_error(tmp_path):
+    # probe 8: resuming after the tokenizer at tokenizer.path changed ended in an embedding-size traceback
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",))
+    cfg["tokenizer"] = {"source": "path", "path": _tokenizer(tmp_path)}
+    path = write_config(cfg, tmp_path / "run.yaml")
+    assert _launch(path).returncode == 0
+    tok = tmp_path / "tok"
+    shutil.rmtree(tok)
+    _tokenizer(tmp_path, vocab_size=448)  # someone retrained it in place
+    before = _files(tmp_path / "run")
+    proc = _launch(path, "--resume")
+    assert proc.returncode != 0
+    assert "the tokenizer changed since checkpoint phase-1 was written (512 tokens, now 448" in proc.stderr
+    assert f"tokenizer.path {tok}" in proc.stderr and "Traceback" not in proc.stderr
+    assert _files(tmp_path / "run") == before  # config.yaml and metrics.json untouched
 
 
 def test_resume_with_other_world_size_says_how_to_convert(tmp_path):
@@ -96,10 +164,10 @@ def _insert_line(source: str, dest, index: int, line: str) -> None:
     dest.write_text("\n".join(lines[:index] + [line] + lines[index:]) + "\n")
 
 
-def _tokenizer(tmp_path) -> str:
+def _tokenizer(tmp_path, vocab_size: int = 512) -> str:
     from pretrain.tokenizer import train_tokenizer
 
     cfg = tiny_run_config(tmp_path)
     files = [(d["train"], "text") for d in cfg["domains"]]
-    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=512, max_sentences=500)
+    train_tokenizer(files, str(tmp_path / "tok"), vocab_size=vocab_size, max_sentences=500)
     return str(tmp_path / "tok")

@@ -1,0 +1,118 @@
+"""The run directory's life across attempts: a new run, a resume, or a restart of a run that died early.
+
+A run directory with results is never overwritten by a new run. `--resume` continues from the newest
+complete checkpoint; with none (killed before its first one) the run starts again from the beginning, the
+earlier attempt's metrics.json kept aside. A resume may change only the keys that leave the checkpoint's
+meaning intact (RESUMABLE_KEYS); each change is recorded in metrics.json with the step it took effect at.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pretrain.checkpoint import latest_tag
+from pretrain.config import RunConfig
+from pretrain.distributed import DistInfo, broadcast_object
+from pretrain.logs import log
+
+# What a resumed run may change: how it learns from here on, how it logs, saves and evaluates. Anything
+# else (data, model, method, batch shape, schedule length) would make the checkpoint mean another run.
+RESUMABLE_KEYS = (
+    "train.lr",
+    "train.on_nonfinite",
+    "train.on_bad_record",
+    "train.log_every",
+    "checkpoint.*",
+    "eval.*",
+)
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds another run that this one would overwrite, or cannot be resumed."""
+
+
+@dataclass
+class RunDirPlan:
+    """What rank 0 found in the run directory, the same on every rank."""
+
+    path: Path
+    resuming: bool = False  # a complete checkpoint is there to continue from
+    changes: list[dict] = field(default_factory=list)  # {"key", "from", "to"} of resumable keys
+
+
+def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> RunDirPlan:
+    """Check the run directory against this start (rank 0 decides, every rank learns the outcome).
+
+    Nothing is written here but the directory itself and, on a restart, the rename of the old metrics.
+    """
+    plan = None
+    if dist.is_main:
+        try:
+            plan = _plan(cfg, resume)
+        except RunDirError as err:
+            plan = err
+    plan = broadcast_object(plan)
+    if isinstance(plan, RunDirError):
+        raise plan
+    return plan
+
+
+def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
+    run_dir = Path(cfg.output_dir)
+    metrics = run_dir / "metrics.json"
+    if metrics.exists() and not resume:
+        raise RunDirError(
+            f"{run_dir} already holds a run (metrics.json); choose another output_dir, or pass --resume "
+            "to continue it (or start it again, if it has no complete checkpoint)"
+        )
+    changed = _changed_keys(cfg, run_dir / "config.yaml") if resume else {}
+    frozen = sorted(k for k in changed if not resumable(k))
+    if frozen:
+        raise RunDirError(
+            f"{run_dir}: --resume with a different config ({', '.join(frozen)}); a resumed run may change "
+            f"only {', '.join(RESUMABLE_KEYS)}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if latest_tag(run_dir) is None:
+        if metrics.exists():
+            kept = _set_aside(metrics)
+            log.warning("%s has no complete checkpoint: starting the run again (old: %s)", run_dir, kept)
+        return RunDirPlan(run_dir)
+    changes = [{"key": k, "from": old, "to": new} for k, (old, new) in sorted(changed.items())]
+    return RunDirPlan(run_dir, resuming=True, changes=changes)
+
+
+def resumable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)
+
+
+def _set_aside(metrics: Path) -> Path:
+    """Rename an abandoned attempt's metrics.json to metrics.attempt-N.json (the first free N)."""
+    n = 1
+    while (kept := metrics.with_name(f"metrics.attempt-{n}.json")).exists():
+        n += 1
+    metrics.rename(kept)
+    return kept
+
+
+def _changed_keys(cfg: RunConfig, saved: Path) -> dict[str, tuple]:
+    """{key: (saved value, new value)} where the config differs from the run's (tuples compare as lists)."""
+    if not saved.is_file():
+        return {}
+    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(json.loads(json.dumps(cfg.to_dict())))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,80 @@
+"""The run directory across attempts: new run, resume, restart after dying before a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_run_config, write_config
+
+from pretrain.checkpoint import COMPLETE, LATEST
+from pretrain.config import load_config, save_config
+from pretrain.distributed import DistInfo
+from pretrain.rundir import RunDirError, prepare_run_dir, resumable
+
+ONE = DistInfo(rank=0, world_size=1, local_rank=0)
+
+
+@pytest.fixture
+def started(tmp_path):
+    """The config of a run that has begun: its config.yaml and metrics.json (row 0) are written."""
+    cfg = load_config(write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml"))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    (run / "metrics.json").write_text(json.dumps({"eval_loss": [[7.0, 7.0]]}))
+    return cfg, run
+
+
+def _checkpointed(run, tag="step-2"):
+    (run / "checkpoints" / tag).mkdir(parents=True)
+    (run / "checkpoints" / tag / COMPLETE).write_text("{}")
+    (run / "checkpoints" / LATEST).write_text(tag)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(started):
+    # probe 1: "has results but no complete checkpoint", and a requeued job (always --resume) failed forever
+    cfg, run = started
+    plan = prepare_run_dir(cfg, ONE, resume=True)
+    assert not plan.resuming and plan.path == run
+    assert not (run / "metrics.json").exists()
+    assert json.loads((run / "metrics.attempt-1.json").read_text()) == {"eval_loss": [[7.0, 7.0]]}
+    (run / "metrics.json").write_text("{}")  # the second attempt dies early too
+    prepare_run_dir(cfg, ONE, resume=True)
+    assert (run / "metrics.attempt-2.json").read_text() == "{}"  # nothing of either attempt is lost
+
+
+def test_a_new_run_never_takes_over_a_started_one(started):
+    cfg, run = started
+    with pytest.raises(RunDirError, match="already holds a run.*pass --resume"):
+        prepare_run_dir(cfg, ONE, resume=False)
+    assert (run / "metrics.json").exists()
+
+
+def test_resume_may_change_the_listed_keys_and_reports_them(started):
+    cfg, run = started
+    _checkpointed(run)
+    cfg.train.lr, cfg.train.on_nonfinite, cfg.eval.max_blocks = 1e-4, "skip", 4
+    plan = prepare_run_dir(cfg, ONE, resume=True)
+    assert plan.resuming
+    assert plan.changes == [
+        {"key": "eval.max_blocks", "from": 8, "to": 4},
+        {"key": "train.lr", "from": 1e-2, "to": 1e-4},
+        {"key": "train.on_nonfinite", "from": "stop", "to": "skip"},
+    ]
+
+
+def test_resume_refuses_other_changes_naming_them(started):
+    cfg, run = started
+    _checkpointed(run)
+    cfg.train.seq_len, cfg.train.lr = 16, 1e-4
+    with pytest.raises(RunDirError, match=r"different config \(train.seq_len\); a resumed run may change"):
+        prepare_run_dir(cfg, ONE, resume=True)
+
+
+@pytest.mark.parametrize(
+    "key, allowed",
+    [("train.lr", True), ("checkpoint.keep", True), ("eval.inline", True), ("train.seed", False)],
+)
+def test_resumable_keys(key, allowed):
+    assert resumable(key) is allowed
