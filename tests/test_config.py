@@ -159,3 +159,11 @@ def test_evaluated_only_domain_needs_no_train_files(tmp_path):
     raw["phases"].append({"domain": "general", "steps": 1})
     with pytest.raises(ConfigError, match="domains.2.train`: no files given for domain 'general'"):
         load_config(write_config(raw, tmp_path / "run2.yaml"))
+
+
+@pytest.mark.parametrize("stage, expected", [(0, 0), (1, 0), (2, 0), (3, 3)])
+def test_eval_engine_config_needs_no_optimizer(tmp_path, stage, expected):
+    from pretrain.engine import eval_deepspeed_config
+
+    cfg = _with_deepspeed(tmp_path, {"zero_optimization": {"stage": stage, "overlap_comm": True}})()
+    assert eval_deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == expected

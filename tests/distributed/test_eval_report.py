@@ -85,3 +85,26 @@ def test_deferred_evaluation_fills_the_matrix_by_jobs(inline_run, tmp_path):
     out = _single("compare", str(inline_run), str(run), "--out", str(tmp_path))
     assert (tmp_path / "comparison.md").is_file() and (tmp_path / "comparison.png").is_file()
     assert "forgot least" in out.stdout or "forgot" in out.stdout
+
+
+def test_eval_job_at_zero2_and_its_rows_survive_a_resume(tmp_path):
+    # probes 2 and 3: an eval job crashed at ZeRO-2 ("requires an optimizer"); a resume erased its rows
+    cfg = tiny_run_config(
+        tmp_path, stage=2, steps=3, eval={"inline": False}, checkpoint={"save_every": 2, "keep": 2}
+    )
+    path = write_config(cfg, tmp_path / "run.yaml")
+    run = tmp_path / "run"
+    os.environ["PRETRAIN_FAULT"] = "kill:5"  # phase 2, step 2: after its step-5 checkpoint
+    try:
+        killed = run_deepspeed(["pretrain", "train", "--config", str(path)])
+    finally:
+        del os.environ["PRETRAIN_FAULT"]
+    assert killed.returncode != 0 and (run / "checkpoints" / "latest").read_text() == "step-5"
+    assert_ok(run_deepspeed(["pretrain", "eval", "--run", str(run)]))  # phase 1 is exported, 2 is not
+    by_job = _metrics(run)["eval_loss"]
+    assert len(by_job) == 2 and by_job[1][0] < by_job[0][0]  # phase 1 learned its own domain
+    assert_ok(run_deepspeed(["pretrain", "train", "--config", str(path), "--resume"]))
+    metrics = _metrics(run)
+    assert metrics["eval_loss"][:2] == by_job and len(metrics["train"]) == 2
+    assert_ok(run_deepspeed(["pretrain", "eval", "--run", str(run), "--phase", "2"]))
+    assert _metrics(run)["eval_loss"][:2] == by_job and _metrics(run)["avg_forgetting"] is not None
