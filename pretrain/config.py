@@ -293,6 +293,13 @@ RUN_OWNED_DEEPSPEED_KEYS = {
 }
 
 
+# DeepSpeed sections the run config replaces: refused rather than silently ignored
+_RUN_OWNED_DEEPSPEED_SECTIONS = {
+    "optimizer": "train.optimizer, train.lr, train.betas and train.weight_decay",
+    "scheduler": "train.warmup_steps and train.min_lr_ratio (every phase re-warms and decays)",
+}
+
+
 def run_owned_conflicts(ds: dict[str, Any], train: TrainConfig, source: str) -> list[str]:
     """The DeepSpeed keys in `ds` whose value contradicts the run config, described ("auto" agrees)."""
     return [
@@ -320,7 +327,12 @@ def _deepspeed_problems(path: str, train: TrainConfig) -> list[str]:
             f'{{"stage": 2}}, not {json.dumps(zero)}'
         ]
     stage = zero.get("stage", 0)
-    problems = []
+    problems = [
+        f"key `deepspeed.config`: {path}: section `{section}` is not used by this pipeline (it would be "
+        f"ignored); set {instead} in the run config instead"
+        for section, instead in _RUN_OWNED_DEEPSPEED_SECTIONS.items()
+        if section in ds
+    ]
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         problems.append(f"key `deepspeed.config`: {path} sets zero_optimization.stage={stage}, expected 0-3")
     return problems + [f"key `deepspeed.config`: {c}" for c in run_owned_conflicts(ds, train, path)]

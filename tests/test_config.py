@@ -128,6 +128,8 @@ def test_deepspeed_global_batch_must_match_the_world(tmp_path):
         ({"zero_optimization": None}, r"`zero_optimization` must be an object .*, not null"),
         ({"zero_optimization": {"stage": 4}}, r"zero_optimization.stage=4, expected 0-3"),
         ([1, 2], r"must hold a JSON object, not list"),
+        ({"optimizer": {"type": "AdamW"}}, r"section `optimizer` is not used .*train.optimizer, train.lr"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"section `scheduler` is not used .*train.warmup_steps"),
     ],
 )
 def test_malformed_deepspeed_file_is_a_config_error(tmp_path, ds, expected):
