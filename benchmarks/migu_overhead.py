@@ -54,7 +54,7 @@ HOOK_SECONDS = [0.0]  # time spent inside MIGU's forward hooks, summed
 
 def time_the_hooks() -> None:
     """Wrap MIGU's forward hooks with a clock, to report MIGU's own work apart from the machine's noise."""
-    import pretrain.migu as migu
+    import pretrain.methods.migu as migu
 
     original = migu._magnitude_hook
 
@@ -98,7 +98,7 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
     import torch.distributed as dist
 
     from pretrain.config import MethodConfig
-    from pretrain.migu import build_method
+    from pretrain.methods import build_method
 
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

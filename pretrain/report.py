@@ -352,7 +352,7 @@ def migu_summaries(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def unit_sets(entry: dict[str, Any]) -> dict[str, set[int]]:
     """Per layer, the indices of the units kept in that phase, decoded from its `top_units` bitmaps."""
-    from pretrain.migu import decode_units
+    from pretrain.methods.migu import decode_units
 
     top = entry.get("top_units")
     if not isinstance(top, dict):
@@ -366,7 +366,7 @@ def unit_sets(entry: dict[str, Any]) -> dict[str, set[int]]:
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
-    """|a ∩ b| / |a ∪ b|; 1 for two empty sets (as pretrain.migu counts them)."""
+    """|a ∩ b| / |a ∪ b|; 1 for two empty sets (as pretrain.methods.migu counts them)."""
     union = len(a | b)
     return len(a & b) / union if union else 1.0
 

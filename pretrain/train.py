@@ -30,6 +30,7 @@ from pretrain.distributed import (
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
+from pretrain.methods import Method, build_method
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.results import RunResults
@@ -55,7 +56,7 @@ class Trainer:
     run_dir: Path
     tokenizer: object
     engine: object
-    method: object
+    method: Method
     heldout: dict[str, torch.Tensor]
     phase_steps: list[int]
     results: RunResults
@@ -311,8 +312,6 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
 
     The run's config.yaml is written last: a start that fails on the way leaves the directory as it was.
     """
-    from pretrain.migu import build_method
-
     deepspeed_config(cfg, dist.world_size)  # a batch-size conflict is an error before anything is touched
     plan = prepare_run_dir(cfg, dist, resume)
     tokenizer = _tokenizer_rank0_first(cfg, dist)

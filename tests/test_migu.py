@@ -11,15 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from pretrain.config import MethodConfig
-from pretrain.migu import (
-    NoMethod,
-    build_method,
-    decode_units,
-    encode_units,
-    kept_count,
-    select_layers,
-    top_mask,
-)
+from pretrain.methods import NoMethod, build_method
+from pretrain.methods.masking import kept_count, select_layers, top_mask
+from pretrain.methods.migu import decode_units, encode_units
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.migu import QUANTILES, encode_units
+from pretrain.methods.migu import QUANTILES, encode_units
 from pretrain.report import (
     ReportError,
     compare_runs,

@@ -80,7 +80,7 @@ def run_case(name: str, stage: int, out: Path) -> None:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pretrain.migu import build_method
+    from pretrain.methods import build_method
 
     opt_name, grad_accum, bf16, clip, fp32_grad_accum = CASES[name]
     rank = dist.get_rank()

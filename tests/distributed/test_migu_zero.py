@@ -95,7 +95,7 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
 def _ordered_masks(method_masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """The reference's masks in the method's flat layout (layers grouped by d_out, in model order)."""
-    from pretrain.migu import _group_layers
+    from pretrain.methods.masking import _group_layers
 
     model = worker.tiny_llama()
     groups = _group_layers(list(masked_layers(model).items()), THRESHOLD)
@@ -133,7 +133,7 @@ def test_bf16_sgd_changes_exactly_the_rows_ever_kept(stage_run, case):
     out = outputs(stage_run, case)
     weights = torch.load(out / f"{case}.pt")["weights"]
     masks = torch.load(out / f"{case}.masks.rank0.pt")
-    from pretrain.migu import _group_layers
+    from pretrain.methods.masking import _group_layers
 
     model = worker.tiny_llama()
     ever_kept = masks.amax(0)

@@ -1,0 +1,267 @@
+"""Gradient masking exact under ZeRO 0/1/2/3: the machinery `migu` and `random` share.
+
+A masking method chooses, once per optimizer step, a 0/1 mask over the output units (rows of W: [d_out,
+d_in]) of every selected linear layer, keeping `d_out - floor(T * d_out)` units (T = method.threshold),
+and only the kept rows are updated. transformers' Conv1D stores W as [d_in, d_out], so its mask is on
+columns. Biases stay unmasked unless mask_bias.
+
+Mechanism: at the last micro-batch of an optimizer step (`before_backward`) the method chooses the masks;
+after that micro-batch's backward (`after_backward`), each rank multiplies its own, already accumulated
+and reduced, gradient by the mask, before `engine.step()` reads it:
+  ZeRO-0 fp32: `param.grad`; ZeRO-1/2 and the bf16 optimizer: the fragment DeepSpeed maps onto this
+  rank's partition (`param._hp_mapping`); ZeRO-3: the param's gradient partition (the buffer
+  `safe_get_local_grad` reads). A fragment is addressed by its flat offset in W, so the mask is sliced
+  to the rows (or columns) it covers.
+Why not tensor hooks on the weights: they see each micro-gradient before the step's mask exists (the
+later micro-batches are not yet forwarded), so with gradient accumulation > 1 they cannot be exact. By
+linearity, masking the accumulated and reduced gradient once equals masking every micro-gradient on
+every rank with the same mask, so one mechanism serves accumulation 1 and >1 at every stage, touches only
+1/world of the gradient, and costs one elementwise pass per optimizer step. Gradient clipping (inside
+`engine.step()`) sees the masked gradient, as in the paper's code. bf16 works on CPU: ZeRO-0 uses
+DeepSpeed's FP16_UnfusedOptimizer (`param.grad`), ZeRO-1 with fp32 accumulation the BF16_Optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.config import MethodConfig
+
+
+# ----------------------------------------------------------------------------------------------- the rule
+def kept_count(d_out: int, threshold: float) -> int:
+    """Units updated per layer: d_out - floor(T * d_out); the 1e-9 absorbs float error (0.29 * 100)."""
+    frozen = min(math.floor(threshold * d_out + 1e-9), d_out - 1) if threshold > 0 else 0
+    return d_out - frozen
+
+
+def top_mask(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
+    """0/1 mask [n, d] of the `keep` largest entries of each row; equal values: the lower index wins."""
+    order = torch.sort(magnitudes, dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(magnitudes, dtype=torch.float32).scatter_(-1, order[..., :keep], 1.0)
+
+
+# ------------------------------------------------------------------------------------------ which layers
+def _linear_types() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def select_layers(model: nn.Module, include: list[str], exclude: list[str]) -> list[tuple[str, nn.Module]]:
+    """Linear layers whose name matches an include pattern and no exclude pattern (re.search)."""
+    types = _linear_types()
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, types)
+        and any(re.search(p, name) for p in include)
+        and not any(re.search(p, name) for p in exclude)
+    ]
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.nf  # Conv1D: nf = d_out
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return not isinstance(m, nn.Linear)
+
+
+@dataclass
+class _Group:
+    """Layers with the same d_out: one contiguous [n, d_out] slab of the flat magnitude buffer."""
+
+    names: list[str]
+    modules: list[nn.Module]
+    offset: int
+    d_out: int
+    keep: int
+
+    def slab(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset : self.offset + len(self.names) * self.d_out].view(
+            len(self.names), self.d_out
+        )
+
+
+def _group_layers(layers: list[tuple[str, nn.Module]], threshold: float) -> list[_Group]:
+    by_width: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, m in layers:
+        by_width.setdefault(_out_features(m), []).append((name, m))
+    groups, offset = [], 0
+    for d_out, members in by_width.items():
+        names, modules = [n for n, _ in members], [m for _, m in members]
+        groups.append(_Group(names, modules, offset, d_out, kept_count(d_out, threshold)))
+        offset += len(members) * d_out
+    return groups
+
+
+# --------------------------------------------------------------------- the gradient each rank steps with
+def _mask_slice(mask_2d: torch.Tensor, start: int, numel: int) -> torch.Tensor:
+    """Flat elements [start, start+numel) of an (expanded) mask shaped like W, copying only those rows."""
+    cols = mask_2d.shape[1]
+    r0, r1 = start // cols, (start + numel - 1) // cols + 1
+    return mask_2d[r0:r1].reshape(-1)[start - r0 * cols : start - r0 * cols + numel]
+
+
+def _mask_local_grad(param: nn.Parameter, mask_2d: torch.Tensor) -> None:
+    """Multiply this rank's accumulated gradient of `param` (whatever holds it) by mask_2d (W's shape).
+
+    mask_2d is a broadcast (expanded) fp32 view: in-place mul_ casts it into a bf16 gradient without copying.
+    """
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the flat param, padded at the end
+        optimizer = param._z3_optimizer
+        grad = optimizer._get_fp32_grad_state_partition(param, release_swap_buffers=False)[0]
+        size = param.ds_tensor.ds_numel
+        start = size * dist.get_rank(group=param.ds_process_group)
+        numel = min(size, param.ds_numel - start)
+        if numel > 0:
+            grad.view(-1)[:numel].mul_(_mask_slice(mask_2d, start, numel))
+        return
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:  # ZeRO-1/2 and the bf16 optimizer: the fragment in this rank's partition
+        grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+        if grad.numel() == param.numel():  # all of param is here, or the bf16 optimizer's full-size buffer
+            grad.view(mask_2d.shape).mul_(mask_2d)
+        else:
+            address = mapping.lp_fragment_address
+            grad.view(-1).mul_(_mask_slice(mask_2d, address.start, address.numel))
+        return
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: no part of this param lives on this rank
+        return
+    if param.grad is not None:  # ZeRO-0 fp32 or plain torch
+        param.grad.view(mask_2d.shape).mul_(mask_2d)
+
+
+def _apply_layer_mask(module: nn.Module, mask: torch.Tensor, mask_bias: bool) -> None:
+    d_in = module.nx if _is_conv1d(module) else module.in_features
+    mask_2d = mask[None, :].expand(d_in, -1) if _is_conv1d(module) else mask[:, None].expand(-1, d_in)
+    _mask_local_grad(module.weight, mask_2d)
+    if mask_bias and module.bias is not None:
+        _mask_local_grad(module.bias, mask[:, None])
+
+
+# ---------------------------------------------------------------------------------- the shared method
+class GradientMask:
+    """A method that masks each selected layer's gradient with a per-step mask of its output units.
+
+    Subclasses say how a step's masks are chosen (`choose_masks`, called at the step's last micro-batch);
+    this class applies them to each rank's gradient partition and counts what was kept.
+    """
+
+    name = "mask"
+
+    def __init__(self, cfg: MethodConfig, model: nn.Module, engine: Any = None, grad_accum: int = 1):
+        self.cfg, self.model, self.engine = cfg, model, engine
+        self.layers = select_layers(model, cfg.include, cfg.exclude)
+        if not self.layers:
+            raise ValueError(f"method {cfg.name}: no linear layer matches include={cfg.include}")
+        self.groups = _group_layers(self.layers, cfg.threshold)
+        self.group = getattr(engine, "data_parallel_group", None)
+        self.grad_accum = engine.gradient_accumulation_steps() if engine is not None else grad_accum
+        self.size = sum(len(g.names) * g.d_out for g in self.groups)  # all layers' units, one flat buffer
+        self.device = next(model.parameters()).device
+        self.masks: list[torch.Tensor] | None = None  # per group [n, d_out], this step's mask
+        self.phase, self.masking, self.micro_step = 0, False, 0
+        self._reset_phase_stats()
+
+    def choose_masks(self) -> list[torch.Tensor] | None:
+        """This step's masks, one [n, d_out] per group (None: leave the gradient as it is)."""
+        raise NotImplementedError
+
+    # -- phases
+    def begin_phase(self, phase: int) -> None:
+        self.phase = phase
+        self.masking = phase >= self.cfg.start_phase
+        self.micro_step, self.masks = 0, None
+        self._reset_phase_stats()
+
+    # -- per micro-step
+    def is_boundary(self, engine: Any = None) -> bool:
+        engine = engine if engine is not None else self.engine
+        if engine is not None:
+            return engine.is_gradient_accumulation_boundary()
+        return (self.micro_step + 1) % self.grad_accum == 0
+
+    def before_backward(self, engine: Any = None) -> None:
+        """At the step's last micro-batch: choose the masks."""
+        if not self.is_boundary(engine):
+            return
+        masks = self.choose_masks()
+        if masks is not None:
+            self.masks = masks
+        self.phase_steps += 1
+
+    def after_backward(self, engine: Any = None) -> None:
+        """At the boundary, mask each rank's accumulated gradient before engine.step() uses it."""
+        boundary = self.is_boundary(engine)
+        self.micro_step += 1
+        if not boundary or not self.masking or self.masks is None:
+            return
+        for g, mask in zip(self.groups, self.masks, strict=True):
+            for j, module in enumerate(g.modules):
+                _apply_layer_mask(module, mask[j], self.cfg.mask_bias)
+            g.slab(self.kept).add_(mask)
+        self.masked_steps += 1
+
+    def discard_step(self) -> None:
+        pass
+
+    # -- visibility
+    def _reset_phase_stats(self) -> None:
+        self.kept = torch.zeros(self.size, device=self.device)  # how often each unit was updated
+        self.phase_steps, self.masked_steps = 0, 0
+
+    def kept_fraction(self) -> dict[str, float]:
+        """Per layer: updated units / d_out, averaged over this phase's masked steps (= 1 - T up to floor)."""
+        if not self.masked_steps:
+            return {}
+        out = {}
+        for g in self.groups:
+            fractions = g.slab(self.kept).double().sum(1) / (g.d_out * self.masked_steps)
+            out.update(zip(g.names, fractions.tolist(), strict=True))
+        return out
+
+    def end_phase(self, phase: int) -> dict[str, Any]:
+        return {
+            "phase": phase,
+            "method": self.name,
+            "masked": self.masking,
+            "threshold": self.cfg.threshold,
+            "steps": self.phase_steps,
+            "kept_fraction": self.kept_fraction(),
+            "expected_kept_fraction": {n: g.keep / g.d_out for g in self.groups for n in g.names},
+        }
+
+    def log(self, writer: Any, global_step: int) -> None:
+        if writer is None or not self.masked_steps:
+            return
+        fractions = self.kept_fraction()
+        for name, value in fractions.items():
+            writer.add_scalar(f"migu/kept_fraction/{name}", value, global_step)
+        writer.add_scalar("migu/kept_fraction_mean", sum(fractions.values()) / len(fractions), global_step)
+
+    # -- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "micro_step": self.micro_step,
+            "kept": self.kept.clone(),
+            "phase_steps": self.phase_steps,
+            "masked_steps": self.masked_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.begin_phase(state["phase"])
+        self.micro_step = state["micro_step"]
+        self.kept.copy_(state["kept"])
+        self.phase_steps, self.masked_steps = state["phase_steps"], state["masked_steps"]
