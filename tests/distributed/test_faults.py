@@ -23,7 +23,7 @@ def _launch(cfg_path, *extra, fault=""):
 
 
 def test_nan_on_one_rank_stops_every_rank_with_last_good_checkpoint(tmp_path):
-    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("agnews",)), tmp_path / "run.yaml")
+    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("news",)), tmp_path / "run.yaml")
     proc = _launch(path, fault="nan_loss:3")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -36,7 +36,7 @@ def test_nan_on_one_rank_stops_every_rank_with_last_good_checkpoint(tmp_path):
 
 
 def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
-    cfg = tiny_run_config(tmp_path, steps=4, domains=("agnews",), train={"on_nonfinite": "skip"})
+    cfg = tiny_run_config(tmp_path, steps=4, domains=("news",), train={"on_nonfinite": "skip"})
     proc = _launch(write_config(cfg, tmp_path / "run.yaml"), fault="nan_loss:3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -47,7 +47,7 @@ def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
 
 
 def test_resume_with_other_world_size_says_how_to_convert(tmp_path):
-    path = write_config(tiny_run_config(tmp_path, steps=2, domains=("agnews",)), tmp_path / "run.yaml")
+    path = write_config(tiny_run_config(tmp_path, steps=2, domains=("news",)), tmp_path / "run.yaml")
     assert _launch(path).returncode == 0
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
     single = subprocess.run(
@@ -66,7 +66,7 @@ def test_broken_record_is_named_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"text": "a line of text " * 20})
     bad.write_text("\n".join([good] * 50 + ['{"text": "unterminated'] + [good] * 5) + "\n")
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",))
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("news",))
     cfg["domains"][0]["train"] = [str(bad)]
     cfg["tokenizer"] = {"source": "path", "path": _tokenizer(tmp_path)}
     proc = _launch(write_config(cfg, tmp_path / "run.yaml"))
@@ -76,24 +76,27 @@ def test_broken_record_is_named_before_training(tmp_path):
 
 
 def test_skip_policy_skips_and_counts_bad_records(tmp_path):
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",), train={"on_bad_record": "skip"})
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("news",), train={"on_bad_record": "skip"})
     domain = cfg["domains"][0]
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
-    _insert_line(domain["train"][0], train, 50, '{"text": "unterminated')
-    _insert_line(domain["heldout"][0], heldout, 5, '{"title": "no text"}')
+    bad_train = _insert_line(domain["train"][0], train, '{"text": "unterminated')
+    bad_heldout = _insert_line(domain["heldout"][0], heldout, '{"title": "no text"}')
     domain.update(train=[str(train)], heldout=[str(heldout)])
     proc = _launch(write_config(cfg, tmp_path / "run.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipped bad record: {train}: line 51" in proc.stdout + proc.stderr
+    assert f"skipped bad record: {train}: line {bad_train}" in proc.stdout + proc.stderr
     skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_records"]
-    assert skipped["train"] == {"agnews": 1} and skipped["heldout"] == {"agnews": 1}
-    assert any(f"{heldout}: line 6" in m and "text" in m for m in skipped["examples"])
+    assert skipped["train"] == {"news": 1} and skipped["heldout"] == {"news": 1}
+    assert any(f"{heldout}: line {bad_heldout}" in m and "text" in m for m in skipped["examples"])
 
 
-def _insert_line(source: str, dest, index: int, line: str) -> None:
-    """dest: source's lines with `line` inserted before its line index+1."""
-    lines = open(source).read().splitlines()
-    dest.write_text("\n".join(lines[:index] + [line] + lines[index:]) + "\n")
+def _insert_line(source: str, dest, line: str) -> int:
+    """dest: source's lines with `line` inserted in the middle, between two good records; its line number."""
+    lines = open(source, encoding="utf-8").read().splitlines()
+    index = len(lines) // 2
+    assert 0 < index < len(lines), f"{source}: too few records to put a bad one between good ones"
+    dest.write_text("\n".join(lines[:index] + [line] + lines[index:]) + "\n", encoding="utf-8")
+    return index + 1
 
 
 def _tokenizer(tmp_path) -> str:
