@@ -19,7 +19,7 @@ def cfg_file(tmp_path):
 
 def test_valid_config_loads_with_defaults(cfg_file):
     cfg = load_config(cfg_file)
-    assert [p.domain for p in cfg.phases] == ["agnews", "sst2"]
+    assert [p.domain for p in cfg.phases] == ["news", "plays"]
     assert cfg.method.name == "none" and cfg.method.threshold == 0.7
     assert cfg.train.grad_accum == 1
 

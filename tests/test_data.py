@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import corpus_lines
 
 from pretrain.data import (
     DataError,
@@ -30,17 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEQ_LEN = 16
 
 
-def shared_texts(task: str, n: int) -> list[str]:
-    """The first n texts of a shared benchmark task (real English); skip when the data is not there."""
-    roots = [Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")]
-    for root in roots:
-        path = root / "data" / "cl_benchmark" / task / "train.jsonl"
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line)["text"] for _, line in zip(range(n), f, strict=False)]
-    pytest.skip(f"shared benchmark data not found under {[str(r) for r in roots]}")
-
-
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> str:
     path.write_text("".join(json.dumps({field: t, "label": "x"}) + "\n" for t in texts), encoding="utf-8")
     return str(path)
@@ -49,14 +39,14 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> str:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
-    files = write_jsonl(src / "a.jsonl", shared_texts("agnews", 200) + shared_texts("sst2", 200))
+    files = write_jsonl(src / "a.jsonl", corpus_lines("news", 200) + corpus_lines("plays", 200))
     return train_tokenizer([([files], "text")], str(tmp_path_factory.mktemp("tok") / "tok"), 400, 400)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    """A real-text corpus of a few dozen 16-token blocks, whose count is no multiple of 2, 3, 4 or 6."""
-    return write_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", shared_texts("sst2", 60))
+    """60 lines of a play: about a hundred 16-token blocks, whose count is no multiple of 2, 3, 4 or 6."""
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", corpus_lines("plays", 60))
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +363,7 @@ def test_skip_still_raises_when_records_cannot_be_told_apart(tmp_path, name, con
 def dirty_corpus(tmp_path_factory) -> tuple[str, str, int]:
     """(corpus with bad lines, the same corpus without them, number of bad lines): the same real texts."""
     root = tmp_path_factory.mktemp("dirty")
-    good = [json.dumps({"text": t}).encode() for t in shared_texts("sst2", 60)]
+    good = [json.dumps({"text": t}).encode() for t in corpus_lines("plays", 60)]
     bad = [b'{"text": "cut', b'{"body": "x"}', b'{"text": "b\xfe"}', b'{"text": 7}', b"[]"]
     dirty = list(good)
     for k, line in enumerate(bad):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from conftest import corpus_lines
 
 from pretrain.config import ConfigError, DomainConfig, PhaseConfig, RunConfig, TokenizerConfig
 from pretrain.tokenizer import (
@@ -31,22 +32,16 @@ ROUND_TRIP = [
 ]
 
 
-def shared_jsonl(task: str, n: int, out: Path) -> str:
-    """The first n records of a shared benchmark task copied to out; skip when the data is not there."""
-    roots = [Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")]
-    for root in roots:
-        path = root / "data" / "cl_benchmark" / task / "train.jsonl"
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                out.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
-            return str(out)
-    pytest.skip(f"shared benchmark data not found under {[str(r) for r in roots]}")
-
-
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory) -> list[tuple[list[str], str]]:
+    """Three domains of 150 short records each: lines of real news, plays and Python docs."""
     src = tmp_path_factory.mktemp("corpora")
-    return [([shared_jsonl(t, 150, src / f"{t}.jsonl")], "text") for t in ("agnews", "sst2", "wic")]
+    out = []
+    for name in ("news", "plays", "docs"):
+        path = src / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_lines(name, 150)))
+        out.append(([str(path)], "text"))
+    return out
 
 
 @pytest.fixture(scope="module")

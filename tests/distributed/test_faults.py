@@ -28,7 +28,7 @@ def _launch(cfg_path, *extra, fault=""):
 
 
 def test_nan_stop_never_rewrites_latest_and_resumes_with_a_lower_lr_or_skip(tmp_path):
-    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("agnews",)), tmp_path / "run.yaml")
+    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("news",)), tmp_path / "run.yaml")
     ckpts = tmp_path / "run" / "checkpoints"
     proc = _launch(path, fault="nan_loss:3")
     out = proc.stdout + proc.stderr
@@ -64,7 +64,7 @@ def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
     cfg = tiny_run_config(
         tmp_path,
         steps=4,
-        domains=("agnews",),
+        domains=("news",),
         train={"on_nonfinite": "skip"},
         method={"name": "migu", "start_phase": 1},
     )
@@ -83,7 +83,7 @@ def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
 
 def test_killed_before_the_first_checkpoint_then_resume_starts_again(tmp_path):
     # probe 1: the default save_every 0 leaves no checkpoint before phase 1 ends; a requeued job failed
-    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("agnews",)), tmp_path / "run.yaml")
+    path = write_config(tiny_run_config(tmp_path, steps=4, domains=("news",)), tmp_path / "run.yaml")
     killed = _launch(path, fault="kill:2")
     run = tmp_path / "run"
     assert killed.returncode != 0 and not (run / "checkpoints" / "latest").exists()
@@ -99,7 +99,7 @@ def test_killed_before_the_first_checkpoint_then_resume_starts_again(tmp_path):
 
 def test_a_changed_tokenizer_on_resume_is_a_clear_error(tmp_path):
     # probe 8: resuming after the tokenizer at tokenizer.path changed ended in an embedding-size traceback
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",))
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("news",))
     cfg["tokenizer"] = {"source": "path", "path": _tokenizer(tmp_path)}
     path = write_config(cfg, tmp_path / "run.yaml")
     assert _launch(path).returncode == 0
@@ -115,7 +115,7 @@ def test_a_changed_tokenizer_on_resume_is_a_clear_error(tmp_path):
 
 
 def test_resume_with_other_world_size_says_how_to_convert(tmp_path):
-    path = write_config(tiny_run_config(tmp_path, steps=2, domains=("agnews",)), tmp_path / "run.yaml")
+    path = write_config(tiny_run_config(tmp_path, steps=2, domains=("news",)), tmp_path / "run.yaml")
     assert _launch(path).returncode == 0
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
     single = subprocess.run(
@@ -134,7 +134,7 @@ def test_broken_record_is_named_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps({"text": "a line of text " * 20})
     bad.write_text("\n".join([good] * 50 + ['{"text": "unterminated'] + [good] * 5) + "\n")
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",))
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("news",))
     cfg["domains"][0]["train"] = [str(bad)]
     cfg["tokenizer"] = {"source": "path", "path": _tokenizer(tmp_path)}
     proc = _launch(write_config(cfg, tmp_path / "run.yaml"))
@@ -144,24 +144,27 @@ def test_broken_record_is_named_before_training(tmp_path):
 
 
 def test_skip_policy_skips_and_counts_bad_records(tmp_path):
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("agnews",), train={"on_bad_record": "skip"})
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("news",), train={"on_bad_record": "skip"})
     domain = cfg["domains"][0]
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
-    _insert_line(domain["train"][0], train, 50, '{"text": "unterminated')
-    _insert_line(domain["heldout"][0], heldout, 5, '{"title": "no text"}')
+    bad_train = _insert_line(domain["train"][0], train, '{"text": "unterminated')
+    bad_heldout = _insert_line(domain["heldout"][0], heldout, '{"title": "no text"}')
     domain.update(train=[str(train)], heldout=[str(heldout)])
     proc = _launch(write_config(cfg, tmp_path / "run.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipped bad record: {train}: line 51" in proc.stdout + proc.stderr
+    assert f"skipped bad record: {train}: line {bad_train}" in proc.stdout + proc.stderr
     skipped = json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_records"]
-    assert skipped["train"] == {"agnews": 1} and skipped["heldout"] == {"agnews": 1}
-    assert any(f"{heldout}: line 6" in m and "text" in m for m in skipped["examples"])
+    assert skipped["train"] == {"news": 1} and skipped["heldout"] == {"news": 1}
+    assert any(f"{heldout}: line {bad_heldout}" in m and "text" in m for m in skipped["examples"])
 
 
-def _insert_line(source: str, dest, index: int, line: str) -> None:
-    """dest: source's lines with `line` inserted before its line index+1."""
-    lines = open(source).read().splitlines()
-    dest.write_text("\n".join(lines[:index] + [line] + lines[index:]) + "\n")
+def _insert_line(source: str, dest, line: str) -> int:
+    """dest: source's lines with `line` inserted in the middle, between two good records; its line number."""
+    lines = open(source, encoding="utf-8").read().splitlines()
+    index = len(lines) // 2
+    assert 0 < index < len(lines), f"{source}: too few records to put a bad one between good ones"
+    dest.write_text("\n".join(lines[:index] + [line] + lines[index:]) + "\n", encoding="utf-8")
+    return index + 1
 
 
 def _tokenizer(tmp_path, vocab_size: int = 512) -> str:

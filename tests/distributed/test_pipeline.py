@@ -37,7 +37,7 @@ def test_run_directory_has_everything(finished_run):
 
 def test_metrics_matrix_shape_and_values(finished_run):
     m = json.loads((finished_run[0] / "metrics.json").read_text())
-    assert m["domains"] == ["agnews", "sst2"] and m["phases"] == ["agnews", "sst2"]
+    assert m["domains"] == ["news", "plays"] and m["phases"] == ["news", "plays"]
     assert len(m["eval_loss"]) == 3 and all(len(row) == 2 for row in m["eval_loss"])
     for loss_row, ppl_row in zip(m["eval_loss"], m["perplexity"], strict=True):
         for loss, ppl in zip(loss_row, ppl_row, strict=True):
@@ -46,14 +46,14 @@ def test_metrics_matrix_shape_and_values(finished_run):
 
 def test_training_a_domain_lowers_its_heldout_loss(finished_run):
     loss = json.loads((finished_run[0] / "metrics.json").read_text())["eval_loss"]
-    assert loss[1][0] < loss[0][0] - 0.02  # agnews, trained in phase 1
-    assert loss[2][1] < loss[1][1] - 0.02  # sst2, trained in phase 2
+    assert loss[1][0] < loss[0][0] - 0.02  # news, trained in phase 1
+    assert loss[2][1] < loss[1][1] - 0.02  # plays, trained in phase 2
 
 
 def test_only_rank0_logs_lines(finished_run):
     _, proc = finished_run
     lines = (proc.stdout + proc.stderr).splitlines()
-    assert any("[rank0]" in line and "phase 1 agnews | step 2/4" in line for line in lines)
+    assert any("[rank0]" in line and "phase 1 news | step 2/4" in line for line in lines)
     assert not any("[rank1]" in line and "| step" in line for line in lines)
 
 
@@ -86,7 +86,7 @@ def test_migu_on_a_loaded_checkpoint_sees_real_magnitudes(finished_run, tmp_path
     run, _ = finished_run
     if not run.parent.name.startswith("zero2"):
         pytest.skip("one stage suffices: the model's mode does not depend on it")
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("sst2",), method={"name": "migu", "start_phase": 1})
+    cfg = tiny_run_config(tmp_path, steps=2, domains=("plays",), method={"name": "migu", "start_phase": 1})
     cfg["model"] = {"source": "hf", "path": str(run / "export" / "phase-2")}
     cfg["tokenizer"] = {"source": "model"}
     assert_ok(run_deepspeed(["pretrain", "train", "--config", str(write_config(cfg, tmp_path / "c.yaml"))]))

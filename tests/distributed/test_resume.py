@@ -89,7 +89,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(reference):
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path):
     """A plain single process: the exit status is the trainer's own."""
-    cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("agnews",))
+    cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",))
     path = write_config(cfg, tmp_path / "run.yaml")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port()), "PRETRAIN_PROGRESS": ""}
     proc = subprocess.Popen(
