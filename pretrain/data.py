@@ -305,20 +305,32 @@ def _pack(
     `docs` starts at document `doc`, of which the first `offset` tokens are skipped: resuming there
     continues the packing exactly, without tokenizing the documents before it.
     """
+    return _pack_pieces(((ids, True) for ids in docs), seq_len, eos_id, doc, offset)
+
+
+def _pack_pieces(
+    pieces: Iterable[tuple[list[int], bool]], seq_len: int, eos_id: int, doc: int = 0, offset: int = 0
+) -> Iterator[tuple[list[int], int, int]]:
+    """_pack from documents that come in pieces: (token ids, whether the piece ends its document).
+
+    A document's tokens are never gathered: each piece is packed as it comes. The position yielded is
+    still the token offset in the whole document, and `offset` skips that many of its pieces' tokens.
+    """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     buf: list[int] = []
-    for d, ids in enumerate(docs, start=doc):
-        start = offset if d == doc else 0
-        tokens = [*ids, eos_id]
-        i = start
+    d, before = doc, 0  # the document being packed, and its tokens in the pieces before this one
+    for ids, last in pieces:
+        tokens = [*ids, eos_id] if last else ids
+        i = min(max(offset - before, 0), len(tokens)) if d == doc else 0
         while len(buf) + len(tokens) - i >= seq_len:
             take = seq_len - len(buf)
             buf.extend(tokens[i : i + take])
             i += take
-            yield buf, *((d, i) if i < len(tokens) else (d + 1, 0))
+            yield buf, *((d, before + i) if i < len(tokens) or not last else (d + 1, 0))
             buf = []
         buf.extend(tokens[i:])
+        d, before = (d + 1, 0) if last else (d, before + len(ids))
 
 
 def _token_ids(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
