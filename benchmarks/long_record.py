@@ -8,7 +8,8 @@ Per size N, a JSON Lines corpus: 40 ordinary records (`help()` topics, up to 62 
 sentencepiece BPE of 2048 tokens is trained once as pretrain.tokenizer trains the project's. Each size
 is read in a fresh process, so peaks do not mix: a one-rank TrainStream (seq_len 1024, micro-batch 8)
 from its start until its position has passed the long record. Reported: wall time of that read, peak
-RSS (ru_maxrss), the RSS before it (interpreter, torch, datasets, tokenizer), and tokens read; and,
+RSS (ru_maxrss), the RSS before it (interpreter, torch, datasets, tokenizer), tokens read and a SHA-256
+of the batches (equal digests: the same blocks before and after a change); and,
 in another process, the peak RSS of only reading the documents' text (no tokenizing): the floor that
 `datasets` handing over each record as one string sets.
 `--code DIR` imports `pretrain` from DIR (e.g. a worktree at an older commit) to compare before/after.
@@ -17,6 +18,7 @@ in another process, the peak RSS of only reading the documents' text (no tokeniz
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -85,9 +87,10 @@ def read_once(corpus: str, tokenizer: str, text_only: bool) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak), "chars": chars}
     stream = TrainStream([corpus], "text", tok, SEQ_LEN, 0, 1, MICRO_BATCH)
-    batches = 0
-    for _ in stream:
+    batches, digest = 0, hashlib.sha256()
+    for batch in stream:
         batches += 1
+        digest.update(batch.numpy().tobytes())
         state = stream.state_dict()
         if state["doc"] > BEFORE or state["epoch"] > 0:
             break
@@ -98,6 +101,7 @@ def read_once(corpus: str, tokenizer: str, text_only: bool) -> dict:
         "peak_rss_mb": round(peak),
         "rss_before_mb": round(base),
         "tokens": batches * MICRO_BATCH * SEQ_LEN,
+        "sha256": digest.hexdigest()[:12],
         "code": str(Path(pretrain.data.__file__).resolve()),
     }
 
@@ -153,8 +157,9 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_dir(args.work)
     print(f"code: {args.code.resolve()} at {git_commit(args.code)}\nmachine: {machine()}\n")
-    print("| long record | wall time | peak RSS | RSS before reading | tokens read | peak RSS, text only |")
-    print("|---|---|---|---|---|---|")
+    columns = ["long record", "wall time", "peak RSS", "RSS before reading", "tokens read"]
+    columns += ["batches' SHA-256", "peak RSS, text only"]
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for size in args.sizes:
         corpus = args.work / f"long_{size}mb.jsonl"
         if not corpus.is_file():
@@ -163,13 +168,13 @@ def main() -> int:
         cmd += ["--limit-gib", str(args.limit_gib)] if args.limit_gib else []
         r, text = run_child(cmd), run_child([*cmd, "--text-only"])
         if isinstance(r, str):
-            print(f"| {size} MB | {r} ||||", flush=True)
+            print(f"| {size} MB | {r} ||||||", flush=True)
             continue
         assert Path(r["code"]).is_relative_to(args.code.resolve()), f"read with {r['code']}"
         text_peak = text if isinstance(text, str) else f"{text['peak_rss_mb'] / 1024:.2f} GiB"
         print(
             f"| {size} MB | {r['seconds']} s | {r['peak_rss_mb'] / 1024:.2f} GiB | "
-            f"{r['rss_before_mb'] / 1024:.2f} GiB | {r['tokens']:,} | {text_peak} |",
+            f"{r['rss_before_mb'] / 1024:.2f} GiB | {r['tokens']:,} | {r['sha256']} | {text_peak} |",
             flush=True,
         )
     return 0
