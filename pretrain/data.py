@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_TOKENIZE_BATCH = 256  # documents per tokenizer call: the fast tokenizer parallelises within a call
+_TOKENIZE_BATCH = 256  # texts per tokenizer call, within PIECE_CHARS: the fast tokenizer parallelises a call
 # The most characters one tokenizer call gets, in all its texts; longer documents are cut into pieces of
-# at most this many. A call holds ~100 bytes per character while it runs (its encodings), so ~7 MB here
-# against 13.5 GB for a 100 MB record tokenized whole. Tokenizing costs the same per character from 16K
-# to 64K-character pieces and grows beyond (the sentencepiece-converted tokenizer merges a whole text as
-# one word), and 64K keeps most ordinary documents (articles, web pages, source files) in one piece.
+# at most this many. A call holds ~100 bytes per character while it runs (its encodings): ~7 MB here,
+# against ~10 GB for a 100 MB record tokenized whole (benchmarks/long_record.md). Tokenizing costs the
+# same per character from 16K- to 64K-character pieces and more beyond (the sentencepiece-converted
+# tokenizer merges a whole text as one word), and 64K keeps most ordinary documents (articles, web
+# pages, source files) in one piece, tokenized exactly as before.
 PIECE_CHARS = 1 << 16
 SKIP_EXAMPLES = 5  # bad records logged and kept as examples; the rest are only counted
 
