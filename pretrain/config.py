@@ -60,6 +60,7 @@ class PhaseConfig:
     domain: str
     steps: int | None = Field(None, gt=0)
     tokens: int | None = Field(None, gt=0)
+    replay_share: float | None = Field(None, ge=0, lt=1)  # this phase's replay.share (None: the run's)
 
 
 @dataclass(config=_STRICT)
@@ -106,6 +107,22 @@ class MethodConfig:
 
 
 @dataclass(config=_STRICT)
+class ReplaySourceConfig:
+    """A general corpus that is replayed but never a phase of its own (e.g. the pre-training mix)."""
+
+    name: str
+    train: list[str]
+    text_field: str = "text"
+
+
+@dataclass(config=_STRICT)
+class ReplayConfig:
+    # fraction of every optimizer step's blocks taken from earlier phases' domains and `sources`
+    share: float = Field(0.0, ge=0, lt=1)
+    sources: list[ReplaySourceConfig] = field(default_factory=list)
+
+
+@dataclass(config=_STRICT)
 class CheckpointConfig:
     save_every: int = Field(0, ge=0)
     keep: int = Field(2, ge=1)
@@ -123,6 +140,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     method: MethodConfig = field(default_factory=MethodConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def domain(self, name: str) -> DomainConfig:
@@ -173,6 +191,8 @@ def _absolutize(cfg: RunConfig) -> None:
     for dom in cfg.domains:
         dom.train = [absolute(f) for f in dom.train]
         dom.heldout = [absolute(f) for f in dom.heldout]
+    for source in cfg.replay.sources:
+        source.train = [absolute(f) for f in source.train]
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -255,6 +275,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
         problems.append("key `train.on_nonfinite`: 'skip' needs train.grad_accum 1 (use 'stop')")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path is None:
         problems.append("key `tokenizer.path`: required for source 'path'")
+    sources = [s.name for s in cfg.replay.sources]
+    if len(set(sources)) != len(sources) or set(sources) & set(names):
+        problems.append(f"key `replay.sources`: names must be unique and not domain names (got {sources})")
     if cfg.method.name != "none" and cfg.method.start_phase > len(cfg.phases):
         problems.append(
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "
@@ -268,15 +291,9 @@ def _file_problems(cfg: RunConfig) -> list[str]:
     trained = {p.domain for p in cfg.phases}
     for i, dom in enumerate(cfg.domains):
         for split in ("train", "heldout") if dom.name in trained else ("heldout",):
-            files = getattr(dom, split)
-            if not files:
-                problems.append(f"key `domains.{i}.{split}`: no files given for domain {dom.name!r}")
-            for f in files:
-                p = Path(f)
-                if not p.is_file():
-                    problems.append(f"key `domains.{i}.{split}`: file {f} does not exist")
-                elif p.stat().st_size == 0:
-                    problems.append(f"key `domains.{i}.{split}`: file {f} is empty")
+            problems += _missing_files(getattr(dom, split), f"domains.{i}.{split}", dom.name)
+    for i, source in enumerate(cfg.replay.sources):
+        problems += _missing_files(source.train, f"replay.sources.{i}.train", source.name)
     if cfg.model.path is not None and not Path(cfg.model.path).exists():
         problems.append(f"key `model.path`: {cfg.model.path} does not exist")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
@@ -308,6 +325,19 @@ def run_owned_conflicts(ds: dict[str, Any], train: TrainConfig, source: str) -> 
         for key, field in RUN_OWNED_DEEPSPEED_KEYS.items()
         if ds.get(key, "auto") not in ("auto", getattr(train, field))
     ]
+
+
+def _missing_files(files: list[str], key: str, name: str) -> list[str]:
+    if not files:
+        return [f"key `{key}`: no files given for {name!r}"]
+    problems = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            problems.append(f"key `{key}`: file {f} does not exist")
+        elif p.stat().st_size == 0:
+            problems.append(f"key `{key}`: file {f} is empty")
+    return problems
 
 
 def _deepspeed_problems(path: str, train: TrainConfig) -> list[str]:

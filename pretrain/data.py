@@ -469,6 +469,7 @@ class TrainStream:
         world_size,
         micro_batch_size,
         skip: SkipCounter | None = None,
+        min_blocks: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -482,14 +483,17 @@ class TrainStream:
         self.skip = skip
         self._skipped = 0  # bad records counted into skip: the first ones any pass meets
         self._pos = _Position()
-        self._check_size()
+        self._check_size(min_blocks)
 
-    def _check_size(self) -> None:
+    def _check_size(self, min_blocks: int | None) -> None:
         # Reads only as far as one step of all ranks needs, so a large corpus costs nothing here.
-        need = self.world_size * self.micro_batch_size
+        need = min_blocks or self.world_size * self.micro_batch_size
+        what = f"{self.world_size} ranks x micro batch {self.micro_batch_size}"
+        if min_blocks:
+            what = f"{min_blocks} distinct blocks a micro-step"
         if sum(1 for _ in islice(self._blocks(_Position()), need)) < need:
             raise DataError(
-                f"corpus too small for {self.world_size} ranks x micro batch {self.micro_batch_size} "
+                f"corpus too small for {what} "
                 f"(fewer than {need} blocks of {self.seq_len} tokens): {', '.join(self.files)}"
             )
 

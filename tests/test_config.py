@@ -159,7 +159,7 @@ def test_evaluated_only_domain_needs_no_train_files(tmp_path):
     cfg = load_config(write_config(raw, tmp_path / "run.yaml"))
     assert cfg.domain("general").train == []
     raw["phases"].append({"domain": "general", "steps": 1})
-    with pytest.raises(ConfigError, match="domains.2.train`: no files given for domain 'general'"):
+    with pytest.raises(ConfigError, match="domains.2.train`: no files given for 'general'"):
         load_config(write_config(raw, tmp_path / "run2.yaml"))
 
 
