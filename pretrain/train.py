@@ -33,6 +33,7 @@ from pretrain.logs import log, progress, setup_logging, tensorboard_writer
 from pretrain.methods import Method, build_method
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
+from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_summary
 from pretrain.results import RunResults
 from pretrain.rundir import RunDirError, RunDirPlan, prepare_run_dir
 from pretrain.schedule import set_peak_lr
@@ -83,7 +84,7 @@ class Trainer:
     def train_phase(self, phase: int, stream_state: dict | None) -> None:
         domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
         steps = self.phase_steps[phase - 1]
-        self.stream = self._stream(domain)
+        self.stream = self._stream(phase)
         if stream_state:
             self.stream.load_state_dict(stream_state)
         batches = iter(self.stream)
@@ -123,6 +124,11 @@ class Trainer:
             "losses": self.phase_losses,
             **meter.totals(),
         }
+        share = phase_share(self.cfg, phase)
+        if share:
+            blocks = steps * self.tokens_per_step // self.cfg.train.seq_len
+            names = self.stream.names
+            row["replay"] = replay_summary(share, names, blocks, self.cfg.train.seq_len)
         skip = self.stream.skip
         if skip is not None:  # counted by the stream, so a resumed phase still counts its whole pass
             row["skipped_records"] = skip.count
@@ -231,17 +237,22 @@ class Trainer:
         self.checkpoint(f"step-{self.pos.global_step}-stop", stream_state=step_start)
         raise SystemExit(code)
 
-    def _stream(self, domain) -> TrainStream:
-        return TrainStream(
-            domain.train,
-            domain.text_field,
-            self.tokenizer,
-            self.cfg.train.seq_len,
-            self.dist.rank,
-            self.dist.world_size,
-            self.cfg.train.micro_batch_size,
-            skip=bad_record_counter(self.cfg.train.on_bad_record),
-        )
+    def _stream(self, phase: int) -> TrainStream | ReplayStream:
+        """This rank's batches of a phase: its domain's blocks, a share of them replayed if configured."""
+        domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
+        t, policy = self.cfg.train, self.cfg.train.on_bad_record
+        rank, world = self.dist.rank, self.dist.world_size
+        share = phase_share(self.cfg, phase)
+        if share == 0:
+            skip = bad_record_counter(policy)
+            files, field = domain.train, domain.text_field
+            return TrainStream(files, field, self.tokenizer, t.seq_len, rank, world, t.micro_batch_size, skip)
+        own = (domain.train, domain.text_field, bad_record_counter(policy))
+        sources = {
+            s.name: (s.files, s.text_field, bad_record_counter(policy))
+            for s in replay_sources(self.cfg, phase)
+        }
+        return ReplayStream(own, sources, share, self.tokenizer, t.seq_len, rank, world, t.micro_batch_size)
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
         mean_loss = all_reduce_sum(torch.tensor([interval["loss"]], dtype=torch.float64)).item()
