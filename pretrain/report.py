@@ -113,7 +113,9 @@ def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[st
     lines += [matrix_table(data["eval_loss"], domains, phases, "{:.4f}"), ""]
     lines += ["## Held-out perplexity", "", matrix_table(data["perplexity"], domains, phases, "{:.2f}"), ""]
     lines += _metrics_section(data)
+    lines += _replay_section(data)
     lines += _skipped_section(data)
+    lines += _config_changes_section(data)
     lines += _method_stats_section(data.get("migu"))
     lines += _migu_pictures_section(data, migu_pictures)
     lines += [
@@ -168,6 +170,34 @@ def _metrics_section(data: dict[str, Any]) -> list[str]:
             lines.append(f"| {d} | {u['initial']:.4f} | {u['final']:.4f} | {u['change']:+.4f} |")
         lines.append("")
     return lines
+
+
+def _replay_section(data: dict[str, Any]) -> list[str]:
+    """Per phase with replay: the share configured and used, and the tokens replayed per source."""
+    rows = [(p, p["replay"]) for p in data.get("train", []) if p.get("replay")]
+    if not rows:
+        return []
+    lines = [
+        "## Replay",
+        "",
+        "| phase | share | share used | replayed tokens per source |",
+        "|---|---|---|---|",
+    ]
+    for phase, replay in rows:
+        tokens = ", ".join(f"{name} {n:,}" for name, n in replay["tokens"].items())
+        label = f"{phase['phase']} ({phase['domain']})"
+        lines.append(f"| {label} | {replay['share']:.4g} | {replay['share_used']:.4f} | {tokens} |")
+    return [*lines, ""]
+
+
+def _config_changes_section(data: dict[str, Any]) -> list[str]:
+    """Keys a resume changed (train.lr, train.on_nonfinite, ...), with the step they took effect at."""
+    lines = [
+        f"- {c['key']}: {_plain(c['from'])} -> {_plain(c['to'])}"
+        f" (phase {c['phase']}, from step {c['step'] + 1})"
+        for c in data.get("config_changes") or []
+    ]
+    return ["## Changed on resume", "", *lines, ""] if lines else []
 
 
 def _skipped_section(data: dict[str, Any]) -> list[str]:
