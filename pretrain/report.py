@@ -193,7 +193,7 @@ def _replay_section(data: dict[str, Any]) -> list[str]:
 def _config_changes_section(data: dict[str, Any]) -> list[str]:
     """Keys a resume changed (train.lr, train.on_nonfinite, ...), with the step they took effect at."""
     lines = [
-        f"- {c['key']}: {_plain(c['from'])} -> {_plain(c['to'])}"
+        f"- {c['key']}: {_as_set(c['from'])} -> {_as_set(c['to'])}"
         f" (phase {c['phase']}, from step {c['step'] + 1})"
         for c in data.get("config_changes") or []
     ]
@@ -806,6 +806,11 @@ def _summary_value(value: Any) -> Any:
     if isinstance(value, dict) and value and all(_is_number(v) for v in value.values()):
         return sum(value.values()) / len(value)
     return None
+
+
+def _as_set(value: Any) -> str:
+    """A config value as a user would have written it (an lr of 1e-05 stays 1e-05)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _plain(value: Any) -> str:

@@ -133,6 +133,15 @@ def test_report_lists_what_the_run_skipped(tmp_path):
     assert "## Skipped" not in (tmp_path / "clean" / "report.md").read_text()
 
 
+def test_report_lists_the_keys_a_resume_changed(tmp_path):
+    change = {"key": "train.lr", "from": 0.01, "to": 0.001, "phase": 2, "step": 5, "global_step": 9}
+    write_report(write_run(tmp_path / "run", config_changes=[change]))
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "## Changed on resume" in text and "- train.lr: 0.01 -> 0.001 (phase 2, from step 6)" in text
+    write_report(write_run(tmp_path / "plain"))
+    assert "## Changed on resume" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_method_statistics_generic(tmp_path):
     migu = [
         {"phase": 1, "masked": True, "kept_fraction": {"a": 0.5, "b": 0.7}, "jaccard_with_previous": None},
