@@ -42,7 +42,7 @@ class RunDirPlan:
 
     path: Path
     resuming: bool = False  # a complete checkpoint is there to continue from
-    changes: list[dict] = field(default_factory=list)  # {"key", "from", "to"} of resumable keys
+    changes: list[dict] = field(default_factory=list)  # {"key", "from", "to"} against config.yaml
 
 
 def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> RunDirPlan:
@@ -101,11 +101,25 @@ def _set_aside(metrics: Path) -> Path:
 
 
 def _changed_keys(cfg: RunConfig, saved: Path) -> dict[str, tuple]:
-    """{key: (saved value, new value)} where the config differs from the run's (tuples compare as lists)."""
-    if not saved.is_file():
-        return {}
-    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(json.loads(json.dumps(cfg.to_dict())))
+    """{key: (saved value, new value)} where the config differs from the run's config.yaml."""
+    return config_diff(yaml.safe_load(saved.read_text()), cfg) if saved.is_file() else {}
+
+
+def config_diff(old: dict, cfg: RunConfig) -> dict[str, tuple]:
+    """{key: (old value, new value)} where `cfg` differs from a saved config tree (tuples as lists)."""
+    old, new = _flatten(old), _flatten(config_tree(cfg))
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def config_tree(cfg: RunConfig) -> dict:
+    """The config as plain JSON data, as a checkpoint keeps it."""
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def resumable_changes(old: dict, cfg: RunConfig) -> list[dict]:
+    """The resumable keys `cfg` changes against the config a checkpoint was trained with."""
+    changed = config_diff(old, cfg)
+    return [{"key": k, "from": a, "to": b} for k, (a, b) in changed.items() if resumable(k)]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -35,7 +35,7 @@ from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_summary
 from pretrain.results import RunResults
-from pretrain.rundir import RunDirError, RunDirPlan, prepare_run_dir
+from pretrain.rundir import RunDirError, RunDirPlan, config_tree, prepare_run_dir, resumable_changes
 from pretrain.schedule import set_peak_lr
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
 
@@ -203,6 +203,7 @@ class Trainer:
             "results": self.results.to_dict(),
             "method": self.method.state_dict(),
             "phase_losses": self.phase_losses,
+            "config": config_tree(self.cfg),  # what a resume compares its resumable keys against
         }
         meta = {"global_step": self.pos.global_step, "tokenizer": self.tokenizer_id}
         rank_state = {"stream": stream_state}
@@ -372,7 +373,10 @@ def _restore(trainer: Trainer, plan: RunDirPlan) -> dict:
     trainer.method.load_state_dict(client["method"])
     trainer.phase_losses = client["phase_losses"]
     log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
-    _apply_changes(trainer, plan.changes)
+    # Against the checkpoint's own config: config.yaml already holds a change made by a resume that
+    # died before its first checkpoint, whose change must be applied (and recorded) again.
+    saved = client.get("config")
+    _apply_changes(trainer, plan.changes if saved is None else resumable_changes(saved, trainer.cfg))
     return rank_state["stream"]
 
 

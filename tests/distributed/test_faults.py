@@ -41,9 +41,11 @@ def test_nan_stop_never_rewrites_latest_and_resumes_with_a_lower_lr_or_skip(tmp_
     assert "resumed from step-2-stop: phase 1, step 2" in again.stdout + again.stderr
     assert again.returncode != 0 and (ckpts / "latest").read_text() == "step-2-stop-2"
     assert _files(ckpts / "step-2-stop") == first
-    # the keys a user changes to get past it are accepted on resume, and recorded with their step
+    # the keys a user changes to get past it are accepted on resume; this attempt dies before it checkpoints
     changed = ["--set", "train.lr=1e-3", "--set", "train.on_nonfinite=skip"]
-    lowered = _launch(path, "--resume", *changed, fault="nan_loss:3")  # the same bad batch comes again
+    assert _launch(path, "--resume", *changed, fault="kill:3").returncode != 0
+    # requeued as it was, from the same checkpoint (config.yaml has the change already): it still applies
+    lowered = _launch(path, "--resume", *changed, fault="nan_loss:3")  # and the same bad batch comes again
     assert lowered.returncode == 0, lowered.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     changes = {c["key"]: (c["from"], c["to"], c["global_step"]) for c in metrics["config_changes"]}
