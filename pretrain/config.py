@@ -73,6 +73,10 @@ class TrainConfig:
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
+    # the lr's shape over phases (pretrain/schedule.py): rewarm_cosine, constant, wsd or infinite
+    schedule: Literal["rewarm_cosine", "constant", "wsd", "infinite"] = "rewarm_cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd / infinite: the share of a phase that decays
+    constant_ratio: float = Field(0.5, gt=0, le=1)  # infinite: the plateau, as a fraction of lr
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
@@ -313,7 +317,7 @@ RUN_OWNED_DEEPSPEED_KEYS = {
 # DeepSpeed sections the run config replaces: refused rather than silently ignored
 _RUN_OWNED_DEEPSPEED_SECTIONS = {
     "optimizer": "train.optimizer, train.lr, train.betas and train.weight_decay",
-    "scheduler": "train.warmup_steps and train.min_lr_ratio (every phase re-warms and decays)",
+    "scheduler": "train.schedule, train.warmup_steps and train.min_lr_ratio",
 }
 
 

@@ -53,7 +53,9 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, phase_steps: list[int],
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
-    scheduler = phase_schedule(optimizer, phase_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio)
+    t = cfg.train
+    shape = dict(kind=t.schedule, decay_fraction=t.decay_fraction, constant_ratio=t.constant_ratio)
+    scheduler = phase_schedule(optimizer, phase_steps, t.warmup_steps, t.min_lr_ratio, **shape)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )

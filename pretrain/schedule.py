@@ -1,36 +1,99 @@
-"""Learning-rate schedule that re-warms and re-decays in every phase (Ibrahim et al. 2024).
+"""Learning-rate schedules for continual pre-training, as a multiplier of the peak lr per global step.
 
-Continual pre-training on a new domain starts from a decayed model; re-warming to the peak and decaying
-again within each phase is the recipe that recovers plasticity without a full restart.
+- `rewarm_cosine` (default): every phase re-warms linearly to the peak and cosine-decays to
+  `min_lr_ratio` (Ibrahim et al. 2024: re-warming and re-decaying recovers plasticity without a restart).
+- `constant`: warm up once, at the start of the run, then the peak throughout.
+- `wsd` (warmup-stable-decay): every phase warms up, holds the peak, and decays linearly to
+  `min_lr_ratio` over its last `decay_fraction` of steps: one cool-down per phase.
+- `infinite`: warm up once, cosine cool-down to `constant_ratio` over the rest of phase 1, hold that
+  through the later phases, and anneal linearly to `min_lr_ratio` over the last `decay_fraction` of the
+  last phase: no re-warming between phases (Ibrahim et al. 2024's infinite schedule).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from typing import Literal
 
 import torch
 
+Kind = Literal["rewarm_cosine", "constant", "wsd", "infinite"]
+
 
 def phase_lr_factor(
-    step: int, phase_starts: list[int], phase_steps: list[int], warmup: int, min_ratio: float
+    step: int,
+    phase_starts: list[int],
+    phase_steps: list[int],
+    warmup: int,
+    min_ratio: float,
+    kind: Kind = "rewarm_cosine",
+    decay_fraction: float = 0.2,
+    constant_ratio: float = 0.5,
 ) -> float:
     """Multiplier of the peak lr at global optimizer step `step` (0-based)."""
     phase = max(0, bisect.bisect_right(phase_starts, step) - 1)
     local, length = step - phase_starts[phase], phase_steps[phase]
-    warm = min(warmup, max(length - 1, 0))
-    if local < warm:
-        return (local + 1) / (warm + 1)
-    progress = min(1.0, (local - warm) / max(1, length - warm - 1))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "rewarm_cosine":
+        warm = min(warmup, max(length - 1, 0))
+        if local < warm:
+            return (local + 1) / (warm + 1)
+        return _cosine(1.0, min_ratio, local - warm, length - warm)
+    once = min(warmup, max(phase_steps[0] - 1, 0))  # constant and infinite warm up in phase 1 only
+    if kind != "wsd" and step < once:
+        return (step + 1) / (once + 1)
+    if kind == "constant":
+        return 1.0
+    if kind == "wsd":
+        warm = min(warmup, max(length - 1, 0))
+        if local < warm:
+            return (local + 1) / (warm + 1)
+        return _linear_tail(1.0, min_ratio, local, length, decay_fraction)
+    return _infinite(phase, local, phase_steps, once, min_ratio, decay_fraction, constant_ratio)
+
+
+def _infinite(phase, local, phase_steps, once, min_ratio, decay_fraction, constant_ratio) -> float:
+    """Past the warm-up: cool down in phase 1, hold the plateau, anneal at the end of the last phase."""
+    length = phase_steps[phase]
+    tail = _tail(length, decay_fraction) if phase == len(phase_steps) - 1 else 0
+    if local >= length - tail:
+        return _linear_tail(constant_ratio, min_ratio, local, length, decay_fraction)
+    if phase == 0:
+        return _cosine(1.0, constant_ratio, local - once, length - tail - once)
+    return constant_ratio
+
+
+def _cosine(high: float, low: float, done: int, length: int) -> float:
+    progress = min(1.0, done / max(1, length - 1))
+    return low + (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _tail(length: int, fraction: float) -> int:
+    return max(1, round(length * fraction))
+
+
+def _linear_tail(level: float, low: float, local: int, length: int, fraction: float) -> float:
+    """`level`, then a linear decay to `low` over the last `fraction` of the phase (its last step: low)."""
+    tail = _tail(length, fraction)
+    start = length - tail
+    if local < start:
+        return level
+    return level + (low - level) * (local - start + 1) / tail
 
 
 def phase_schedule(
-    optimizer: torch.optim.Optimizer, phase_steps: list[int], warmup: int, min_ratio: float
+    optimizer: torch.optim.Optimizer,
+    phase_steps: list[int],
+    warmup: int,
+    min_ratio: float,
+    kind: Kind = "rewarm_cosine",
+    decay_fraction: float = 0.2,
+    constant_ratio: float = 0.5,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     starts = [sum(phase_steps[:i]) for i in range(len(phase_steps))]
+    shape = dict(kind=kind, decay_fraction=decay_fraction, constant_ratio=constant_ratio)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: phase_lr_factor(step, starts, phase_steps, warmup, min_ratio)
+        optimizer, lambda step: phase_lr_factor(step, starts, phase_steps, warmup, min_ratio, **shape)
     )
 
 

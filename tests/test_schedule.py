@@ -52,3 +52,38 @@ def test_a_new_peak_lr_takes_effect_at_the_resumed_step():
         o.step()
         s.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(fresh.param_groups[0]["lr"])
+
+
+def _shape(kind, steps=(10, 10, 10), **kw):
+    starts = [sum(steps[:i]) for i in range(len(steps))]
+    args = dict(warmup=2, min_ratio=0.1, decay_fraction=0.3, constant_ratio=0.5, **kw)
+    return [phase_lr_factor(s, starts, list(steps), kind=kind, **args) for s in range(sum(steps))]
+
+
+def test_constant_warms_up_once_then_holds_the_peak():
+    f = _shape("constant")
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[2:] == [1.0] * 28
+
+
+def test_wsd_warms_holds_and_cools_down_in_every_phase():
+    f = _shape("wsd")
+    for p in (0, 10, 20):
+        assert f[p : p + 2] == pytest.approx([1 / 3, 2 / 3])
+        assert f[p + 2 : p + 7] == [1.0] * 5  # stable
+        assert f[p + 7 : p + 10] == pytest.approx([0.7, 0.4, 0.1])  # the last 30% decays to min_ratio
+
+
+def test_infinite_cools_once_holds_the_plateau_and_anneals_at_the_end():
+    f = _shape("infinite")
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f[9] == pytest.approx(0.5) and all(a > b for a, b in zip(f[2:9], f[3:10], strict=True))
+    assert f[10:27] == [0.5] * 17  # no re-warming between phases
+    assert f[27:] == pytest.approx([0.5 - 0.4 / 3, 0.5 - 0.8 / 3, 0.1])
+    one = _shape("infinite", steps=(20,))
+    assert one[19] == pytest.approx(0.1) and one[13] == pytest.approx(0.5)
+
+
+def test_the_default_schedule_is_unchanged():
+    assert _shape("rewarm_cosine") == [
+        phase_lr_factor(s, [0, 10, 20], [10, 10, 10], warmup=2, min_ratio=0.1) for s in range(30)
+    ]
