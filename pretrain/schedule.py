@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -34,21 +34,18 @@ def phase_lr_factor(
     """Multiplier of the peak lr at global optimizer step `step` (0-based)."""
     phase = max(0, bisect.bisect_right(phase_starts, step) - 1)
     local, length = step - phase_starts[phase], phase_steps[phase]
-    if kind == "rewarm_cosine":
+    if kind in ("rewarm_cosine", "wsd"):  # every phase warms up again
         warm = min(warmup, max(length - 1, 0))
         if local < warm:
             return (local + 1) / (warm + 1)
+        if kind == "wsd":
+            return _linear_tail(1.0, min_ratio, local, length, decay_fraction)
         return _cosine(1.0, min_ratio, local - warm, length - warm)
     once = min(warmup, max(phase_steps[0] - 1, 0))  # constant and infinite warm up in phase 1 only
-    if kind != "wsd" and step < once:
+    if step < once:
         return (step + 1) / (once + 1)
     if kind == "constant":
         return 1.0
-    if kind == "wsd":
-        warm = min(warmup, max(length - 1, 0))
-        if local < warm:
-            return (local + 1) / (warm + 1)
-        return _linear_tail(1.0, min_ratio, local, length, decay_fraction)
     return _infinite(phase, local, phase_steps, once, min_ratio, decay_fraction, constant_ratio)
 
 
@@ -82,16 +79,10 @@ def _linear_tail(level: float, low: float, local: int, length: int, fraction: fl
 
 
 def phase_schedule(
-    optimizer: torch.optim.Optimizer,
-    phase_steps: list[int],
-    warmup: int,
-    min_ratio: float,
-    kind: Kind = "rewarm_cosine",
-    decay_fraction: float = 0.2,
-    constant_ratio: float = 0.5,
+    optimizer: torch.optim.Optimizer, phase_steps: list[int], warmup: int, min_ratio: float, **shape: Any
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR of phase_lr_factor; `shape`: its kind, decay_fraction and constant_ratio."""
     starts = [sum(phase_steps[:i]) for i in range(len(phase_steps))]
-    shape = dict(kind=kind, decay_fraction=decay_fraction, constant_ratio=constant_ratio)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: phase_lr_factor(step, starts, phase_steps, warmup, min_ratio, **shape)
     )

@@ -256,7 +256,6 @@ def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     path = tok.path or str(Path(cfg.output_dir) / "tokenizer")
     if holds_tokenizer(path):
         return _reuse(path, tok.vocab_size)
-    refuse_foreign_dir(Path(path))  # before reading any corpus
     domains = [(d.train, d.text_field) for d in cfg.domains]
     skip = bad_record_counter(cfg.train.on_bad_record)
     return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)

@@ -124,11 +124,9 @@ class Trainer:
             "losses": self.phase_losses,
             **meter.totals(),
         }
-        share = phase_share(self.cfg, phase)
-        if share:
-            blocks = steps * self.tokens_per_step // self.cfg.train.seq_len
-            names = self.stream.names
-            row["replay"] = replay_summary(share, names, blocks, self.cfg.train.seq_len)
+        if isinstance(self.stream, ReplayStream):
+            blocks, seq_len = steps * self.tokens_per_step // self.cfg.train.seq_len, self.cfg.train.seq_len
+            row["replay"] = replay_summary(self.stream.share, self.stream.names, blocks, seq_len)
         skip = self.stream.skip
         if skip is not None:  # counted by the stream, so a resumed phase still counts its whole pass
             row["skipped_records"] = skip.count
@@ -367,9 +365,7 @@ def _restore(trainer: Trainer, plan: RunDirPlan) -> dict:
     client, rank_state = load_checkpoint(trainer.engine, trainer.run_dir, trainer.dist)
     trainer.pos = Position(**client["position"])
     trainer.results = RunResults.from_dict(client["results"])
-    metrics = trainer.run_dir / "metrics.json"
-    if metrics.is_file():  # rows a `pretrain eval` job wrote after this checkpoint was taken
-        trainer.results.adopt_eval_rows(RunResults.load(metrics))
+    # Rows a `pretrain eval` job wrote after this checkpoint are taken over by the first save.
     trainer.method.load_state_dict(client["method"])
     trainer.phase_losses = client["phase_losses"]
     log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
