@@ -88,7 +88,8 @@ class Trainer:
         if stream_state:
             self.stream.load_state_dict(stream_state)
         batches = iter(self.stream)
-        self.method.begin_phase(phase)
+        if self.pos.step == 0:  # a phase resumed midway has its method state from the checkpoint
+            self.method.begin_phase(phase)
         log.info(
             "phase %d/%d: %s, steps %d-%d",
             phase,
@@ -233,6 +234,8 @@ class Trainer:
             self.pos.step + 1,
             code,
         )
+        # The resumed run forwards this step again: what the method recorded in it must not travel along.
+        self.method.discard_step()
         self.checkpoint(f"step-{self.pos.global_step}-stop", stream_state=step_start)
         raise SystemExit(code)
 
