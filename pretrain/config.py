@@ -127,6 +127,16 @@ class ReplayConfig:
 
 
 @dataclass(config=_STRICT)
+class RegularisationConfig:
+    """A pull toward the previous phase's weights (pretrain/methods/regularisation.py), from phase 2 on."""
+
+    kind: Literal["none", "l2", "ewc"] = "none"
+    weight: float = Field(1.0, ge=0)  # lambda in weight/2 * sum F (w - anchor)^2; ewc's F has mean 1
+    fisher_steps: int = Field(20, gt=0)  # ewc: a phase's Fisher is the mean g^2 of its last N steps
+    fisher_decay: float = Field(1.0, ge=0, le=1)  # ewc: F <- decay * F + F_phase (1: plain accumulation)
+
+
+@dataclass(config=_STRICT)
 class CheckpointConfig:
     save_every: int = Field(0, ge=0)
     keep: int = Field(2, ge=1)
@@ -145,6 +155,7 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     method: MethodConfig = field(default_factory=MethodConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    regularisation: RegularisationConfig = field(default_factory=RegularisationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def domain(self, name: str) -> DomainConfig:
@@ -287,6 +298,22 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "
             f"({len(cfg.phases)}); method {cfg.method.name!r} would never mask"
         )
+    return problems + _combination_problems(cfg)
+
+
+def _combination_problems(cfg: RunConfig) -> list[str]:
+    """Sections that each validate but cannot work together; the message names both keys."""
+    problems = []
+    if cfg.regularisation.kind != "none" and len(cfg.phases) < 2:
+        problems.append(
+            f"key `regularisation.kind` {cfg.regularisation.kind!r} with one entry in `phases`: the pull "
+            "toward the previous phase's weights starts in phase 2, so it would never act"
+        )
+    if cfg.replay.share > 0 and len(cfg.phases) < 2 and not cfg.replay.sources:
+        problems.append(
+            "key `replay.share` with one entry in `phases` and no `replay.sources`: there is nothing "
+            "earlier to replay"
+        )
     return problems
 
 
@@ -302,7 +329,7 @@ def _file_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"key `model.path`: {cfg.model.path} does not exist")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
         problems.append(f"key `tokenizer.path`: directory {cfg.tokenizer.path} does not exist")
-    problems += _deepspeed_problems(cfg.deepspeed.config, cfg.train)
+    problems += _deepspeed_problems(cfg.deepspeed.config, cfg.train, cfg.regularisation)
     return problems
 
 
@@ -344,7 +371,7 @@ def _missing_files(files: list[str], key: str, name: str) -> list[str]:
     return problems
 
 
-def _deepspeed_problems(path: str, train: TrainConfig) -> list[str]:
+def _deepspeed_problems(path: str, train: TrainConfig, reg: RegularisationConfig) -> list[str]:
     p = Path(path)
     if not p.is_file():
         return [f"key `deepspeed.config`: file {path} does not exist"]
@@ -369,6 +396,13 @@ def _deepspeed_problems(path: str, train: TrainConfig) -> list[str]:
     ]
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         problems.append(f"key `deepspeed.config`: {path} sets zero_optimization.stage={stage}, expected 0-3")
+    sixteen = any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
+    if reg.kind != "none" and stage == 0 and sixteen:
+        problems.append(
+            f"key `regularisation.kind` {reg.kind!r} with `deepspeed.config` {path} (ZeRO stage 0 in 16 "
+            "bits): the pull acts on fp32 master weights, which stage 0 keeps inside the optimizer; "
+            "use stage 1-3"
+        )
     return problems + [f"key `deepspeed.config`: {c}" for c in run_owned_conflicts(ds, train, path)]
 
 

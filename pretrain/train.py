@@ -30,7 +30,7 @@ from pretrain.distributed import (
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
-from pretrain.methods import Method, build_method
+from pretrain.methods import Method, build_methods
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_summary
@@ -205,7 +205,7 @@ class Trainer:
             "config": config_tree(self.cfg),  # what a resume compares its resumable keys against
         }
         meta = {"global_step": self.pos.global_step, "tokenizer": self.tokenizer_id}
-        rank_state = {"stream": stream_state}
+        rank_state = {"stream": stream_state, "method": self.method.rank_state_dict()}
         tag = save_checkpoint(
             self.engine, self.run_dir, tag, client, rank_state, self.dist, self.cfg.checkpoint.keep, meta
         )
@@ -262,8 +262,9 @@ class Trainer:
         lr = self.step_lr
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
+        extra = self.method.scalars()  # the same on every rank (e.g. the regularisation penalty)
         log.info(
-            "phase %d %s | step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tok/s %.0f",
+            "phase %d %s | step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tok/s %.0f%s",
             phase,
             domain,
             self.pos.step,
@@ -272,14 +273,11 @@ class Trainer:
             lr,
             norm,
             interval["tokens_per_s"],
+            "".join(f" | {k} {v:.4g}" for k, v in extra.items()),
         )
         if self.writer:
-            for key, value in (
-                ("loss", mean_loss),
-                ("lr", lr),
-                ("grad_norm", norm),
-                ("tokens_per_s", interval["tokens_per_s"]),
-            ):
+            scalars = {"loss": mean_loss, "lr": lr, "grad_norm": norm, **extra}
+            for key, value in {**scalars, "tokens_per_s": interval["tokens_per_s"]}.items():
                 self.writer.add_scalar(f"train/{key}", value, self.pos.global_step)
 
     def _save_results(self) -> None:
@@ -331,8 +329,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     phase_steps = [steps_for_phase(p, cfg.train, dist.world_size) for p in cfg.phases]
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed)
     engine = build_engine(cfg, model, phase_steps, dist.world_size)
-    method = build_method(
-        cfg.method, engine.module, engine, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum
+    method = build_methods(
+        cfg.method, cfg.regularisation, engine.module, engine, phase_steps, seed=cfg.train.seed
     )
     results = RunResults.for_run(cfg)
     heldout = load_heldout(cfg, tokenizer, results)
@@ -370,6 +368,7 @@ def _restore(trainer: Trainer, plan: RunDirPlan) -> dict:
     trainer.results = RunResults.from_dict(client["results"])
     # Rows a `pretrain eval` job wrote after this checkpoint are taken over by the first save.
     trainer.method.load_state_dict(client["method"])
+    trainer.method.load_rank_state_dict(rank_state.get("method", {}))
     trainer.phase_losses = client["phase_losses"]
     log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
     # Against the checkpoint's own config: config.yaml already holds a change made by a resume that

@@ -169,3 +169,18 @@ def test_eval_engine_config_needs_no_optimizer(tmp_path, stage, expected):
 
     cfg = _with_deepspeed(tmp_path, {"zero_optimization": {"stage": stage, "overlap_comm": True}})()
     assert eval_deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == expected
+
+
+def test_combinations_that_cannot_work_name_both_keys(tmp_path):
+    one_phase = write_config(tiny_run_config(tmp_path, domains=("news",)), tmp_path / "one.yaml")
+    with pytest.raises(ConfigError, match=r"regularisation.kind` 'ewc' with one entry in `phases`"):
+        load_config(one_phase, ["regularisation.kind=ewc"])
+    with pytest.raises(ConfigError, match=r"replay.share` with one entry in `phases` and no `replay"):
+        load_config(one_phase, ["replay.share=0.1"])
+    ds = tmp_path / "zero0_bf16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
+    two_phases = write_config(tiny_run_config(tmp_path), tmp_path / "two.yaml")
+    with pytest.raises(ConfigError, match=r"regularisation.kind` 'l2' with `deepspeed.config` .*stage 0"):
+        load_config(two_phases, ["regularisation.kind=l2", f"deepspeed.config={ds}"])
+    assert load_config(two_phases, ["regularisation.kind=l2"]).regularisation.weight == 1.0
+    assert load_config(two_phases, [f"deepspeed.config={ds}"]).regularisation.kind == "none"

@@ -1,9 +1,15 @@
-"""The contract between the phase loop and a continual-learning method, and the method that does nothing.
+"""The contract between the phase loop and a continual-learning method, and how methods combine.
 
-The trainer calls, per phase: `begin_phase`; per micro-step: `before_backward` (after the forward),
-`after_backward` (before `engine.step()`), or `discard_step` when the step is skipped; at the phase's end
-`end_phase` (a JSON-able summary for metrics.json) and `log`; `state_dict`/`load_state_dict` travel in
-every checkpoint so a resumed run continues the method exactly.
+The trainer calls, per phase: `begin_phase` (not again when it resumes a phase midway: the checkpoint
+holds the method's state); per micro-step: `before_backward` (after the forward), `after_backward`
+(before `engine.step()`), or `discard_step` when the step is skipped or the run stops inside it; every
+logging interval `scalars`; at the phase's end `end_phase` (a JSON-able summary for metrics.json) and
+`log`. Every hook is called on every rank (a method may run collectives in any of them). `state_dict`
+(the same on every rank, saved once) and `rank_state_dict` (this rank's own, e.g. its ZeRO partition of
+something) travel in every checkpoint, so a resumed run continues exactly.
+
+A new method is one module with a class deriving from `MethodBase` that overrides the hooks it needs,
+and one line in `build_method` (pretrain/methods/__init__.py).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ class Method(Protocol):
 
     def discard_step(self) -> None: ...
 
+    def scalars(self) -> dict[str, float]: ...
+
     def end_phase(self, phase: int) -> dict[str, Any]: ...
 
     def log(self, writer: Any, global_step: int) -> None: ...
@@ -30,11 +38,15 @@ class Method(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def rank_state_dict(self) -> dict[str, Any]: ...
 
-class NoMethod:
-    """`none`: plain sequential training; installs nothing, costs nothing."""
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    name = "none"
+
+class MethodBase:
+    """Every hook, doing nothing: a method overrides only what it uses."""
+
+    name = "base"
 
     def begin_phase(self, phase: int) -> None:
         pass
@@ -48,6 +60,9 @@ class NoMethod:
     def discard_step(self) -> None:
         pass
 
+    def scalars(self) -> dict[str, float]:
+        return {}
+
     def end_phase(self, phase: int) -> dict[str, Any]:
         return {}
 
@@ -59,3 +74,64 @@ class NoMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class NoMethod(MethodBase):
+    """`none`: plain sequential training; installs nothing, costs nothing."""
+
+    name = "none"
+
+
+class MethodStack(MethodBase):
+    """Several methods as one, called in order: a regulariser's pull is in the gradient before a mask."""
+
+    def __init__(self, methods: list[Method]):
+        self.methods = methods
+        self.name = "+".join(m.name for m in methods)
+
+    def begin_phase(self, phase: int) -> None:
+        for m in self.methods:
+            m.begin_phase(phase)
+
+    def before_backward(self, engine: Any = None) -> None:
+        for m in self.methods:
+            m.before_backward(engine)
+
+    def after_backward(self, engine: Any = None) -> None:
+        for m in self.methods:
+            m.after_backward(engine)
+
+    def discard_step(self) -> None:
+        for m in self.methods:
+            m.discard_step()
+
+    def scalars(self) -> dict[str, float]:
+        return {k: v for m in self.methods for k, v in m.scalars().items()}
+
+    def end_phase(self, phase: int) -> dict[str, Any]:
+        """One row per phase: the members' summaries side by side (their keys do not collide)."""
+        return {k: v for m in self.methods for k, v in m.end_phase(phase).items()}
+
+    def log(self, writer: Any, global_step: int) -> None:
+        for m in self.methods:
+            m.log(writer, global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {m.name: m.state_dict() for m in self.methods}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for m in self.methods:
+            m.load_state_dict(state[m.name])
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {m.name: m.rank_state_dict() for m in self.methods}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        for m in self.methods:
+            m.load_rank_state_dict(state[m.name])

@@ -7,11 +7,9 @@ columns. Biases stay unmasked unless mask_bias.
 
 Mechanism: at the last micro-batch of an optimizer step (`before_backward`) the method chooses the masks;
 after that micro-batch's backward (`after_backward`), each rank multiplies its own, already accumulated
-and reduced, gradient by the mask, before `engine.step()` reads it:
-  ZeRO-0 fp32: `param.grad`; ZeRO-1/2 and the bf16 optimizer: the fragment DeepSpeed maps onto this
-  rank's partition (`param._hp_mapping`); ZeRO-3: the param's gradient partition (the buffer
-  `safe_get_local_grad` reads). A fragment is addressed by its flat offset in W, so the mask is sliced
-  to the rows (or columns) it covers.
+and reduced, gradient by the mask, before `engine.step()` reads it (where that gradient lives at each
+stage: pretrain/methods/partitions.py). A fragment is addressed by its flat offset in W, so the mask is
+sliced to the rows (or columns) it covers.
 Why not tensor hooks on the weights: they see each micro-gradient before the step's mask exists (the
 later micro-batches are not yet forwarded), so with gradient accumulation > 1 they cannot be exact. By
 linearity, masking the accumulated and reduced gradient once equals masking every micro-gradient on
@@ -29,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import MethodConfig
+from pretrain.methods.base import MethodBase
+from pretrain.methods.partitions import local_grad
 
 
 # ----------------------------------------------------------------------------------------------- the rule
@@ -114,32 +113,17 @@ def _mask_slice(mask_2d: torch.Tensor, start: int, numel: int) -> torch.Tensor:
 
 
 def _mask_local_grad(param: nn.Parameter, mask_2d: torch.Tensor) -> None:
-    """Multiply this rank's accumulated gradient of `param` (whatever holds it) by mask_2d (W's shape).
+    """Multiply this rank's accumulated gradient of `param` (wherever it lives) by mask_2d (W's shape).
 
     mask_2d is a broadcast (expanded) fp32 view: in-place mul_ casts it into a bf16 gradient without copying.
     """
-    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the flat param, padded at the end
-        optimizer = param._z3_optimizer
-        grad = optimizer._get_fp32_grad_state_partition(param, release_swap_buffers=False)[0]
-        size = param.ds_tensor.ds_numel
-        start = size * dist.get_rank(group=param.ds_process_group)
-        numel = min(size, param.ds_numel - start)
-        if numel > 0:
-            grad.view(-1)[:numel].mul_(_mask_slice(mask_2d, start, numel))
+    part = local_grad(param)
+    if part is None:
         return
-    mapping = getattr(param, "_hp_mapping", None)
-    if mapping is not None:  # ZeRO-1/2 and the bf16 optimizer: the fragment in this rank's partition
-        grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
-        if grad.numel() == param.numel():  # all of param is here, or the bf16 optimizer's full-size buffer
-            grad.view(mask_2d.shape).mul_(mask_2d)
-        else:
-            address = mapping.lp_fragment_address
-            grad.view(-1).mul_(_mask_slice(mask_2d, address.start, address.numel))
-        return
-    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: no part of this param lives on this rank
-        return
-    if param.grad is not None:  # ZeRO-0 fp32 or plain torch
-        param.grad.view(mask_2d.shape).mul_(mask_2d)
+    if part.numel == param.numel():  # all of it: broadcast the view rather than copy the mask
+        part.flat.view(mask_2d.shape).mul_(mask_2d)
+    else:
+        part.flat.mul_(_mask_slice(mask_2d, part.start, part.numel))
 
 
 def _apply_layer_mask(module: nn.Module, mask: torch.Tensor, mask_bias: bool) -> None:
@@ -151,7 +135,7 @@ def _apply_layer_mask(module: nn.Module, mask: torch.Tensor, mask_bias: bool) ->
 
 
 # ---------------------------------------------------------------------------------- the shared method
-class GradientMask:
+class GradientMask(MethodBase):
     """A method that masks each selected layer's gradient with a per-step mask of its output units.
 
     Subclasses say how a step's masks are chosen (`choose_masks`, called at the step's last micro-batch);
@@ -212,9 +196,6 @@ class GradientMask:
                 _apply_layer_mask(module, mask[j], self.cfg.mask_bias)
             g.slab(self.kept).add_(mask)
         self.masked_steps += 1
-
-    def discard_step(self) -> None:
-        pass
 
     # -- visibility
     def _reset_phase_stats(self) -> None:

@@ -3,6 +3,8 @@
 For one ZeRO stage it trains a tiny Llama several steps per case (optimizer, accumulation, precision),
 each rank on its own micro-batches, and saves the masks of every step (per rank) and the final fp32
 weights (rank 0). The data and model helpers are shared with the single-process reference in the test.
+A case with regularisation trains two phases: phase 1 unmasked (its end sets the anchors and, for ewc,
+the Fisher), phase 2 masked with the pull; each rank also saves the size of its anchors.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, WORLD, LR = 3, 2, 16, 100, 2, 0.05
+REG_WEIGHT, FISHER_STEPS = 10.0, 2  # lr x weight = 0.5: a pull that shows within 3 steps, yet stable
 
 
 class Case(NamedTuple):
@@ -23,6 +26,7 @@ class Case(NamedTuple):
     bf16: bool
     clip: float
     fp32_grad_accum: bool = False  # bf16 with fp32 accumulation: DeepSpeed's BF16_Optimizer, ZeRO-1 only
+    reg: str = "none"  # regularisation.kind
 
     def runs_at(self, stage: int) -> bool:
         return stage == 1 or not self.fp32_grad_accum
@@ -34,6 +38,8 @@ CASES = {
     "adamw_accum2_clip": Case("adamw", 2, False, 0.05),
     "sgd_accum2_bf16": Case("sgd", 2, True, 0.0),
     "sgd_accum2_bf16_fp32acc": Case("sgd", 2, True, 0.0, fp32_grad_accum=True),
+    "sgd_accum2_l2": Case("sgd", 2, False, 0.0, reg="l2"),
+    "sgd_accum1_clip_ewc": Case("sgd", 1, False, 0.5, reg="ewc"),
 }
 
 
@@ -56,10 +62,10 @@ def tiny_llama():
     return model
 
 
-def batches(grad_accum: int) -> torch.Tensor:
+def batches(grad_accum: int, steps: int = STEPS) -> torch.Tensor:
     """[step, micro, rank, batch, seq] token ids: every rank sees different data."""
     g = torch.Generator().manual_seed(7)
-    return torch.randint(0, VOCAB, (STEPS, grad_accum, WORLD, MICRO_BATCH, SEQ), generator=g)
+    return torch.randint(0, VOCAB, (steps, grad_accum, WORLD, MICRO_BATCH, SEQ), generator=g)
 
 
 def optimizer_for(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -74,15 +80,21 @@ def method_config():
     return MethodConfig(name="migu", threshold=0.7, start_phase=2)
 
 
+def reg_config(kind: str):
+    from pretrain.config import RegularisationConfig
+
+    return RegularisationConfig(kind=kind, weight=REG_WEIGHT, fisher_steps=FISHER_STEPS)
+
+
 def run_case(name: str, stage: int, out: Path) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pretrain.methods import build_method
+    from pretrain.methods import build_methods
 
-    opt_name, grad_accum, bf16, clip, fp32_grad_accum = CASES[name]
+    opt_name, grad_accum, bf16, clip, fp32_grad_accum, reg = CASES[name]
     rank = dist.get_rank()
     model = tiny_llama()
     ds_config = {
@@ -99,19 +111,28 @@ def run_case(name: str, stage: int, out: Path) -> None:
     if grad_accum > 1:  # ZeRO-3: partition all params; accumulation 1 keeps small ones persistent (default)
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer_for(opt_name, model), config=ds_config)
-    method = build_method(method_config(), engine.module, engine)
-    method.begin_phase(2)
-    data, masks = batches(grad_accum), []
-    for step in range(STEPS):
-        for micro in range(grad_accum):
-            batch = data[step, micro, rank]
-            loss = engine(input_ids=batch, labels=batch).loss
-            method.before_backward(engine)
-            engine.backward(loss)
-            method.after_backward(engine)
-            engine.step()
-        masks.append(torch.cat([m.flatten() for m in method.masks]))
+    method = build_methods(method_config(), reg_config(reg), engine.module, engine, [STEPS, STEPS])
+    rule = method.methods[-1] if reg != "none" else method
+    phases = (1, 2) if reg != "none" else (2,)
+    data, masks = batches(grad_accum, STEPS * len(phases)), []
+    for phase in phases:
+        method.begin_phase(phase)
+        for step in range(STEPS * (phase - phases[0]), STEPS * (phase - phases[0] + 1)):
+            for micro in range(grad_accum):
+                batch = data[step, micro, rank]
+                loss = engine(input_ids=batch, labels=batch).loss
+                method.before_backward(engine)
+                engine.backward(loss)
+                method.after_backward(engine)
+                engine.step()
+            if phase == 2:
+                masks.append(torch.cat([m.flatten() for m in rule.masks]))
+        if phase == 1:
+            method.end_phase(1)
     torch.save(torch.stack(masks), out / f"{name}.masks.rank{rank}.pt")
+    if reg != "none":
+        anchors = method.methods[0].anchors
+        torch.save(sum(a.numel() for a in anchors.values()), out / f"{name}.anchors.rank{rank}.pt")
     # ZeRO-0 bf16 runs DeepSpeed's FP16_UnfusedOptimizer: its fp32 masters sit beside the bf16 params
     opt, masters = engine.optimizer, {}
     if isinstance(opt, FP16_UnfusedOptimizer):
@@ -121,8 +142,9 @@ def run_case(name: str, stage: int, out: Path) -> None:
     for pname, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)  # gathers ZeRO-1/2/3 partitions; None without a fragment mapping
         weights[pname] = (full if full is not None else masters.get(id(p), p)).detach().float().clone()
+    summary = method.end_phase(2)  # on every rank: ewc's Fisher is a collective
     if rank == 0:
-        torch.save({"weights": weights, "summary": method.end_phase(2)}, out / f"{name}.pt")
+        torch.save({"weights": weights, "summary": summary}, out / f"{name}.pt")
     engine.destroy()
 
 

@@ -23,7 +23,8 @@ _spec = importlib.util.spec_from_file_location("migu_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-FP32_CASES = [name for name, case in worker.CASES.items() if not case.bf16]
+FP32_CASES = [name for name, case in worker.CASES.items() if not case.bf16 and case.reg == "none"]
+REG_CASES = [name for name, case in worker.CASES.items() if case.reg != "none"]
 BF16_CASES = [name for name, case in worker.CASES.items() if case.bf16]
 THRESHOLD = worker.method_config().threshold
 
@@ -59,15 +60,39 @@ def top_units(n: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @cache
-def reference(case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Plain single-process MIGU: the full batch is both ranks' micro-batches of the step."""
-    opt_name, grad_accum, _, clip, _ = worker.CASES[case]
+def reference(case: str, reg_weight: float = worker.REG_WEIGHT) -> tuple[dict[str, torch.Tensor], list]:
+    """Plain single-process MIGU: the full batch is both ranks' micro-batches of the step.
+
+    A regularised case first trains phase 1 unmasked, then phase 2 masked on loss + the penalty
+    reg_weight/2 * sum F (w - anchor)^2, differentiated by autograd (not the method's own gradient rule).
+    """
+    opt_name, grad_accum, _, clip, _, reg = worker.CASES[case]
     model = worker.tiny_llama()
     optimizer = worker.optimizer_for(opt_name, model)
+    params = dict(model.named_parameters())
+    if reg == "none":
+        data = worker.batches(grad_accum)
+        return _reference_phase(model, optimizer, data, grad_accum, clip, masked=True), None
+    data = worker.batches(grad_accum, 2 * worker.STEPS)
+    squares = _reference_phase(model, optimizer, data[: worker.STEPS], grad_accum, clip, masked=False)
+    anchors = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {n: torch.ones_like(p) for n, p in params.items()}
+    if reg == "ewc":  # the mean g^2 of the phase's last FISHER_STEPS steps, scaled to mean 1 overall
+        mean = sum(s.sum() for s in squares.values()) / sum(s.numel() for s in squares.values())
+        fisher = {n: s / mean for n, s in squares.items()}
+
+    def penalty() -> torch.Tensor:
+        return reg_weight / 2 * sum((fisher[n] * (p - anchors[n]) ** 2).sum() for n, p in params.items())
+
+    weights, masks = _reference_phase(model, optimizer, data[worker.STEPS :], grad_accum, clip, True, penalty)
+    return (weights, masks), anchors
+
+
+def _reference_phase(model, optimizer, data, grad_accum, clip, masked, penalty=None):
+    """STEPS steps; masked: (final weights, masks per step); else the mean g^2 of the last FISHER_STEPS."""
     layers = masked_layers(model)
-    data = worker.batches(grad_accum)
-    all_masks = []
-    for step in range(worker.STEPS):
+    all_masks, squares = [], {}
+    for step in range(len(data)):
         n = {name: torch.zeros(m.out_features) for name, m in layers.items()}  # n_i = sum_tokens |h_i|
 
         def record(module, x, h, slot):
@@ -82,13 +107,21 @@ def reference(case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
                 (loss / (worker.WORLD * grad_accum)).backward()  # DeepSpeed averages ranks and micro-steps
         for h in hooks:
             h.remove()
-        masks = {name: top_units(n[name], THRESHOLD) for name in layers}
-        for name, m in layers.items():
-            m.weight.grad *= masks[name][:, None]  # rows of W; biases (none in Llama) stay unmasked
+        if not masked and step >= len(data) - worker.FISHER_STEPS:
+            for name, p in model.named_parameters():
+                squares[name] = squares.get(name, 0) + p.grad.square() / worker.FISHER_STEPS
+        if penalty is not None:
+            penalty().backward()
+        if masked:
+            masks = {name: top_units(n[name], THRESHOLD) for name in layers}
+            for name, m in layers.items():
+                m.weight.grad *= masks[name][:, None]  # rows of W; biases (none in Llama) stay unmasked
+            all_masks.append(masks)
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        all_masks.append(masks)
+    if not masked:
+        return squares
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     return weights, all_masks
 
@@ -142,7 +175,7 @@ def weight_tolerance(case: str) -> dict[str, float]:
 def test_weights_and_masks_equal_the_single_process_reference(stage_run, case):
     out = outputs(stage_run, case)
     result = torch.load(out / f"{case}.pt")
-    ref_weights, ref_masks = reference(case)
+    (ref_weights, ref_masks), _ = reference(case)
     masks = torch.load(out / f"{case}.masks.rank0.pt")
     assert torch.equal(masks, _ordered_masks(ref_masks))
     tolerance = weight_tolerance(case)
@@ -203,3 +236,37 @@ def test_bf16_sgd_changes_exactly_the_rows_ever_kept(stage_run, case):
     masks = torch.load(out / f"{case}.masks.rank0.pt")
     for name, (moved, kept) in rows_moved_and_kept(weights, masks, torch.bfloat16).items():
         assert moved == kept, name
+
+
+@pytest.mark.parametrize("case", REG_CASES)
+def test_regularised_phase_equals_the_autograd_reference(stage_run, case):
+    """The pull added to each rank's gradient partition equals differentiating loss + penalty in one
+    process (SGD: the tolerance of test_weights_and_masks_equal_the_single_process_reference), under the
+    same masks; and it keeps the weights measurably closer to the phase-1 anchors than no pull does."""
+    stage, out = stage_run
+    result = torch.load(out / f"{case}.pt")
+    (ref_weights, ref_masks), anchors = reference(case)
+    assert torch.equal(torch.load(out / f"{case}.masks.rank0.pt"), _ordered_masks(ref_masks))
+    for name, ref in ref_weights.items():
+        torch.testing.assert_close(result["weights"][name], ref, **weight_tolerance(case), msg=name)
+    (free, _), _ = reference(case, reg_weight=0.0)
+
+    def distance(weights):
+        return math.sqrt(sum((weights[n] - a).square().sum().item() for n, a in anchors.items()))
+
+    assert distance(result["weights"]) < 0.8 * distance(free)  # 0.67 (l2) and 0.58 (ewc) in the reference
+    assert result["summary"]["reg_penalty_mean"] > 0
+
+
+@pytest.mark.parametrize("case", REG_CASES)
+def test_anchors_are_each_ranks_own_partition(stage_run, case):
+    """ZeRO-1/2/3: the two ranks' anchors split the model's weights between them, nobody holds a full
+    copy (up to a parameter split at the partition border); ZeRO-0: each rank has all of them."""
+    stage, out = stage_run
+    sizes = [torch.load(out / f"{case}.anchors.rank{r}.pt") for r in range(worker.WORLD)]
+    total = sum(p.numel() for p in worker.tiny_llama().parameters())
+    if stage == 0:
+        assert sizes == [total] * worker.WORLD
+    else:
+        assert sum(sizes) == total
+        assert all(abs(s - total / worker.WORLD) <= total * 0.1 for s in sizes), sizes

@@ -1,7 +1,9 @@
 """Exact resume under real DeepSpeed on 2 CPU ranks: kill -9, SIGTERM, and a crash while saving.
 
 Each interrupted run is resumed with `--resume` and must end with the same loss curve, evaluation
-matrix and final weights as the uninterrupted run of the same config (bitwise: same world size, CPU).
+matrix, method statistics and final weights as the uninterrupted run of the same config (bitwise: same
+world size, CPU). The run stacks every method with state: MIGU's masks, EWC's anchors and Fisher (each
+rank's own ZeRO partition) and replay's stream of the earlier domain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def _config(tmp, name: str, stage: int, steps: int = 4):
         stage=stage,
         steps=steps,
         method={"name": "migu", "start_phase": 2},
+        regularisation={"kind": "ewc", "weight": 1.0, "fisher_steps": 2},
+        replay={"share": 0.25},
         checkpoint={"save_every": 2, "keep": 2},
     )
     cfg["output_dir"] = str(tmp / name)

@@ -1,0 +1,152 @@
+"""Parameter regularisation toward the previous phase's weights, on each rank's own ZeRO partition.
+
+    R(w) = weight/2 * sum_i F_i (w_i - a_i)^2      a: the weights at the end of the previous phase
+    l2  (L2-SP, Li et al. 2018): F_i = 1
+    ewc (Kirkpatrick et al. 2017, online as Schwarz et al. 2018): F <- decay * F + F_phase, where F_phase
+        is the diagonal empirical Fisher of the phase just finished, the mean of g_i^2 over its last
+        `fisher_steps` optimizer steps (g: the step's loss gradient, before the pull and any mask),
+        scaled to mean 1 over all regularised weights so that `weight` means the same as for l2.
+
+Instead of adding R to the loss (which at ZeRO-3 would need the full weights), its gradient
+weight * F * (w - a) is added to each rank's reduced gradient partition before `engine.step()`: the
+same update, and clipping sees it as it would see the loss term's gradient. Anchors and Fisher are
+fp32 copies of this rank's partition only (pretrain/methods/partitions.py), checkpointed per rank. The
+pull starts in phase 2. It runs before a gradient mask, so MIGU masks the regularised gradient, as it
+masks the gradient of loss + penalty in the paper's combination.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.config import RegularisationConfig
+from pretrain.methods.base import MethodBase
+from pretrain.methods.partitions import local_grad, local_weight
+
+
+class Regularisation(MethodBase):
+    name = "regularisation"
+
+    def __init__(self, cfg: RegularisationConfig, model: nn.Module, engine: Any, phase_steps: list[int]):
+        self.cfg, self.engine, self.phase_steps = cfg, engine, phase_steps
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.group = getattr(engine, "data_parallel_group", None)
+        self.anchors: dict[str, torch.Tensor] = {}  # this rank's partition, fp32
+        self.fisher: dict[str, torch.Tensor] = {}  # ewc: accumulated importance, same layout
+        self.fisher_sum: dict[str, torch.Tensor] = {}  # ewc: this phase's sum of g^2 so far
+        self.phase, self.step, self.fisher_steps_seen = 0, 0, 0
+        self.penalty, self.penalty_sum, self.penalty_steps = 0.0, 0.0, 0
+
+    # -- phases
+    def begin_phase(self, phase: int) -> None:
+        self.phase, self.step, self.fisher_steps_seen = phase, 0, 0
+        self.fisher_sum = {}
+        self.penalty, self.penalty_sum, self.penalty_steps = 0.0, 0.0, 0
+
+    def end_phase(self, phase: int) -> dict[str, Any]:
+        """The weights now are the next phase's anchor; for ewc, this phase's Fisher joins the estimate."""
+        if self.cfg.kind == "ewc":
+            self._accumulate_fisher()
+        self.anchors = {name: part.flat.detach().float().clone() for name, part in self._weights()}
+        summary = {"phase": phase, "regularisation": self.cfg.kind, "reg_weight": self.cfg.weight}
+        if self.penalty_steps:
+            summary["reg_penalty_mean"] = self.penalty_sum / self.penalty_steps
+            summary["reg_penalty_last"] = self.penalty
+        if self.cfg.kind == "ewc":
+            summary["fisher_steps"] = self.fisher_steps_seen
+        return summary
+
+    # -- per step
+    def after_backward(self, engine: Any = None) -> None:
+        engine = engine if engine is not None else self.engine
+        if not engine.is_gradient_accumulation_boundary():
+            return
+        self.step += 1
+        scale = _loss_scale(engine)  # fp16 gradients are still multiplied by the loss scale here
+        window_start = self.phase_steps[self.phase - 1] - self.cfg.fisher_steps
+        collect = self.cfg.kind == "ewc" and self.step > window_start
+        penalty = torch.zeros((), dtype=torch.float64)
+        for name, weight, grad in self._weights_and_grads():
+            if collect:
+                g2 = (grad.float() / scale).square()
+                self.fisher_sum[name] = self.fisher_sum[name].add_(g2) if name in self.fisher_sum else g2
+            if name in self.anchors:
+                diff = weight.float() - self.anchors[name]
+                pull = diff * self.fisher[name] if self.cfg.kind == "ewc" else diff
+                penalty += 0.5 * self.cfg.weight * torch.dot(pull, diff).double()
+                grad.add_(pull.mul_(self.cfg.weight * scale))
+        self.fisher_steps_seen += collect
+        if self.anchors:
+            self._record_penalty(penalty)
+
+    def _record_penalty(self, local: torch.Tensor) -> None:
+        if self._partitioned():
+            dist.all_reduce(local, group=self.group)
+        self.penalty = local.item()
+        self.penalty_sum += self.penalty
+        self.penalty_steps += 1
+
+    def scalars(self) -> dict[str, float]:
+        return {"reg_penalty": self.penalty} if self.anchors else {}
+
+    # -- this rank's parts
+    def _weights(self):
+        for name, p in self.params:
+            part = local_weight(p)
+            if part is not None:
+                yield name, part
+
+    def _weights_and_grads(self):
+        """(name, fp32 weights, gradient over the same elements) of each part on this rank."""
+        for name, p in self.params:
+            weight = local_weight(p)
+            if weight is not None:
+                yield name, weight.flat, local_grad(p).narrow(weight.start, weight.numel)
+
+    def _partitioned(self) -> bool:
+        """Whether each rank holds a disjoint share (ZeRO-1/2/3) rather than a full copy (ZeRO-0)."""
+        return any(not part.replicated for _, part in self._weights())
+
+    def _accumulate_fisher(self) -> None:
+        """F <- decay * F + F_phase / mean(F_phase), the mean taken over every rank's share."""
+        if not self.fisher_steps_seen:
+            return
+        phase_fisher = {n: s / self.fisher_steps_seen for n, s in self.fisher_sum.items()}
+        fishers = phase_fisher.values()
+        totals = torch.tensor([sum(f.sum().item() for f in fishers), sum(f.numel() for f in fishers)])
+        totals = totals.double()
+        if self._partitioned():
+            dist.all_reduce(totals, group=self.group)
+        mean = (totals[0] / totals[1]).item() if totals[1] else 0.0
+        for name, f in phase_fisher.items():
+            f = f / mean if mean > 0 else torch.ones_like(f)
+            old = self.fisher.get(name)
+            self.fisher[name] = f if old is None else old.mul_(self.cfg.fisher_decay).add_(f)
+        self.fisher_sum = {}
+
+    # -- resume: everything here is this rank's own partition
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "fisher_steps_seen": self.fisher_steps_seen,
+            "anchors": self.anchors,
+            "fisher": self.fisher,
+            "fisher_sum": self.fisher_sum,
+            "penalty": (self.penalty, self.penalty_sum, self.penalty_steps),
+        }
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase, self.step = state["phase"], state["step"]
+        self.fisher_steps_seen = state["fisher_steps_seen"]
+        self.anchors, self.fisher, self.fisher_sum = state["anchors"], state["fisher"], state["fisher_sum"]
+        self.penalty, self.penalty_sum, self.penalty_steps = state["penalty"]
+
+
+def _loss_scale(engine: Any) -> float:
+    scale = getattr(getattr(engine, "optimizer", None), "loss_scale", 1.0)
+    return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else 1.0
