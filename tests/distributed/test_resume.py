@@ -2,6 +2,8 @@
 
 Each interrupted run is resumed with `--resume` and must end with the same loss curve, evaluation
 matrix and final weights as the uninterrupted run of the same config (bitwise: same world size, CPU).
+The cases: MIGU at ZeRO-2 and ZeRO-3, and MIGU on LoRA adapters (with dropout) at ZeRO-3, whose
+uninterrupted run also serves the LoRA pipeline checks below (one launch fewer).
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
+# case: (ZeRO stage, sections added to the config)
+CASES = {"zero2": (2, {}), "zero3": (3, {}), "zero3-lora": (3, {"lora": {"r": 4, "dropout": 0.1}})}
 
-def _config(tmp, name: str, stage: int, steps: int = 4):
+
+def _config(tmp, name: str, case: str, steps: int = 4):
+    stage, sections = CASES[case]
     cfg = tiny_run_config(
         tmp,
         stage=stage,
         steps=steps,
         method={"name": "migu", "start_phase": 2},
         checkpoint={"save_every": 2, "keep": 2},
+        **sections,
     )
     cfg["output_dir"] = str(tmp / name)
     return write_config(cfg, tmp / f"{name}.yaml")
@@ -52,17 +59,17 @@ def _same_run(a, b):
         assert torch.equal(wa[key], wb[key]), key
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda s: f"zero{s}")
+@pytest.fixture(scope="module", params=list(CASES))
 def reference(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"resume{request.param}")
+    tmp = tmp_path_factory.mktemp(f"resume-{request.param}")
     cfg = _config(tmp, "reference", request.param)
     assert_ok(_train(cfg))
     return tmp, request.param
 
 
 def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
-    tmp, stage = reference
-    cfg = _config(tmp, "killed", stage)
+    tmp, case = reference
+    cfg = _config(tmp, "killed", case)
     killed = _train(cfg, env={"PRETRAIN_FAULT": "kill:7"})  # phase 2, step 3: after the step-6 checkpoint
     assert killed.returncode != 0
     assert (tmp / "killed" / "checkpoints" / "latest").read_text() == "step-6"
@@ -74,10 +81,10 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(reference):
-    tmp, stage = reference
-    if stage != 2:
+    tmp, case = reference
+    if case != "zero2":
         pytest.skip("the checkpoint marker logic is stage-independent; covered at ZeRO-2")
-    cfg = _config(tmp, "crashed", stage)
+    cfg = _config(tmp, "crashed", case)
     crashed = _train(cfg, env={"PRETRAIN_FAULT": "crash_saving:phase-2"})
     assert crashed.returncode != 0
     # the shards of phase-2 were written, but `latest` still names the last complete checkpoint
@@ -85,6 +92,43 @@ def test_crash_while_saving_keeps_previous_checkpoint(reference):
     assert (tmp / "crashed" / "checkpoints" / "phase-2").is_dir()
     assert_ok(_train(cfg, "--resume"))
     _same_run(tmp / "reference", tmp / "crashed")
+
+
+def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(reference):
+    """The LoRA case's uninterrupted run at ZeRO-3: at the end every base weight is bitwise the initial
+    one (DeepSpeed's checkpoint, shards gathered), MIGU masked the adapters and nothing else, and the
+    export of phase 2 (gathered from the shards, merged on rank 0), read as `pretrain eval` reads it, is
+    the merged model of that checkpoint: the bounds are in tests/lora_checks.py."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from lora_checks import assert_export_is_merged
+
+    from pretrain.config import load_config
+    from pretrain.eval_job import _model_for_row
+    from pretrain.methods.lora import apply_lora
+    from pretrain.model import build_model
+
+    tmp, case = reference
+    if "lora" not in case:
+        pytest.skip("LoRA case only")
+    run = tmp / "reference"
+    cfg = load_config(run / "config.yaml")
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="phase-2")
+    exported, tokenizer = _model_for_row(cfg, run, 2)
+    model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
+    initial = model.state_dict()
+    assert trained.keys() == initial.keys()
+    adapters = {k for k in initial if ".lora_A." in k or ".lora_B." in k}
+    assert adapters and all(not torch.equal(trained[k], initial[k]) for k in adapters)
+    for key in initial.keys() - adapters:
+        assert torch.equal(trained[key], initial[key]), key
+    summary = json.loads((run / "metrics.json").read_text())["migu"][1]
+    assert summary["masked"] and {f"{n}.weight" for n in summary["kept_fraction"]} == adapters
+    assert summary["kept_fraction"] == summary["expected_kept_fraction"]
+    model.load_state_dict(trained)
+    tokens = torch.randint(
+        0, len(tokenizer), (2, cfg.train.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    assert_export_is_merged(model, exported, tokens)
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path):
