@@ -30,6 +30,7 @@ def apply_lora(cfg: LoraConfig | None, model: nn.Module) -> nn.Module:
     """The model with LoRA adapters on `cfg.target_modules` (peft), or the model itself when cfg is None."""
     if cfg is None:
         return model
+    _check_targets(model, cfg.target_modules)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -37,7 +38,6 @@ def apply_lora(cfg: LoraConfig | None, model: nn.Module) -> nn.Module:
         target_modules=list(cfg.target_modules),
         bias="none",
     )
-    _check_targets(model, cfg.target_modules)
     wrapped = get_peft_model(model, peft_cfg)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())
