@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pretrain.distributed import DistInfo, barrier, broadcast_object
+from pretrain.methods.lora import export_state
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -138,7 +139,10 @@ def _fault_point(name: str) -> None:
 
 
 def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
-    """A standalone transformers model (config, safetensors, tokenizer) of the current weights."""
+    """A standalone transformers model (config, safetensors, tokenizer) of the current weights.
+
+    With LoRA it is the merged model in the base model's format, merged from the gathered copy.
+    """
     if engine.zero_optimization_stage() == 3:
         # ZeRO-3 holds a shard per rank: every rank takes part in gathering the full state dict.
         state = engine._zero3_consolidated_16bit_state_dict()
@@ -146,6 +150,7 @@ def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
         state = engine.module.state_dict() if is_main else None
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        engine.module.save_pretrained(str(out_dir), state_dict=state)
+        model, state = export_state(engine.module, state)
+        model.save_pretrained(str(out_dir), state_dict=state)
         tokenizer.save_pretrained(str(out_dir))
     barrier()

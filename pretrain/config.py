@@ -126,6 +126,21 @@ class ReplayConfig:
     sources: list[ReplaySourceConfig] = field(default_factory=list)
 
 
+# Llama's attention and MLP projections: the linear layers of every transformer block
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(config=_STRICT)
+class LoraConfig:
+    """LoRA adapters (peft) instead of full training: W x + (alpha / r) B A x on each targeted layer."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # module names as peft matches them (a name, or the end of a dotted path); linear layers only
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1)
+
+
 @dataclass(config=_STRICT)
 class RegularisationConfig:
     """A pull toward the previous phase's weights (pretrain/methods/regularisation.py), from phase 2 on."""
@@ -156,6 +171,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     regularisation: RegularisationConfig = field(default_factory=RegularisationConfig)
+    lora: LoraConfig | None = None  # None: every weight trains
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def domain(self, name: str) -> DomainConfig:

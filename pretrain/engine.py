@@ -38,14 +38,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The optimizer over the parameters that train (with LoRA the adapters only: no state for the rest)."""
     t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
     # decay matrices only: norms and biases are conventionally left out
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+    # no empty group (LoRA has no 1-D parameter): ZeRO drops it, and the scheduler's per-group lrs would
+    # no longer line up with the optimizer's groups
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas))
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, phase_steps: list[int], world_size: int):

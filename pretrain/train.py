@@ -31,6 +31,7 @@ from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
 from pretrain.methods import Method, build_methods
+from pretrain.methods.lora import apply_lora
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_summary
@@ -327,7 +328,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     plan = prepare_run_dir(cfg, dist, resume)
     tokenizer = _tokenizer_rank0_first(cfg, dist)
     phase_steps = [steps_for_phase(p, cfg.train, dist.world_size) for p in cfg.phases]
-    model = build_model(cfg.model, len(tokenizer), cfg.train.seed)
+    model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     engine = build_engine(cfg, model, phase_steps, dist.world_size)
     method = build_methods(
         cfg.method, cfg.regularisation, engine.module, engine, phase_steps, seed=cfg.train.seed

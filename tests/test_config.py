@@ -47,12 +47,32 @@ def test_overrides_reach_nested_and_list_keys(cfg_file):
             "key `deepspeed.config`: file /nonexistent/ds.json does not exist",
         ),
         ("phases.0.tokens=1000", "key `phases.0`: give exactly one of `steps` or `tokens`"),
+        ("lora.r=0", "key `lora.r`: Input should be greater than 0"),
+        ("lora.dropout=1", "key `lora.dropout`: Input should be less than 1"),
+        ("lora.target_modules=[]", "key `lora.target_modules`: List should have at least 1 item"),
+        ("lora.rank=4", "unknown key `lora.rank`"),
     ],
 )
 def test_bad_values_name_the_key(cfg_file, override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(cfg_file, [override])
     assert expected in str(err.value)
+
+
+def test_lora_is_off_by_default_and_a_section_turns_it_on(cfg_file):
+    assert load_config(cfg_file).lora is None
+    lora = load_config(cfg_file, ["lora={}"]).lora
+    assert (lora.r, lora.alpha, lora.dropout) == (8, 16.0, 0.0)
+    assert lora.target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    assert load_config(cfg_file, ["lora.r=16"]).lora.r == 16
 
 
 def test_missing_and_empty_corpus_files_are_named(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_run_config, write_config
 
 from pretrain.checkpoint import COMPLETE, LATEST
-from pretrain.config import load_config, save_config
+from pretrain.config import LoraConfig, load_config, save_config
 from pretrain.distributed import DistInfo
 from pretrain.rundir import RunDirError, prepare_run_dir, resumable
 
@@ -69,6 +69,17 @@ def test_resume_refuses_other_changes_naming_them(started):
     _checkpointed(run)
     cfg.train.seq_len, cfg.train.lr = 16, 1e-4
     with pytest.raises(RunDirError, match=r"different config \(train.seq_len\); a resumed run may change"):
+        prepare_run_dir(cfg, ONE, resume=True)
+
+
+def test_resume_refuses_turning_lora_on(started):
+    """A checkpoint of full training cannot go on as a LoRA run, nor the other way round."""
+    cfg, run = started
+    _checkpointed(run)
+    cfg.lora = LoraConfig()
+    with pytest.raises(
+        RunDirError, match=r"different config \(lora.alpha, lora.dropout, lora.r, lora.target_modules\)"
+    ):
         prepare_run_dir(cfg, ONE, resume=True)
 
 

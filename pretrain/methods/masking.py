@@ -57,12 +57,17 @@ def _linear_types() -> tuple[type, ...]:
 
 
 def select_layers(model: nn.Module, include: list[str], exclude: list[str]) -> list[tuple[str, nn.Module]]:
-    """Linear layers whose name matches an include pattern and no exclude pattern (re.search)."""
+    """Trainable linear layers whose name matches an include pattern and no exclude pattern (re.search).
+
+    Frozen layers have no gradient to mask: with LoRA that leaves the adapters' own `lora_A.default` and
+    `lora_B.default` (inside the blocks, so the default include finds them) and skips each `base_layer`.
+    """
     types = _linear_types()
     return [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(m, types)
+        and m.weight.requires_grad
         and any(re.search(p, name) for p in include)
         and not any(re.search(p, name) for p in exclude)
     ]
@@ -148,7 +153,7 @@ class GradientMask(MethodBase):
         self.cfg, self.model, self.engine = cfg, model, engine
         self.layers = select_layers(model, cfg.include, cfg.exclude)
         if not self.layers:
-            raise ValueError(f"method {cfg.name}: no linear layer matches include={cfg.include}")
+            raise ValueError(f"method {cfg.name}: no trainable linear layer matches include={cfg.include}")
         self.groups = _group_layers(self.layers, cfg.threshold)
         self.group = getattr(engine, "data_parallel_group", None)
         self.grad_accum = engine.gradient_accumulation_steps() if engine is not None else grad_accum

@@ -1,10 +1,10 @@
 """One rank of a MIGU run under DeepSpeed (launched by test_migu_zero.py with the `deepspeed` launcher).
 
-For one ZeRO stage it trains a tiny Llama several steps per case (optimizer, accumulation, precision),
-each rank on its own micro-batches, and saves the masks of every step (per rank) and the final fp32
-weights (rank 0). The data and model helpers are shared with the single-process reference in the test.
-A case with regularisation trains two phases: phase 1 unmasked (its end sets the anchors and, for ewc,
-the Fisher), phase 2 masked with the pull; each rank also saves the size of its anchors.
+For one ZeRO stage it trains a tiny Llama several steps per case (optimizer, accumulation, precision,
+LoRA adapters on it), each rank on its own micro-batches, and saves the masks of every step (per rank) and
+the final fp32 weights (rank 0). The data and model helpers are shared with the single-process reference
+in the test. A case with regularisation trains two phases: phase 1 unmasked (its end sets the anchors
+and, for ewc, the Fisher), phase 2 masked with the pull; each rank also saves the size of its anchors.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Case(NamedTuple):
     clip: float
     fp32_grad_accum: bool = False  # bf16 with fp32 accumulation: DeepSpeed's BF16_Optimizer, ZeRO-1 only
     reg: str = "none"  # regularisation.kind
+    lora: bool = False  # LoRA adapters (pretrain.methods.lora) on the tiny Llama: MIGU masks their rows
 
     def runs_at(self, stage: int) -> bool:
         return stage == 1 or not self.fp32_grad_accum
@@ -40,7 +41,10 @@ CASES = {
     "sgd_accum2_bf16_fp32acc": Case("sgd", 2, True, 0.0, fp32_grad_accum=True),
     "sgd_accum2_l2": Case("sgd", 2, False, 0.0, reg="l2"),
     "sgd_accum1_clip_ewc": Case("sgd", 1, False, 0.5, reg="ewc"),
+    "lora_sgd_accum2": Case("sgd", 2, False, 0.0, lora=True),
 }
+# r = 16: a layer keeps 16 - floor(0.7 * 16) = 5 adapter rows a step, so 3 steps leave some never kept
+LORA_R, LORA_ALPHA = 16, 16.0
 
 
 def tiny_llama():
@@ -62,6 +66,27 @@ def tiny_llama():
     return model
 
 
+def build_model(case: Case) -> torch.nn.Module:
+    """The case's model: the tiny Llama, or LoRA adapters on it with B drawn at random.
+
+    B starts at zero in a fresh adapter: then A has no gradient and B's outputs no magnitude to rank in the
+    first step. Random values, as B has after a phase of training, make both rules act from step one.
+    """
+    model = tiny_llama()
+    if not case.lora:
+        return model
+    from pretrain.config import LoraConfig
+    from pretrain.methods.lora import apply_lora
+
+    model = apply_lora(LoraConfig(r=LORA_R, alpha=LORA_ALPHA), model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
 def batches(grad_accum: int, steps: int = STEPS) -> torch.Tensor:
     """[step, micro, rank, batch, seq] token ids: every rank sees different data."""
     g = torch.Generator().manual_seed(7)
@@ -69,9 +94,10 @@ def batches(grad_accum: int, steps: int = STEPS) -> torch.Tensor:
 
 
 def optimizer_for(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # as build_optimizer: LoRA's adapters only
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=LR)
-    return torch.optim.AdamW(model.parameters(), lr=LR * 0.1, weight_decay=0.0)
+        return torch.optim.SGD(params, lr=LR)
+    return torch.optim.AdamW(params, lr=LR * 0.1, weight_decay=0.0)
 
 
 def method_config():
@@ -94,9 +120,9 @@ def run_case(name: str, stage: int, out: Path) -> None:
 
     from pretrain.methods import build_methods
 
-    opt_name, grad_accum, bf16, clip, fp32_grad_accum, reg = CASES[name]
+    opt_name, grad_accum, bf16, clip, fp32_grad_accum, reg, _ = CASES[name]
     rank = dist.get_rank()
-    model = tiny_llama()
+    model = build_model(CASES[name])
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": grad_accum,
@@ -140,6 +166,10 @@ def run_case(name: str, stage: int, out: Path) -> None:
             masters.update({id(lp): hp for lp, hp in zip(lps, hps, strict=True)})
     weights = {}
     for pname, p in engine.module.named_parameters():
+        if hasattr(p, "ds_id") and not p.requires_grad:  # ZeRO-3, frozen (LoRA's base): no optimizer copy
+            with deepspeed.zero.GatheredParameters([p]):
+                weights[pname] = p.detach().float().clone()
+            continue
         full = safe_get_full_fp32_param(p)  # gathers ZeRO-1/2/3 partitions; None without a fragment mapping
         weights[pname] = (full if full is not None else masters.get(id(p), p)).detach().float().clone()
     summary = method.end_phase(2)  # on every rank: ewc's Fisher is a collective

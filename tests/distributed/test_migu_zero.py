@@ -1,8 +1,10 @@
 """MIGU is exact under DeepSpeed: a 2-rank run at ZeRO 0, 1, 2 and 3 equals a single-process reference.
 
 One `deepspeed` launch per stage trains every case of migu_worker.CASES (SGD and AdamW with clipping,
-accumulation 1 and 2, bf16 with bf16 or fp32 accumulation); the reference below is the paper's rule
-written out over the full batch. bf16 runs are checked for exact masking, not against the fp32 reference.
+accumulation 1 and 2, bf16 with bf16 or fp32 accumulation, LoRA adapters); the reference below is the
+paper's rule written out over the full batch (for LoRA: A's rows by |x A^T|, B's rows by |x A^T B^T|, as
+the published code hooks lora_A and lora_B). bf16 runs are checked for exact masking, not against the
+fp32 reference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_ok, run_deepspeed
 
 pytestmark = pytest.mark.distributed
@@ -25,6 +28,7 @@ _spec.loader.exec_module(worker)
 
 FP32_CASES = [name for name, case in worker.CASES.items() if not case.bf16 and case.reg == "none"]
 REG_CASES = [name for name, case in worker.CASES.items() if case.reg != "none"]
+LORA_CASES = [name for name, case in worker.CASES.items() if case.lora]
 BF16_CASES = [name for name, case in worker.CASES.items() if case.bf16]
 THRESHOLD = worker.method_config().threshold
 
@@ -45,8 +49,13 @@ def outputs(stage_run: tuple[int, Path], case: str) -> Path:
 
 
 def masked_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The default selection: every nn.Linear inside a transformer block (`model.layers.N.`)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    """The default selection: every trainable nn.Linear inside a transformer block (`model.layers.N.`);
+    with LoRA these are the adapters' lora_A and lora_B, not the frozen base layers."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in n and m.weight.requires_grad
+    }
 
 
 def top_units(n: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -59,6 +68,33 @@ def top_units(n: torch.Tensor, threshold: float) -> torch.Tensor:
     return mask
 
 
+def record_outputs(layers: dict[str, torch.nn.Linear], n: dict[str, torch.Tensor]) -> list:
+    """Hooks adding sum_tokens |h_i| of each layer's output h into n[name]."""
+
+    def record(module, x, h, slot):
+        slot += h.detach().abs().sum((0, 1))
+
+    return [m.register_forward_hook(partial(record, slot=n[name])) for name, m in layers.items()]
+
+
+def record_adapter_outputs(model: torch.nn.Module, n: dict[str, torch.Tensor]) -> list:
+    """Hooks on each LoRA layer adding |x A^T| into n[<layer>.lora_A.default] and |x A^T B^T| into
+    n[<layer>.lora_B.default], from the layer's input x (dropout 0: the adapters see x itself)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    def record(module, args, output, name):
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        xa = F.linear(args[0].detach(), a.detach())
+        n[f"{name}.lora_A.default"] += xa.abs().sum((0, 1))
+        n[f"{name}.lora_B.default"] += F.linear(xa, b.detach()).abs().sum((0, 1))
+
+    return [
+        m.register_forward_hook(partial(record, name=name))
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLinear)
+    ]
+
+
 @cache
 def reference(case: str, reg_weight: float = worker.REG_WEIGHT) -> tuple[dict[str, torch.Tensor], list]:
     """Plain single-process MIGU: the full batch is both ranks' micro-batches of the step.
@@ -66,13 +102,13 @@ def reference(case: str, reg_weight: float = worker.REG_WEIGHT) -> tuple[dict[st
     A regularised case first trains phase 1 unmasked, then phase 2 masked on loss + the penalty
     reg_weight/2 * sum F (w - anchor)^2, differentiated by autograd (not the method's own gradient rule).
     """
-    opt_name, grad_accum, _, clip, _, reg = worker.CASES[case]
-    model = worker.tiny_llama()
+    opt_name, grad_accum, _, clip, _, reg, lora = worker.CASES[case]
+    model = worker.build_model(worker.CASES[case])
     optimizer = worker.optimizer_for(opt_name, model)
     params = dict(model.named_parameters())
     if reg == "none":
         data = worker.batches(grad_accum)
-        return _reference_phase(model, optimizer, data, grad_accum, clip, masked=True), None
+        return _reference_phase(model, optimizer, data, grad_accum, clip, masked=True, lora=lora), None
     data = worker.batches(grad_accum, 2 * worker.STEPS)
     squares = _reference_phase(model, optimizer, data[: worker.STEPS], grad_accum, clip, masked=False)
     anchors = {n: p.detach().clone() for n, p in params.items()}
@@ -88,17 +124,13 @@ def reference(case: str, reg_weight: float = worker.REG_WEIGHT) -> tuple[dict[st
     return (weights, masks), anchors
 
 
-def _reference_phase(model, optimizer, data, grad_accum, clip, masked, penalty=None):
+def _reference_phase(model, optimizer, data, grad_accum, clip, masked, penalty=None, lora=False):
     """STEPS steps; masked: (final weights, masks per step); else the mean g^2 of the last FISHER_STEPS."""
     layers = masked_layers(model)
     all_masks, squares = [], {}
     for step in range(len(data)):
         n = {name: torch.zeros(m.out_features) for name, m in layers.items()}  # n_i = sum_tokens |h_i|
-
-        def record(module, x, h, slot):
-            slot += h.detach().abs().sum((0, 1))
-
-        hooks = [m.register_forward_hook(partial(record, slot=n[name])) for name, m in layers.items()]
+        hooks = record_adapter_outputs(model, n) if lora else record_outputs(layers, n)
         optimizer.zero_grad()
         for micro in range(grad_accum):
             for rank in range(worker.WORLD):
@@ -126,11 +158,11 @@ def _reference_phase(model, optimizer, data, grad_accum, clip, masked, penalty=N
     return weights, all_masks
 
 
-def _ordered_masks(method_masks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def _ordered_masks(method_masks: list[dict[str, torch.Tensor]], case: str) -> torch.Tensor:
     """The reference's masks in the method's flat layout (layers grouped by d_out, in model order)."""
     from pretrain.methods.masking import _group_layers
 
-    model = worker.tiny_llama()
+    model = worker.build_model(worker.CASES[case])
     groups = _group_layers(list(masked_layers(model).items()), THRESHOLD)
     return torch.stack([torch.cat([step[n] for g in groups for n in g.names]) for step in method_masks])
 
@@ -165,7 +197,7 @@ def weight_tolerance(case: str) -> dict[str, float]:
     optimizer_name = worker.CASES[case].optimizer
     if optimizer_name == "sgd":
         return {"rtol": 1e-5, "atol": 1e-6}
-    defaults = worker.optimizer_for(optimizer_name, worker.tiny_llama()).defaults
+    defaults = worker.optimizer_for(optimizer_name, worker.build_model(worker.CASES[case])).defaults
     beta1, beta2 = defaults["betas"]
     steps = range(1, worker.STEPS + 1)
     return {"rtol": 0.0, "atol": 2 * defaults["lr"] * sum(adam_step_bound(t, beta1, beta2) for t in steps)}
@@ -177,23 +209,25 @@ def test_weights_and_masks_equal_the_single_process_reference(stage_run, case):
     result = torch.load(out / f"{case}.pt")
     (ref_weights, ref_masks), _ = reference(case)
     masks = torch.load(out / f"{case}.masks.rank0.pt")
-    assert torch.equal(masks, _ordered_masks(ref_masks))
+    assert torch.equal(masks, _ordered_masks(ref_masks, case))
     tolerance = weight_tolerance(case)
     for name, ref in ref_weights.items():
         torch.testing.assert_close(result["weights"][name], ref, **tolerance, msg=name)
-    model = worker.tiny_llama()
+    model = worker.build_model(worker.CASES[case])
     init = dict(model.named_parameters())  # the run did move: the comparison is not vacuous
     assert all(not torch.equal(ref_weights[f"{n}.weight"], init[f"{n}.weight"]) for n in masked_layers(model))
 
 
-def rows_moved_and_kept(weights: dict[str, torch.Tensor], masks: torch.Tensor, init_dtype: torch.dtype):
+def rows_moved_and_kept(
+    weights: dict[str, torch.Tensor], masks: torch.Tensor, init_dtype: torch.dtype, case: str
+):
     """Per masked layer: (rows that differ from their initial value, rows some step kept), as lists of bool.
 
     `init_dtype` is the precision the run's parameters started in (bf16 runs round the fp32 init).
     """
     from pretrain.methods.masking import _group_layers
 
-    model = worker.tiny_llama()
+    model = worker.build_model(worker.CASES[case])
     ever_kept = masks.amax(0)
     offset, out = 0, {}
     for g in _group_layers(list(masked_layers(model).items()), THRESHOLD):
@@ -212,7 +246,7 @@ def test_rows_move_exactly_when_kept(stage_run, case):
     out = outputs(stage_run, case)
     weights = torch.load(out / f"{case}.pt")["weights"]
     masks = torch.load(out / f"{case}.masks.rank0.pt")
-    for name, (moved, kept) in rows_moved_and_kept(weights, masks, torch.float32).items():
+    for name, (moved, kept) in rows_moved_and_kept(weights, masks, torch.float32, case).items():
         assert moved == kept, name
         assert 0 < sum(kept) < len(kept), name  # some rows kept, some never: the check has both kinds
 
@@ -225,7 +259,25 @@ def test_masks_identical_on_all_ranks_with_kept_fraction_one_minus_t(stage_run, 
     assert torch.equal(rank0, rank1)
     summary = torch.load(out / f"{case}.pt")["summary"]
     assert summary["kept_fraction"] == summary["expected_kept_fraction"]
-    assert summary["kept_fraction"]["model.layers.0.mlp.up_proj"] == 20 / 64  # 64 - floor(0.7 * 64)
+    layer = "model.layers.0.mlp.up_proj"
+    if worker.CASES[case].lora:  # the adapter's B has up_proj's 64 output units
+        layer = f"base_model.model.{layer}.lora_B.default"
+    assert summary["kept_fraction"][layer] == 20 / 64  # 64 - floor(0.7 * 64)
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_leaves_every_base_weight_bit_identical(stage_run, case):
+    """Only the adapters train: every frozen tensor (embeddings, norms, each base_layer, lm_head) ends
+    bitwise as it started, at every ZeRO stage, and every adapter matrix moved."""
+    out = outputs(stage_run, case)
+    weights = torch.load(out / f"{case}.pt")["weights"]
+    init = dict(worker.build_model(worker.CASES[case]).named_parameters())
+    frozen = [name for name, p in init.items() if not p.requires_grad]
+    assert len(frozen) == 1 + 2 * 9 + 2  # embeddings; per block 7 base layers, 2 norms; final norm, lm_head
+    for name in frozen:
+        assert torch.equal(weights[name], init[name].detach()), name
+    for name in (n for n, p in init.items() if p.requires_grad):
+        assert not torch.equal(weights[name], init[name].detach()), name
 
 
 @pytest.mark.parametrize("case", BF16_CASES)
@@ -234,7 +286,7 @@ def test_bf16_sgd_changes_exactly_the_rows_ever_kept(stage_run, case):
     out = outputs(stage_run, case)
     weights = torch.load(out / f"{case}.pt")["weights"]
     masks = torch.load(out / f"{case}.masks.rank0.pt")
-    for name, (moved, kept) in rows_moved_and_kept(weights, masks, torch.bfloat16).items():
+    for name, (moved, kept) in rows_moved_and_kept(weights, masks, torch.bfloat16, case).items():
         assert moved == kept, name
 
 
@@ -246,7 +298,7 @@ def test_regularised_phase_equals_the_autograd_reference(stage_run, case):
     stage, out = stage_run
     result = torch.load(out / f"{case}.pt")
     (ref_weights, ref_masks), anchors = reference(case)
-    assert torch.equal(torch.load(out / f"{case}.masks.rank0.pt"), _ordered_masks(ref_masks))
+    assert torch.equal(torch.load(out / f"{case}.masks.rank0.pt"), _ordered_masks(ref_masks, case))
     for name, ref in ref_weights.items():
         torch.testing.assert_close(result["weights"][name], ref, **weight_tolerance(case), msg=name)
     (free, _), _ = reference(case, reg_weight=0.0)

@@ -2,8 +2,10 @@
 
 Each interrupted run is resumed with `--resume` and must end with the same loss curve, evaluation
 matrix, method statistics and final weights as the uninterrupted run of the same config (bitwise: same
-world size, CPU). The run stacks every method with state: MIGU's masks, EWC's anchors and Fisher (each
-rank's own ZeRO partition) and replay's stream of the earlier domain.
+world size, CPU). Every case stacks the methods with state: MIGU's masks, EWC's anchors and Fisher (each
+rank's own ZeRO partition) and replay's stream of the earlier domain. The cases: ZeRO-2, ZeRO-3, and
+MIGU on LoRA adapters (with dropout) at ZeRO-3, whose uninterrupted run also serves the LoRA pipeline
+checks below (one launch fewer).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
+# case: (ZeRO stage, sections added to the config)
+CASES = {"zero2": (2, {}), "zero3": (3, {}), "zero3-lora": (3, {"lora": {"r": 4, "dropout": 0.1}})}
 
-def _config(tmp, name: str, stage: int, steps: int = 4):
+
+def _config(tmp, name: str, case: str, steps: int = 4):
+    stage, sections = CASES[case]
     cfg = tiny_run_config(
         tmp,
         stage=stage,
@@ -31,6 +37,7 @@ def _config(tmp, name: str, stage: int, steps: int = 4):
         regularisation={"kind": "ewc", "weight": 1.0, "fisher_steps": 2},
         replay={"share": 0.25},
         checkpoint={"save_every": 2, "keep": 2},
+        **sections,
     )
     cfg["output_dir"] = str(tmp / name)
     return write_config(cfg, tmp / f"{name}.yaml")
@@ -57,17 +64,17 @@ def _same_run(a, b):
         assert torch.equal(wa[key], wb[key]), key
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda s: f"zero{s}")
+@pytest.fixture(scope="module", params=list(CASES))
 def reference(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"resume{request.param}")
+    tmp = tmp_path_factory.mktemp(f"resume-{request.param}")
     cfg = _config(tmp, "reference", request.param)
     assert_ok(_train(cfg))
     return tmp, request.param
 
 
 def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
-    tmp, stage = reference
-    cfg = _config(tmp, "killed", stage)
+    tmp, case = reference
+    cfg = _config(tmp, "killed", case)
     killed = _train(cfg, env={"PRETRAIN_FAULT": "kill:7"})  # phase 2, step 3: after the step-6 checkpoint
     assert killed.returncode != 0
     assert (tmp / "killed" / "checkpoints" / "latest").read_text() == "step-6"
@@ -79,10 +86,10 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(reference):
-    tmp, stage = reference
-    if stage != 2:
+    tmp, case = reference
+    if case != "zero2":
         pytest.skip("the checkpoint marker logic is stage-independent; covered at ZeRO-2")
-    cfg = _config(tmp, "crashed", stage)
+    cfg = _config(tmp, "crashed", case)
     crashed = _train(cfg, env={"PRETRAIN_FAULT": "crash_saving:phase-2"})
     assert crashed.returncode != 0
     # the shards of phase-2 were written, but `latest` still names the last complete checkpoint
@@ -95,15 +102,52 @@ def test_crash_while_saving_keeps_previous_checkpoint(reference):
 def test_stop_inside_a_masked_step_then_resume_equals_uninterrupted(reference):
     """A stop (here a NaN, as a SIGTERM would) comes after the step's forward: what MIGU recorded in it
     must not travel in the stop checkpoint, since the resumed run forwards that step again."""
-    tmp, stage = reference
-    if stage != 2:
+    tmp, case = reference
+    if case != "zero2":
         pytest.skip("the stop path is stage-independent; covered at ZeRO-2")
-    cfg = _config(tmp, "stopped", stage)
+    cfg = _config(tmp, "stopped", case)
     stopped = _train(cfg, env={"PRETRAIN_FAULT": "nan_loss:7"})  # phase 2 (masked), step 3
     assert stopped.returncode != 0
     assert (tmp / "stopped" / "checkpoints" / "latest").read_text() == "step-6-stop"
     assert_ok(_train(cfg, "--resume"))
     _same_run(tmp / "reference", tmp / "stopped")
+
+
+def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(reference):
+    """The LoRA case's uninterrupted run at ZeRO-3: at the end every base weight is bitwise the initial
+    one (DeepSpeed's checkpoint, shards gathered), MIGU masked the adapters and nothing else, and the
+    export of phase 2 (gathered from the shards, merged on rank 0), read as `pretrain eval` reads it, is
+    the merged model of that checkpoint: the bounds are in tests/lora_checks.py."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from lora_checks import assert_export_is_merged
+
+    from pretrain.config import load_config
+    from pretrain.eval_job import _model_for_row
+    from pretrain.methods.lora import apply_lora
+    from pretrain.model import build_model
+
+    tmp, case = reference
+    if "lora" not in case:
+        pytest.skip("LoRA case only")
+    run = tmp / "reference"
+    cfg = load_config(run / "config.yaml")
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="phase-2")
+    exported, tokenizer = _model_for_row(cfg, run, 2)
+    model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
+    initial = model.state_dict()
+    assert trained.keys() == initial.keys()
+    adapters = {k for k in initial if ".lora_A." in k or ".lora_B." in k}
+    assert adapters and all(not torch.equal(trained[k], initial[k]) for k in adapters)
+    for key in initial.keys() - adapters:
+        assert torch.equal(trained[key], initial[key]), key
+    summary = json.loads((run / "metrics.json").read_text())["migu"][1]
+    assert summary["masked"] and {f"{n}.weight" for n in summary["kept_fraction"]} == adapters
+    assert summary["kept_fraction"] == summary["expected_kept_fraction"]
+    model.load_state_dict(trained)
+    tokens = torch.randint(
+        0, len(tokenizer), (2, cfg.train.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    assert_export_is_merged(model, exported, tokens)
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path):
