@@ -104,9 +104,10 @@ def report(times: dict[str, list[float]], args: argparse.Namespace, load: tuple[
         f"python benchmarks/method_cost.py --rounds {args.rounds}",
         "```",
         "",
-        f"`pretrain train` on the demo model (configs/demo.yaml), phase 1 code ({PHASE1_STEPS} steps), phase 2",
-        f"docs ({PHASE2_STEPS} steps); the time is phase 2's seconds per optimizer step from metrics.json",
-        f"(data, forward, backward, method, step), median over {args.rounds} rounds in rotated order.",
+        f"`pretrain train` on the demo model (configs/demo.yaml), phase 1 code ({PHASE1_STEPS} steps),",
+        f"phase 2 docs ({PHASE2_STEPS} steps); the time is phase 2's seconds per optimizer step from",
+        f"metrics.json (data, forward, backward, method, step), median over {args.rounds} rounds in rotated",
+        "order.",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after. Differences of a few percent are within the noise.",
         "",
