@@ -69,6 +69,9 @@ class TrainConfig:
     micro_batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     seq_len: int = Field(128, gt=1)
+    # documents per domain in the seeded shuffle buffer of the training streams (pretrain/shuffle.py), so
+    # train.seed chooses the sample; 0: file order
+    shuffle_buffer: int = Field(1000, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)

@@ -1,6 +1,7 @@
 """Training data: local corpora streamed as documents, tokenized on the fly and packed into fixed blocks.
 
-A domain's documents are read in file order through `datasets` streaming (nothing is loaded whole),
+A domain's documents are read in file order through `datasets` streaming (nothing is loaded whole;
+a training stream may shuffle that order with a seed: pretrain/shuffle.py),
 tokenized in batches, each followed by EOS, and cut into blocks of exactly seq_len tokens. A document
 longer than PIECE_CHARS is tokenized in pieces cut where the cut does not change its tokens, and packed
 from the pieces as they come, so reading a corpus holds a bounded number of token ids whatever its
@@ -32,6 +33,8 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+
+from pretrain.shuffle import Shuffle, shuffled
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 256  # texts per tokenizer call, within PIECE_CHARS: the fast tokenizer parallelises a call
@@ -470,6 +473,7 @@ class TrainStream:
         micro_batch_size,
         skip: SkipCounter | None = None,
         min_blocks: int | None = None,
+        shuffle: Shuffle | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -481,6 +485,7 @@ class TrainStream:
         self.micro_batch_size = micro_batch_size
         self.eos_id = _eos_id(tokenizer)
         self.skip = skip
+        self.shuffle = shuffle  # None: documents in file order
         self._skipped = 0  # bad records counted into skip: the first ones any pass meets
         self._pos = _Position()
         self._check_size(min_blocks)
@@ -500,7 +505,10 @@ class TrainStream:
     def _blocks(self, pos: _Position) -> Iterator[tuple[int, list[int], int, int]]:
         """(block number in the epoch, block, next doc, next offset) from `pos` to the end of the epoch."""
         skip = None if self.skip is None else _NewSkips(self)
-        texts = islice(read_documents(self.files, self.text_field, skip), pos.doc, None)
+        docs = read_documents(self.files, self.text_field, skip)
+        if self.shuffle is not None:  # documents count in shuffled order: pos.doc is the same either way
+            docs = shuffled(docs, self.shuffle, pos.epoch)
+        texts = islice(docs, pos.doc, None)
         pieces = _token_pieces(texts, self.tokenizer)
         packed = _pack_pieces(pieces, self.seq_len, self.eos_id, pos.doc, pos.offset)
         for n, (block, doc, offset) in enumerate(packed, start=pos.block):
@@ -529,16 +537,17 @@ class TrainStream:
             "world_size": self.world_size,
             "seq_len": self.seq_len,
             "files": list(self.files),
+            "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
             "skipped": self._skipped,
         }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("rank", "world_size", "seq_len", "files"):
+        for key in ("rank", "world_size", "seq_len", "files", "shuffle"):
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"data stream state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
-                    "a resumed run needs the same files, sequence length and ranks"
+                    "a resumed run needs the same files, sequence length, ranks and shuffle"
                 )
         self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})
         skipped = max(self._skipped, int(state.get("skipped", 0)))

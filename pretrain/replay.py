@@ -23,6 +23,7 @@ import torch
 
 from pretrain.config import RunConfig
 from pretrain.data import DataError, SkipCounter, TrainStream
+from pretrain.shuffle import Shuffle
 
 MAX_DENOMINATOR = 10**6  # the share as a fraction: 0.01 is 1/100 exactly, not a binary float
 
@@ -94,15 +95,17 @@ class ReplayStream:
         rank,
         world_size,
         micro_batch_size,
+        shuffle: Shuffle | None = None,
     ):
         if not 0 < share < 1:
             raise ValueError(f"replay share must be in (0, 1), got {share}")
         files, field, skip = domain
         # the domain must fill a micro-step of all ranks with distinct blocks, as without replay
         need = world_size * micro_batch_size
-        self.readers = {None: TrainStream(files, field, tokenizer, seq_len, 0, 1, 1, skip, need)}
+        # one-rank readers of the whole stream, each shuffled alike on every rank
+        self.readers = {None: TrainStream(files, field, tokenizer, seq_len, 0, 1, 1, skip, need, shuffle)}
         for n, (files, field, skip) in enumerate(sources.values()):
-            self.readers[n] = TrainStream(files, field, tokenizer, seq_len, 0, 1, 1, skip=skip)
+            self.readers[n] = TrainStream(files, field, tokenizer, seq_len, 0, 1, 1, skip, None, shuffle)
         self.names = list(sources)
         self.share, self.rank, self.world_size = share, rank, world_size
         self.micro_batch_size = micro_batch_size

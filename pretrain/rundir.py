@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -73,9 +73,10 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
     changed = _changed_keys(cfg, run_dir / "config.yaml") if resume else {}
     frozen = sorted(k for k in changed if not resumable(k))
     if frozen:
+        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in frozen)
         raise RunDirError(
-            f"{run_dir}: --resume with a different config ({', '.join(frozen)}); a resumed run may change "
-            f"only {', '.join(RESUMABLE_KEYS)}"
+            f"{run_dir}: --resume with a different config ({diff}); set them back (None: the run had no such "
+            f"section); a resumed run may change only {', '.join(RESUMABLE_KEYS)}"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if latest_tag(run_dir) is None:
@@ -106,9 +107,27 @@ def _changed_keys(cfg: RunConfig, saved: Path) -> dict[str, tuple]:
 
 
 def config_diff(old: dict, cfg: RunConfig) -> dict[str, tuple]:
-    """{key: (old value, new value)} where `cfg` differs from a saved config tree (tuples as lists)."""
-    old, new = _flatten(old), _flatten(config_tree(cfg))
+    """{key: (old value, new value)} where `cfg` differs from a saved config tree (tuples as lists).
+
+    A key the saved tree lacks was added to pretrain after that run started: the run behaved as that
+    key's `_BEFORE_THE_KEY` value, which is its default except where the default changed behaviour.
+    """
+    new = _flatten(config_tree(cfg))
+    old = {**{k: v for k, v in _before_the_key().items() if k in new}, **_flatten(old)}
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+# Keys whose default is not what runs started before the key existed did (documents were read in order).
+_PREDATED = {"train.shuffle_buffer": 0}
+
+
+def _before_the_key() -> dict:
+    sections = {
+        f.name: asdict(f.default_factory())
+        for f in fields(RunConfig)
+        if f.default_factory is not MISSING  # the sections with defaults; lora's default is None
+    }
+    return {**_flatten(json.loads(json.dumps(sections))), **_PREDATED}
 
 
 def config_tree(cfg: RunConfig) -> dict:

@@ -38,6 +38,7 @@ from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_su
 from pretrain.results import RunResults
 from pretrain.rundir import RunDirError, RunDirPlan, config_tree, prepare_run_dir, resumable_changes
 from pretrain.schedule import set_peak_lr
+from pretrain.shuffle import Shuffle
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
 
 
@@ -246,16 +247,19 @@ class Trainer:
         t, policy = self.cfg.train, self.cfg.train.on_bad_record
         rank, world = self.dist.rank, self.dist.world_size
         share = phase_share(self.cfg, phase)
+        shuffle = Shuffle(t.seed, t.shuffle_buffer) if t.shuffle_buffer > 1 else None
         if share == 0:
             skip = bad_record_counter(policy)
-            files, field = domain.train, domain.text_field
-            return TrainStream(files, field, self.tokenizer, t.seq_len, rank, world, t.micro_batch_size, skip)
+            files, field, tok, micro = domain.train, domain.text_field, self.tokenizer, t.micro_batch_size
+            return TrainStream(files, field, tok, t.seq_len, rank, world, micro, skip, None, shuffle)
         own = (domain.train, domain.text_field, bad_record_counter(policy))
         sources = {
             s.name: (s.files, s.text_field, bad_record_counter(policy))
             for s in replay_sources(self.cfg, phase)
         }
-        return ReplayStream(own, sources, share, self.tokenizer, t.seq_len, rank, world, t.micro_batch_size)
+        return ReplayStream(
+            own, sources, share, self.tokenizer, t.seq_len, rank, world, t.micro_batch_size, shuffle=shuffle
+        )
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
         mean_loss = all_reduce_sum(torch.tensor([interval["loss"]], dtype=torch.float64)).item()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from conftest import tiny_run_config, write_config
 
 from pretrain.checkpoint import COMPLETE, LATEST
@@ -68,7 +69,7 @@ def test_resume_refuses_other_changes_naming_them(started):
     cfg, run = started
     _checkpointed(run)
     cfg.train.seq_len, cfg.train.lr = 16, 1e-4
-    with pytest.raises(RunDirError, match=r"different config \(train.seq_len\); a resumed run may change"):
+    with pytest.raises(RunDirError, match=r"different config \(train.seq_len 32 -> 16\); set them back"):
         prepare_run_dir(cfg, ONE, resume=True)
 
 
@@ -78,7 +79,7 @@ def test_resume_refuses_turning_lora_on(started):
     _checkpointed(run)
     cfg.lora = LoraConfig()
     with pytest.raises(
-        RunDirError, match=r"different config \(lora.alpha, lora.dropout, lora.r, lora.target_modules\)"
+        RunDirError, match=r"different config \(lora.alpha None -> 16.0, lora.dropout None -> 0.0, lora.r"
     ):
         prepare_run_dir(cfg, ONE, resume=True)
 
@@ -89,3 +90,18 @@ def test_resume_refuses_turning_lora_on(started):
 )
 def test_resumable_keys(key, allowed):
     assert resumable(key) is allowed
+
+
+def test_a_run_started_before_new_keys_existed_resumes_as_it_ran(started):
+    """Upgrading pretrain mid-run: keys the saved config lacks count as what the run did without them
+    (their defaults, but file order for train.shuffle_buffer), so only a real change is refused."""
+    cfg, run = started
+    _checkpointed(run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for section, key in (("train", "shuffle_buffer"), ("train", "schedule"), ("regularisation", None)):
+        saved[section].pop(key) if key else saved.pop(section)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(RunDirError, match=r"different config \(train.shuffle_buffer 0 -> 1000\)"):
+        prepare_run_dir(cfg, ONE, resume=True)
+    cfg.train.shuffle_buffer = 0  # the order the run was trained in
+    assert prepare_run_dir(cfg, ONE, resume=True).changes == []
