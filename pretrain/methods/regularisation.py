@@ -74,7 +74,8 @@ class Regularisation(MethodBase):
             if collect:
                 g2 = (grad.float() / scale).square()
                 self.fisher_sum[name] = self.fisher_sum[name].add_(g2) if name in self.fisher_sum else g2
-            if name in self.anchors:
+            # ewc without a Fisher yet (every step of the last phase was skipped) has nothing to protect
+            if name in self.anchors and (self.cfg.kind == "l2" or name in self.fisher):
                 diff = weight.float() - self.anchors[name]
                 pull = diff * self.fisher[name] if self.cfg.kind == "ewc" else diff
                 penalty += 0.5 * self.cfg.weight * torch.dot(pull, diff).double()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,7 +85,9 @@ def test_deferred_evaluation_fills_the_matrix_by_jobs(inline_run, tmp_path):
     assert deferred["avg_forgetting"] is not None and deferred["plasticity"] > 0
     out = _single("compare", str(inline_run), str(run), "--out", str(tmp_path))
     assert (tmp_path / "comparison.md").is_file() and (tmp_path / "comparison.png").is_file()
-    assert "forgot least" in out.stdout or "forgot" in out.stdout
+    # the two runs' matrices agree to float noise, so the verdict may take any of its three forms (whether
+    # the tiny run forgot at all depends on its data order)
+    assert re.search(r"forgot least|No run forgot less|No forgetting to reduce", out.stdout), out.stdout
 
 
 def test_eval_job_at_zero2_and_its_rows_survive_a_resume(tmp_path):
