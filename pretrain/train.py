@@ -245,20 +245,21 @@ class Trainer:
         """This rank's batches of a phase: its domain's blocks, a share of them replayed if configured."""
         domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
         t, policy = self.cfg.train, self.cfg.train.on_bad_record
-        rank, world = self.dist.rank, self.dist.world_size
+        rank, world, micro = self.dist.rank, self.dist.world_size, t.micro_batch_size
         share = phase_share(self.cfg, phase)
         shuffle = Shuffle(t.seed, t.shuffle_buffer) if t.shuffle_buffer > 1 else None
-        if share == 0:
-            skip = bad_record_counter(policy)
-            files, field, tok, micro = domain.train, domain.text_field, self.tokenizer, t.micro_batch_size
-            return TrainStream(files, field, tok, t.seq_len, rank, world, micro, skip, None, shuffle)
         own = (domain.train, domain.text_field, bad_record_counter(policy))
+        if share == 0:
+            files, field, skip = own
+            return TrainStream(
+                files, field, self.tokenizer, t.seq_len, rank, world, micro, skip, shuffle=shuffle
+            )
         sources = {
             s.name: (s.files, s.text_field, bad_record_counter(policy))
             for s in replay_sources(self.cfg, phase)
         }
         return ReplayStream(
-            own, sources, share, self.tokenizer, t.seq_len, rank, world, t.micro_batch_size, shuffle=shuffle
+            own, sources, share, self.tokenizer, t.seq_len, rank, world, micro, shuffle=shuffle
         )
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:

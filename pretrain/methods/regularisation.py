@@ -35,6 +35,9 @@ class Regularisation(MethodBase):
         self.cfg, self.engine, self.phase_steps = cfg, engine, phase_steps
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.group = getattr(engine, "data_parallel_group", None)
+        # disjoint shares (ZeRO-1/2/3) are summed over ranks; full copies (ZeRO-0) are not. Fixed by the
+        # engine, so found once here rather than by walking the parameters every step
+        self.partitioned = any(not part.replicated for _, part in self._weights())
         self.anchors: dict[str, torch.Tensor] = {}  # this rank's partition, fp32
         self.fisher: dict[str, torch.Tensor] = {}  # ewc: accumulated importance, same layout
         self.fisher_sum: dict[str, torch.Tensor] = {}  # ewc: this phase's sum of g^2 so far
@@ -85,7 +88,7 @@ class Regularisation(MethodBase):
             self._record_penalty(penalty)
 
     def _record_penalty(self, local: torch.Tensor) -> None:
-        if self._partitioned():
+        if self.partitioned:
             dist.all_reduce(local, group=self.group)
         self.penalty = local.item()
         self.penalty_sum += self.penalty
@@ -108,10 +111,6 @@ class Regularisation(MethodBase):
             if weight is not None:
                 yield name, weight.flat, local_grad(p).narrow(weight.start, weight.numel)
 
-    def _partitioned(self) -> bool:
-        """Whether each rank holds a disjoint share (ZeRO-1/2/3) rather than a full copy (ZeRO-0)."""
-        return any(not part.replicated for _, part in self._weights())
-
     def _accumulate_fisher(self) -> None:
         """F <- decay * F + F_phase / mean(F_phase), the mean taken over every rank's share."""
         if not self.fisher_steps_seen:
@@ -120,7 +119,7 @@ class Regularisation(MethodBase):
         fishers = phase_fisher.values()
         totals = torch.tensor([sum(f.sum().item() for f in fishers), sum(f.numel() for f in fishers)])
         totals = totals.double()
-        if self._partitioned():
+        if self.partitioned:
             dist.all_reduce(totals, group=self.group)
         mean = (totals[0] / totals[1]).item() if totals[1] else 0.0
         for name, f in phase_fisher.items():
