@@ -22,6 +22,16 @@ from peft.tuners.lora import Linear as LoraLinear
 U = 2.0**-24  # fp32 unit roundoff
 
 
+def with_random_b(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """`model` with every LoRA B drawn at random, in place: a fresh B is zero, a trained one is not."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def gamma(n: int) -> float:
     return n * U / (1 - n * U)
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lora_checks import assert_export_is_merged
+from lora_checks import assert_export_is_merged, with_random_b
 from transformers import AutoModelForCausalLM
 
 from pretrain.checkpoint import export_phase
@@ -33,13 +33,7 @@ def tiny_model(**kw):
 
 def trained_lora(cfg: LoraConfig | None = None, **model_kw):
     """A LoRA model whose B is no longer zero (as after some training), so merging has something to add."""
-    model = apply_lora(cfg or LoraConfig(), tiny_model(**model_kw))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return with_random_b(apply_lora(cfg or LoraConfig(), tiny_model(**model_kw)), seed=1, scale=0.05)
 
 
 def adapter_names(model) -> set[str]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: lora_checks, when launched alone
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, WORLD, LR = 3, 2, 16, 100, 2, 0.05
 REG_WEIGHT, FISHER_STEPS = 10.0, 2  # lr x weight = 0.5: a pull that shows within 3 steps, yet stable
@@ -75,16 +78,12 @@ def build_model(case: Case) -> torch.nn.Module:
     model = tiny_llama()
     if not case.lora:
         return model
+    from lora_checks import with_random_b
+
     from pretrain.config import LoraConfig
     from pretrain.methods.lora import apply_lora
 
-    model = apply_lora(LoraConfig(r=LORA_R, alpha=LORA_ALPHA), model)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return with_random_b(apply_lora(LoraConfig(r=LORA_R, alpha=LORA_ALPHA), model), seed=3, scale=0.1)
 
 
 def batches(grad_accum: int, steps: int = STEPS) -> torch.Tensor:
