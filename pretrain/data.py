@@ -571,3 +571,15 @@ class _NewSkips:
         if self.seen > self.stream._skipped:
             self.stream._skipped = self.seen
             self.stream.skip.add(message)
+
+
+def reshard_stream_state(states: list[dict], rank: int, world_size: int) -> dict:
+    """The state of rank `rank` of `world_size` continuing the streams whose ranks saved `states`.
+
+    At a step boundary every rank has taken the same number of batches, so the last rank's position is the
+    boundary after the last block any rank took (every rank reads every document alike). From there the
+    new ranks share the blocks as at the start of a phase, the next block going to rank 0: each
+    micro-step's blocks are the same consecutive blocks, none skipped or repeated.
+    """
+    last = states[-1]
+    return {**last, "shift": -last["block"] % world_size, "rank": rank, "world_size": world_size}

@@ -52,16 +52,28 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas))
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, phase_steps: list[int], world_size: int):
-    """The DeepSpeed engine with the run's optimizer and per-phase re-warming schedule."""
+def build_engine(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    phase_steps: list[int],
+    world_size: int,
+    load_universal: bool = False,
+):
+    """The DeepSpeed engine with the run's optimizer and per-phase re-warming schedule.
+
+    `load_universal`: its checkpoint will be loaded from DeepSpeed's universal format (pretrain/elastic.py).
+    """
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
     t = cfg.train
     shape = dict(kind=t.schedule, decay_fraction=t.decay_fraction, constant_ratio=t.constant_ratio)
     scheduler = phase_schedule(optimizer, phase_steps, t.warmup_steps, t.min_lr_ratio, **shape)
+    ds = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds
     )
     return engine
 

@@ -157,3 +157,18 @@ class ReplayStream:
 
 def _key(source: int | None) -> str:
     return "domain" if source is None else f"source-{source}"
+
+
+def reshard_replay_state(states: list[dict], rank: int, world_size: int) -> dict:
+    """The state of rank `rank` of `world_size` continuing the replay streams whose ranks saved `states`.
+
+    Rank r of W takes phase blocks r, r + W, ...: after the same number of batches on every rank, the
+    next block of the whole batch is the last rank's next block minus its rank. Every rank reads every
+    source itself and no rank has read past that block, so the last rank's readers serve any new rank:
+    a reader behind the block a rank needs reads forward to it.
+    """
+    last = states[-1]
+    saved = last["replay"]
+    boundary = saved["next_block"] - saved["rank"]
+    replay = {**saved, "rank": rank, "world_size": world_size, "next_block": boundary + rank}
+    return {**last, "replay": replay}

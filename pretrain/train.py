@@ -27,6 +27,7 @@ from pretrain.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from pretrain.elastic import Elastic, load_elastic, plan_elastic
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, progress, setup_logging, tensorboard_writer
@@ -67,7 +68,7 @@ class Trainer:
     writer: object = None
     stream: TrainStream | None = None
     stop: StopRequest | None = None
-    phase_losses: list[float] = field(default_factory=list)  # rank 0's loss per step of this phase
+    phase_losses: list[float] = field(default_factory=list)  # the mean loss over all ranks, per step
     step_lr: float = 0.0
     tokenizer_id: dict = field(default_factory=dict)  # fingerprint, kept in each checkpoint's mark
 
@@ -146,7 +147,7 @@ class Trainer:
             batch = next(batches).to(self.engine.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
             loss = _fault_nan(loss, self.pos.global_step, self.dist.rank)
-            stop, nonfinite = self._agree(torch.isfinite(loss).item())
+            stop, nonfinite, mean_loss = self._agree(loss.item())
             if stop:
                 self._stop(EXIT_PREEMPTED, f"stopped by {self.stop.signal_name or 'a signal'}", step_start)
             if nonfinite:
@@ -161,7 +162,7 @@ class Trainer:
             self.engine.backward(loss)
             self.method.after_backward(self.engine)
             self.engine.step()
-            total += loss.item()
+            total += mean_loss
         return total / self.cfg.train.grad_accum
 
     def evaluate(self, row: int) -> None:
@@ -206,7 +207,12 @@ class Trainer:
             "phase_losses": self.phase_losses,
             "config": config_tree(self.cfg),  # what a resume compares its resumable keys against
         }
-        meta = {"global_step": self.pos.global_step, "tokenizer": self.tokenizer_id}
+        global_batch = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.dist.world_size
+        meta = {
+            "global_step": self.pos.global_step,
+            "tokenizer": self.tokenizer_id,
+            "global_batch": global_batch,
+        }
         rank_state = {"stream": stream_state, "method": self.method.rank_state_dict()}
         tag = save_checkpoint(
             self.engine, self.run_dir, tag, client, rank_state, self.dist, self.cfg.checkpoint.keep, meta
@@ -222,10 +228,14 @@ class Trainer:
         every = self.cfg.checkpoint.save_every
         return every > 0 and self.pos.step % every == 0 and self.pos.step < steps
 
-    def _agree(self, finite: bool) -> tuple[bool, bool]:
-        flags = torch.tensor([float(self.stop.requested), float(not finite)])
-        all_reduce_sum(flags)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+    def _agree(self, loss: float) -> tuple[bool, bool, float]:
+        """(stop requested on some rank, a non-finite loss on some rank, the micro-step's mean loss over
+        ranks): one small all-reduce a micro-step. The mean makes a step's loss the same number for any
+        split of its batch over ranks."""
+        finite = math.isfinite(loss)
+        flags = [float(self.stop.requested), float(not finite), loss if finite else 0.0]
+        flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float64))
+        return bool(flags[0] > 0), bool(flags[1] > 0), flags[2].item() / self.dist.world_size
 
     def _stop(self, code: int, why: str, step_start: dict) -> None:
         """Checkpoint the state before the current step (weights are unchanged until engine.step) and exit."""
@@ -263,8 +273,7 @@ class Trainer:
         )
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
-        mean_loss = all_reduce_sum(torch.tensor([interval["loss"]], dtype=torch.float64)).item()
-        mean_loss /= self.dist.world_size
+        mean_loss = interval["loss"]  # the steps' losses are means over ranks already
         lr = self.step_lr
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
@@ -328,20 +337,26 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     """Every part from the config, in dependency order; then the newest checkpoint if resuming.
 
     The run's config.yaml is written last: a start that fails on the way leaves the directory as it was.
+    It keeps the config as the user wrote it; a resume on another number of ranks runs with grad_accum
+    scaled to keep the global batch (pretrain/elastic.py).
     """
     deepspeed_config(cfg, dist.world_size)  # a batch-size conflict is an error before anything is touched
     plan = prepare_run_dir(cfg, dist, resume)
+    elastic = _plan_resume(cfg, plan, dist)
+    run_cfg = elastic.cfg if elastic else cfg
     tokenizer = _tokenizer_rank0_first(cfg, dist)
-    phase_steps = [steps_for_phase(p, cfg.train, dist.world_size) for p in cfg.phases]
+    phase_steps = [steps_for_phase(p, run_cfg.train, dist.world_size) for p in cfg.phases]
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
-    engine = build_engine(cfg, model, phase_steps, dist.world_size)
+    engine = build_engine(
+        run_cfg, model, phase_steps, dist.world_size, load_universal=bool(elastic and elastic.universal)
+    )
     method = build_methods(
         cfg.method, cfg.regularisation, engine.module, engine, phase_steps, seed=cfg.train.seed
     )
     results = RunResults.for_run(cfg)
     heldout = load_heldout(cfg, tokenizer, results)
     trainer = Trainer(
-        cfg,
+        run_cfg,
         dist,
         plan.path,
         tokenizer,
@@ -357,7 +372,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     )
     stream_state = None
     if plan.resuming:
-        stream_state = _restore(trainer, plan)
+        stream_state = _restore(trainer, plan, elastic)
     elif resume:
         log.info("no checkpoint in %s: starting from the beginning", plan.path)
     if dist.is_main:
@@ -365,34 +380,53 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     return trainer, stream_state
 
 
-def _restore(trainer: Trainer, plan: RunDirPlan) -> dict:
+def _plan_resume(cfg: RunConfig, plan: RunDirPlan, dist: DistInfo) -> Elastic | None:
+    """How the newest checkpoint is taken up on this many ranks: None, as it was written."""
+    if not plan.resuming:
+        return None
+    elastic = plan_elastic(cfg, plan.path, latest_tag(plan.path), dist)
+    if elastic:
+        log.warning(
+            "resuming checkpoint %s of %d ranks on %d: train.grad_accum %d -> %d keeps the global batch",
+            elastic.tag,
+            elastic.old_world,
+            dist.world_size,
+            elastic.old_accum,
+            elastic.cfg.train.grad_accum,
+        )
+    return elastic
+
+
+def _restore(trainer: Trainer, plan: RunDirPlan, elastic: Elastic | None) -> dict:
     """Load the newest complete checkpoint into the trainer; return this rank's data-stream position."""
     tag = latest_tag(trainer.run_dir)
     _check_resumable(trainer, tag)
-    client, rank_state = load_checkpoint(trainer.engine, trainer.run_dir, trainer.dist)
-    trainer.pos = Position(**client["position"])
+    if elastic:
+        loaded = load_elastic(trainer.engine, trainer.run_dir, elastic, trainer.dist)
+        client, stream_state, method_states = loaded
+    else:
+        client, rank_state = load_checkpoint(trainer.engine, trainer.run_dir, trainer.dist)
+        stream_state, method_states = rank_state["stream"], rank_state.get("method", {})
+    trainer.pos = Position(**{**client["position"], "world_size": trainer.dist.world_size})
     trainer.results = RunResults.from_dict(client["results"])
     # Rows a `pretrain eval` job wrote after this checkpoint are taken over by the first save.
     trainer.method.load_state_dict(client["method"])
-    trainer.method.load_rank_state_dict(rank_state.get("method", {}))
+    if elastic:
+        trainer.method.reshard_rank_state(method_states)
+    else:
+        trainer.method.load_rank_state_dict(method_states)
     trainer.phase_losses = client["phase_losses"]
     log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
     # Against the checkpoint's own config: config.yaml already holds a change made by a resume that
     # died before its first checkpoint, whose change must be applied (and recorded) again.
     saved = client.get("config")
-    _apply_changes(trainer, plan.changes if saved is None else resumable_changes(saved, trainer.cfg))
-    return rank_state["stream"]
+    changes = plan.changes if saved is None else resumable_changes(saved, trainer.cfg)
+    _apply_changes(trainer, (elastic.changes(trainer.dist.world_size) if elastic else []) + changes)
+    return stream_state
 
 
 def _check_resumable(trainer: Trainer, tag: str) -> None:
     """Refuse, before DeepSpeed's load fails obscurely, a checkpoint this run cannot take up."""
-    saved_world = len(list((trainer.run_dir / "checkpoints" / tag).glob("rank*_state.pt")))
-    if saved_world != trainer.dist.world_size:
-        raise RunDirError(
-            f"checkpoint {tag} was written by {saved_world} ranks, this run has {trainer.dist.world_size}: "
-            f"resume with {saved_world} ranks, or convert it with DeepSpeed's "
-            "`python -m deepspeed.checkpoint.ds_to_universal` and load the universal checkpoint"
-        )
     saved = checkpoint_meta(trainer.run_dir, tag).get("tokenizer")
     if saved and saved != trainer.tokenizer_id:
         now = trainer.tokenizer_id

@@ -11,7 +11,15 @@ from conftest import corpus_lines, tiny_run_config
 
 from pretrain.config import validate
 from pretrain.data import TrainStream
-from pretrain.replay import ReplayStream, locate, phase_share, replay_count, replay_sources, replay_summary
+from pretrain.replay import (
+    ReplayStream,
+    locate,
+    phase_share,
+    replay_count,
+    replay_sources,
+    replay_summary,
+    reshard_replay_state,
+)
 from pretrain.tokenizer import train_tokenizer
 
 SEQ_LEN = 16
@@ -94,6 +102,28 @@ def test_a_resumed_replay_stream_continues_exactly(corpora):
     resumed.load_state_dict(state)
     it = iter(resumed)
     assert all(torch.equal(next(it), ref) for ref in reference[11:])
+
+
+@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 3), (3, 2)])
+def test_a_resume_on_another_world_size_continues_the_global_block_sequence(corpora, old, new):
+    files, tok = corpora
+    micro, consumed = 2, 5
+    before = [_replay(files, tok, r, old, micro) for r in range(old)]
+    iters = [iter(s) for s in before]
+    taken = []
+    for _ in range(consumed):
+        batches = [next(it).tolist() for it in iters]
+        taken += [batches[r][i] for i in range(micro) for r in range(old)]
+    states = [s.state_dict() for s in before]
+    after = [_replay(files, tok, r, new, micro) for r in range(new)]
+    for r, s in enumerate(after):
+        s.load_state_dict(reshard_replay_state(states, r, new))
+    iters, rounds = [iter(s) for s in after], 40
+    for _ in range(rounds):
+        batches = [next(it).tolist() for it in iters]
+        taken += [batches[r][i] for i in range(micro) for r in range(new)]
+    whole = _global_sequence(files, tok, world=1, micro_steps=len(taken) // micro, micro=micro)
+    assert taken == whole
 
 
 def test_a_state_of_another_share_or_world_is_refused(corpora):

@@ -6,7 +6,8 @@ holds the method's state); per micro-step: `before_backward` (after the forward)
 logging interval `scalars`; at the phase's end `end_phase` (a JSON-able summary for metrics.json) and
 `log`. Every hook is called on every rank (a method may run collectives in any of them). `state_dict`
 (the same on every rank, saved once) and `rank_state_dict` (this rank's own, e.g. its ZeRO partition of
-something) travel in every checkpoint, so a resumed run continues exactly.
+something) travel in every checkpoint, so a resumed run continues exactly. A run resumed on another
+number of ranks calls `reshard_rank_state` with every old rank's state instead of `load_rank_state_dict`.
 
 A new method is one module with a class deriving from `MethodBase` that overrides the hooks it needs,
 and one line in `build_method` (pretrain/methods/__init__.py).
@@ -41,6 +42,8 @@ class Method(Protocol):
     def rank_state_dict(self) -> dict[str, Any]: ...
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def reshard_rank_state(self, states: list[dict[str, Any]]) -> None: ...
 
 
 class MethodBase:
@@ -80,6 +83,11 @@ class MethodBase:
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def reshard_rank_state(self, states: list[dict[str, Any]]) -> None:
+        """This rank's state from the states of all ranks of a run with another world size."""
+        if any(states):  # a method with per-rank state must say how it is re-partitioned
+            raise NotImplementedError(f"method {self.name} cannot resume on a different number of ranks")
 
 
 class NoMethod(MethodBase):
@@ -135,3 +143,7 @@ class MethodStack(MethodBase):
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         for m in self.methods:
             m.load_rank_state_dict(state[m.name])
+
+    def reshard_rank_state(self, states: list[dict[str, Any]]) -> None:
+        for m in self.methods:
+            m.reshard_rank_state([s[m.name] for s in states])

@@ -131,6 +131,8 @@ class Regularisation(MethodBase):
     # -- resume: everything here is this rank's own partition
     def rank_state_dict(self) -> dict[str, Any]:
         return {
+            # where each part lies in its flat parameter: what a resume on another world size re-cuts by
+            "starts": {name: part.start for name, part in self._weights()},
             "phase": self.phase,
             "step": self.step,
             "fisher_steps_seen": self.fisher_steps_seen,
@@ -146,7 +148,28 @@ class Regularisation(MethodBase):
         self.anchors, self.fisher, self.fisher_sum = state["anchors"], state["fisher"], state["fisher_sum"]
         self.penalty, self.penalty_sum, self.penalty_steps = state["penalty"]
 
+    def reshard_rank_state(self, states: list[dict[str, Any]]) -> None:
+        """This rank's parts of the anchors and Fishers that the old ranks' parts make up together."""
+        if any("starts" not in s for s in states):
+            raise ValueError("regularisation state saved without part offsets: resume on the same ranks")
+        self.load_rank_state_dict({**states[0], "anchors": {}, "fisher": {}, "fisher_sum": {}})
+        numels = {name: getattr(p, "ds_numel", p.numel()) for name, p in self.params}
+        for key in ("anchors", "fisher", "fisher_sum"):
+            target = getattr(self, key)
+            for name, part in self._weights():
+                pieces = [(s["starts"][name], s[key][name]) for s in states if name in s[key]]
+                if pieces:
+                    target[name] = recut(pieces, numels[name], part.start, part.numel)
+
 
 def _loss_scale(engine: Any) -> float:
     scale = getattr(getattr(engine, "optimizer", None), "loss_scale", 1.0)
     return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else 1.0
+
+
+def recut(pieces: list[tuple[int, torch.Tensor]], numel: int, start: int, length: int) -> torch.Tensor:
+    """Elements [start, start + length) of a flat tensor of `numel` elements given as (offset, piece)s."""
+    whole = torch.zeros(numel, dtype=pieces[0][1].dtype)
+    for offset, piece in pieces:
+        whole[offset : offset + piece.numel()] = piece
+    return whole[start : start + length].clone()

@@ -1,0 +1,140 @@
+"""Resuming on a different number of ranks (a job requeued on fewer or more nodes).
+
+Three things are per rank in a checkpoint, and each is re-cut for the new world size:
+- DeepSpeed's ZeRO partitions of weights and optimizer state: converted once to DeepSpeed's universal
+  checkpoint (`ds_to_universal`, written into the checkpoint's own directory, so it is rotated with it),
+  which any world size loads. ZeRO-0 keeps whole copies, which load as they are.
+- the data streams: their blocks are numbered globally, so the new ranks continue from the same block
+  (pretrain.data.reshard_stream_state, pretrain.replay.reshard_replay_state);
+- a method's own partitions (EWC's anchors and Fisher): re-cut from all old ranks' parts.
+The global batch stays as it was (train.grad_accum is scaled by old/new ranks), so every optimizer step
+takes the same blocks as the uninterrupted run would and the phases keep their step counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.checkpoint import checkpoint_dir, checkpoint_meta
+from pretrain.config import RunConfig
+from pretrain.data import reshard_stream_state
+from pretrain.distributed import DistInfo, barrier, broadcast_object
+from pretrain.replay import reshard_replay_state
+from pretrain.rundir import RunDirError
+
+UNIVERSAL = "universal"
+
+
+@dataclass
+class Elastic:
+    """A resume from `tag`, written by `old_world` ranks, on another number of ranks."""
+
+    tag: str
+    old_world: int
+    old_accum: int  # the gradient accumulation the checkpoint was trained with
+    cfg: RunConfig  # the run config with grad_accum scaled to keep the global batch
+    universal: bool  # load DeepSpeed's universal checkpoint (ZeRO 1-3) rather than the original
+
+    def changes(self, world: int) -> list[dict[str, Any]]:
+        """What the resume changed, as metrics.json's `config_changes` records it."""
+        out = [{"key": "world_size", "from": self.old_world, "to": world}]
+        if self.old_accum != self.cfg.train.grad_accum:
+            out.append({"key": "train.grad_accum", "from": self.old_accum, "to": self.cfg.train.grad_accum})
+        return out
+
+
+def saved_world_size(run_dir: Path, tag: str) -> int:
+    return len(list((checkpoint_dir(run_dir) / tag).glob("rank*_state.pt")))
+
+
+def plan_elastic(cfg: RunConfig, run_dir: Path, tag: str, dist: DistInfo) -> Elastic | None:
+    """None when `tag` was written by this many ranks; else the resume's plan, the universal checkpoint
+    made (once, by rank 0) if ZeRO partitions need one."""
+    old = saved_world_size(run_dir, tag)
+    if old == dist.world_size:
+        return None
+    global_batch = _global_batch(cfg, run_dir, tag, old)
+    run_cfg = _keep_global_batch(cfg, global_batch, tag, old, dist.world_size)
+    tag_dir = checkpoint_dir(run_dir) / tag
+    universal = any(tag_dir.glob("*optim_states.pt"))  # ZeRO 1-3: partitioned optimizer state
+    if universal:
+        failure = None
+        if dist.is_main:
+            try:
+                universal_checkpoint(tag_dir)
+            except RuntimeError as err:
+                failure = str(err)
+        failure = broadcast_object(failure)
+        if failure:
+            raise RunDirError(failure)
+        barrier()
+    old_accum = global_batch // (cfg.train.micro_batch_size * old)
+    return Elastic(tag, old, old_accum, run_cfg, universal)
+
+
+def _global_batch(cfg: RunConfig, run_dir: Path, tag: str, old_world: int) -> int:
+    """Sequences per optimizer step when `tag` was written (before marks held it: the config's, unscaled)."""
+    saved = checkpoint_meta(run_dir, tag).get("global_batch")
+    return saved or cfg.train.micro_batch_size * cfg.train.grad_accum * old_world
+
+
+def _keep_global_batch(cfg: RunConfig, global_batch: int, tag: str, old: int, new: int) -> RunConfig:
+    per_micro_step = cfg.train.micro_batch_size * new
+    if global_batch % per_micro_step:
+        fits = [w for w in range(1, global_batch + 1) if global_batch % (cfg.train.micro_batch_size * w) == 0]
+        raise RunDirError(
+            f"checkpoint {tag} was trained by {old} ranks with a global batch of {global_batch} sequences; "
+            f"{new} ranks x train.micro_batch_size {cfg.train.micro_batch_size} cannot make that up by "
+            f"gradient accumulation: resume on {', '.join(map(str, fits))} ranks"
+        )
+    train = dataclasses.replace(cfg.train, grad_accum=global_batch // per_micro_step)
+    return dataclasses.replace(cfg, train=train)
+
+
+def universal_checkpoint(tag_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of `tag_dir`, converted on first use and kept in it."""
+    out = tag_dir / UNIVERSAL
+    if out.is_dir():
+        return out
+    tmp = tag_dir / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier conversion that died midway
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir)]
+    # --inject_missing_state: the version mark DeepSpeed's converter expects from Megatron clients
+    cmd += ["--output_folder", str(tmp), "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(
+            f"converting checkpoint {tag_dir} to DeepSpeed's universal format failed "
+            f"(exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}"
+        )
+    os.replace(tmp, out)
+    return out
+
+
+def load_elastic(engine, run_dir: Path, plan: Elastic, dist: DistInfo) -> tuple[dict, dict, list[dict]]:
+    """(client_state, stream state of this rank, every old rank's method state) loaded into the engine."""
+    tag_dir = checkpoint_dir(run_dir) / plan.tag
+    load_dir, tag = (tag_dir, UNIVERSAL) if plan.universal else (checkpoint_dir(run_dir), plan.tag)
+    path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint {load_dir / tag} could not be loaded")
+    old = [torch.load(tag_dir / f"rank{r}_state.pt", weights_only=False) for r in range(plan.old_world)]
+    torch.set_rng_state(old[min(dist.rank, plan.old_world - 1)]["torch_rng"])
+    return client, _reshard_stream([s["stream"] for s in old], dist), [s.get("method", {}) for s in old]
+
+
+def _reshard_stream(states: list[dict | None], dist: DistInfo) -> dict | None:
+    if states[-1] is None:  # saved at a phase's end: the next phase's stream starts afresh
+        return None
+    reshard = reshard_replay_state if "replay" in states[-1] else reshard_stream_state
+    return reshard(states, dist.rank, dist.world_size)

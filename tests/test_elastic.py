@@ -1,0 +1,59 @@
+"""Resume on another number of ranks: the global batch kept, partitions re-cut, conversion failures named.
+
+The resumed runs themselves (2 -> 1 and 1 -> 2 ranks) are in tests/distributed/test_resume.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from pretrain.config import validate
+from pretrain.elastic import _keep_global_batch, universal_checkpoint
+from pretrain.methods.regularisation import recut
+from pretrain.rundir import RunDirError
+
+
+def _cfg(tmp_path, micro: int, accum: int):
+    raw = tiny_run_config(tmp_path)
+    raw["train"].update(micro_batch_size=micro, grad_accum=accum)
+    return validate(raw)
+
+
+@pytest.mark.parametrize(("old", "new", "accum"), [(2, 1, 4), (1, 2, 1), (2, 4, 1), (4, 2, 4)])
+def test_the_global_batch_is_kept_by_gradient_accumulation(tmp_path, old, new, accum):
+    cfg = _cfg(tmp_path, micro=2, accum=2)
+    global_batch = 2 * 2 * old
+    kept = _keep_global_batch(cfg, global_batch, "step-6", old, new)
+    assert kept.train.micro_batch_size * kept.train.grad_accum * new == global_batch
+    assert kept.train.grad_accum == accum
+    assert cfg.train.grad_accum == 2  # the user's config is left as written
+
+
+def test_a_global_batch_the_new_ranks_cannot_make_up_names_the_world_sizes_that_can(tmp_path):
+    cfg = _cfg(tmp_path, micro=2, accum=1)
+    with pytest.raises(RunDirError, match=r"global batch of 12 sequences.*resume on 1, 2, 3, 6 ranks"):
+        _keep_global_batch(cfg, 12, "step-6", 6, 4)
+
+
+@pytest.mark.parametrize(("old", "new"), [(3, 2), (2, 3), (1, 2), (2, 1)])
+def test_partitions_are_re_cut_from_every_old_ranks_part(old, new):
+    flat = torch.arange(11, dtype=torch.float32) * 0.5
+
+    def ranges(world):  # ZeRO-3-like: equal shares, the last one short
+        size = -(-flat.numel() // world)
+        return [(r * size, min(size, flat.numel() - r * size)) for r in range(world)]
+
+    pieces = [(start, flat[start : start + n].clone()) for start, n in ranges(old)]
+    for start, n in ranges(new):
+        assert torch.equal(recut(pieces, flat.numel(), start, n), flat[start : start + n])
+
+
+def test_a_failed_conversion_names_the_checkpoint_and_leaves_nothing_behind(tmp_path):
+    tag_dir = tmp_path / "step-6"
+    tag_dir.mkdir()
+    (tag_dir / "rank0_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="step-6 to DeepSpeed's universal format failed"):
+        universal_checkpoint(tag_dir)
+    assert sorted(p.name for p in tag_dir.iterdir()) == ["rank0_state.pt"]
