@@ -72,7 +72,9 @@ class TrainConfig:
     # documents per domain in the seeded shuffle buffer of the training streams (pretrain/shuffle.py), so
     # train.seed chooses the sample; 0: file order
     shuffle_buffer: int = Field(1000, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # adamw (torch), cpu_adam (DeepSpeedCPUAdam: the same update on the CPU, for ZeRO-Offload), fused_adam
+    # (DeepSpeed's fused GPU kernel), sgd
+    optimizer: Literal["adamw", "cpu_adam", "fused_adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
@@ -409,10 +411,11 @@ def _deepspeed_problems(path: str, train: TrainConfig, reg: RegularisationConfig
     stage = zero.get("stage", 0)
     problems = [
         f"key `deepspeed.config`: {path}: section `{section}` is not used by this pipeline (it would be "
-        f"ignored); set {instead} in the run config instead"
-        for section, instead in _RUN_OWNED_DEEPSPEED_SECTIONS.items()
+        f"ignored); remove it and set {_translated(section, ds[section])} in the run config instead"
+        for section in _RUN_OWNED_DEEPSPEED_SECTIONS
         if section in ds
     ]
+    problems += _offload_problems(path, zero, train, ds)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         problems.append(f"key `deepspeed.config`: {path} sets zero_optimization.stage={stage}, expected 0-3")
     sixteen = any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
@@ -423,6 +426,52 @@ def _deepspeed_problems(path: str, train: TrainConfig, reg: RegularisationConfig
             "use stage 1-3"
         )
     return problems + [f"key `deepspeed.config`: {c}" for c in run_owned_conflicts(ds, train, path)]
+
+
+def _translated(section: str, value: Any) -> str:
+    """The train.* keys a DeepSpeed `optimizer`/`scheduler` section's values go to, as far as they map."""
+    params = (value.get("params") if isinstance(value, dict) else None) or {}
+    kind = str(value.get("type", "")).lower() if isinstance(value, dict) else ""
+    names = {"lr": "train.lr", "betas": "train.betas", "weight_decay": "train.weight_decay"}
+    if section == "scheduler":
+        names = {"warmup_num_steps": "train.warmup_steps", "warmup_max_lr": "train.lr"}
+    keys = [f"{key}={json.dumps(params[p])}" for p, key in names.items() if p in params]
+    if section == "optimizer" and kind:
+        keys.insert(0, f"train.optimizer={_OPTIMIZERS.get(kind, 'adamw')}")
+    return " ".join(keys) if keys else _RUN_OWNED_DEEPSPEED_SECTIONS[section]
+
+
+# DeepSpeed optimizer types -> train.optimizer
+_OPTIMIZERS = {
+    "adam": "adamw",
+    "adamw": "adamw",
+    "sgd": "sgd",
+    "cpuadam": "cpu_adam",
+    "fusedadam": "fused_adam",
+}
+
+
+def _offload_problems(path: str, zero: dict, train: TrainConfig, ds: dict) -> list[str]:
+    """ZeRO-Offload steps the optimizer on the CPU: DeepSpeed needs DeepSpeedCPUAdam for it (train.optimizer
+    cpu_adam), which in turn needs the offload."""
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+    forced = ds.get("zero_force_ds_cpu_optimizer", True)
+    where = f"key `train.optimizer` {train.optimizer!r} with `deepspeed.config` {path}"
+    if offload and train.optimizer == "fused_adam":
+        return [
+            f"{where}: fused_adam is a GPU kernel, the offloaded optimizer steps on the CPU; use cpu_adam"
+        ]
+    if offload and forced and train.optimizer in ("adamw", "sgd"):
+        return [
+            f"{where}: zero_optimization.offload_optimizer steps the optimizer on the CPU, where DeepSpeed "
+            "takes DeepSpeedCPUAdam only: set train.optimizer: cpu_adam (AdamW's update)"
+        ]
+    if not offload and train.optimizer == "cpu_adam":
+        return [
+            f"{where}: cpu_adam steps on the CPU and needs zero_optimization.offload_optimizer "
+            '{"device": "cpu"} (configs/deepspeed/zero2_offload.json); without offload use adamw'
+        ]
+    return []
 
 
 def steps_for_phase(phase: PhaseConfig, train: TrainConfig, world_size: int) -> int:

@@ -33,12 +33,16 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     for key, field in RUN_OWNED_DEEPSPEED_KEYS.items():
         ds[key] = getattr(t, field)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two keys above and the world size
-    ds.setdefault("zero_allow_untested_optimizer", True)  # the optimizer is a plain torch one
+    ds.setdefault("zero_allow_untested_optimizer", True)  # adamw and sgd are plain torch optimizers
     return ds
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """The optimizer over the parameters that train (with LoRA the adapters only: no state for the rest)."""
+    """The optimizer over the parameters that train (with LoRA the adapters only: no state for the rest).
+
+    The three Adam variants make the same AdamW update (decoupled weight decay); cpu_adam and fused_adam
+    are DeepSpeed's kernels for an offloaded and a GPU optimizer step.
+    """
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
@@ -49,7 +53,17 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     # no empty group (LoRA has no 1-D parameter): ZeRO drops it, and the scheduler's per-group lrs would
     # no longer line up with the optimizer's groups
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas))
+    groups = [g for g in groups if g["params"]]
+    betas = tuple(t.betas)
+    if t.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=betas, adamw_mode=True)
+    if t.optimizer == "fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=t.lr, betas=betas, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=betas)
 
 
 def build_engine(

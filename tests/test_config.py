@@ -148,13 +148,61 @@ def test_deepspeed_global_batch_must_match_the_world(tmp_path):
         ({"zero_optimization": None}, r"`zero_optimization` must be an object .*, not null"),
         ({"zero_optimization": {"stage": 4}}, r"zero_optimization.stage=4, expected 0-3"),
         ([1, 2], r"must hold a JSON object, not list"),
-        ({"optimizer": {"type": "AdamW"}}, r"section `optimizer` is not used .*train.optimizer, train.lr"),
-        ({"scheduler": {"type": "WarmupLR"}}, r"section `scheduler` is not used .*train.warmup_steps"),
+        ({"optimizer": {"type": "AdamW"}}, r"section `optimizer` is not used .*set train.optimizer=adamw in"),
+        (
+            {
+                "optimizer": {
+                    "type": "Adam",
+                    "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1},
+                }
+            },
+            r"train.optimizer=adamw train.lr=0.0003 train.betas=\[0.9, 0.95\] train.weight_decay=0.1 in",
+        ),
+        ({"scheduler": {"type": "WarmupLR"}}, r"section `scheduler` is not used .*train.warmup_steps and"),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}}},
+            r"remove it and set train.warmup_steps=100 in the run config",
+        ),
     ],
 )
 def test_malformed_deepspeed_file_is_a_config_error(tmp_path, ds, expected):
     with pytest.raises(ConfigError, match=expected):
         _with_deepspeed(tmp_path, ds)()
+
+
+OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+
+
+@pytest.mark.parametrize(
+    "ds, optimizer, expected",
+    [
+        (OFFLOAD, "adamw", r"DeepSpeed takes DeepSpeedCPUAdam only: set train.optimizer: cpu_adam"),
+        (OFFLOAD, "sgd", r"set train.optimizer: cpu_adam"),
+        (OFFLOAD, "fused_adam", r"fused_adam is a GPU kernel.*use cpu_adam"),
+        ({"zero_optimization": {"stage": 2}}, "cpu_adam", r"cpu_adam steps on the CPU and needs .*offload"),
+    ],
+)
+def test_offload_and_the_optimizer_must_go_together(tmp_path, ds, optimizer, expected):
+    with pytest.raises(ConfigError, match=rf"key `train.optimizer` '{optimizer}' with .*{expected}"):
+        _with_deepspeed(tmp_path, ds, f"train.optimizer={optimizer}")()
+
+
+def test_offload_takes_cpu_adam_or_a_torch_optimizer_when_forcing_is_off(tmp_path):
+    assert _with_deepspeed(tmp_path, OFFLOAD, "train.optimizer=cpu_adam")().train.optimizer == "cpu_adam"
+    unforced = {**OFFLOAD, "zero_force_ds_cpu_optimizer": False}
+    assert _with_deepspeed(tmp_path, unforced, "train.optimizer=adamw")().train.optimizer == "adamw"
+
+
+@pytest.mark.parametrize("name", ["zero2_offload.json", "zero3_offload.json"])
+def test_shipped_offload_configs_validate_with_cpu_adam(tmp_path, name):
+    from conftest import REPO
+
+    run = write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml")
+    path = REPO / "configs" / "deepspeed" / name
+    cfg = load_config(run, [f"deepspeed.config={path}", "train.optimizer=cpu_adam"])
+    zero = deepspeed_config(cfg, world_size=2)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert ("offload_param" in zero) == (zero["stage"] == 3)
 
 
 def test_method_start_phase_after_the_last_phase_is_refused(cfg_file):

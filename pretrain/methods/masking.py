@@ -31,7 +31,7 @@ from torch import nn
 
 from pretrain.config import MethodConfig
 from pretrain.methods.base import MethodBase
-from pretrain.methods.partitions import local_grad
+from pretrain.methods.partitions import local_grad, refresh_grad_norm
 
 
 # ----------------------------------------------------------------------------------------------- the rule
@@ -117,26 +117,32 @@ def _mask_slice(mask_2d: torch.Tensor, start: int, numel: int) -> torch.Tensor:
     return mask_2d[r0:r1].reshape(-1)[start - r0 * cols : start - r0 * cols + numel]
 
 
-def _mask_local_grad(param: nn.Parameter, mask_2d: torch.Tensor) -> None:
-    """Multiply this rank's accumulated gradient of `param` (wherever it lives) by mask_2d (W's shape).
+def _mask_local_grad(param: nn.Parameter, mask: torch.Tensor, as_2d, engine: Any) -> None:
+    """Multiply this rank's accumulated gradient of `param` (wherever it lives) by the row mask `mask`,
+    laid out like the parameter by `as_2d`.
 
-    mask_2d is a broadcast (expanded) fp32 view: in-place mul_ casts it into a bf16 gradient without copying.
+    as_2d gives a broadcast (expanded) fp32 view: in-place mul_ casts it into a bf16 gradient without
+    copying. Under ZeRO-Offload the gradient is on the CPU: the row mask goes there, not a weight-sized view.
     """
     part = local_grad(param)
     if part is None:
         return
+    mask_2d = as_2d(mask.to(part.flat.device))
     if part.numel == param.numel():  # all of it: broadcast the view rather than copy the mask
         part.flat.view(mask_2d.shape).mul_(mask_2d)
     else:
         part.flat.mul_(_mask_slice(mask_2d, part.start, part.numel))
+    refresh_grad_norm(engine, param, part)
 
 
-def _apply_layer_mask(module: nn.Module, mask: torch.Tensor, mask_bias: bool) -> None:
+def _apply_layer_mask(module: nn.Module, mask: torch.Tensor, mask_bias: bool, engine: Any) -> None:
     d_in = module.nx if _is_conv1d(module) else module.in_features
-    mask_2d = mask[None, :].expand(d_in, -1) if _is_conv1d(module) else mask[:, None].expand(-1, d_in)
-    _mask_local_grad(module.weight, mask_2d)
+    if _is_conv1d(module):
+        _mask_local_grad(module.weight, mask, lambda m: m[None, :].expand(d_in, -1), engine)
+    else:
+        _mask_local_grad(module.weight, mask, lambda m: m[:, None].expand(-1, d_in), engine)
     if mask_bias and module.bias is not None:
-        _mask_local_grad(module.bias, mask[:, None])
+        _mask_local_grad(module.bias, mask, lambda m: m[:, None], engine)
 
 
 # ---------------------------------------------------------------------------------- the shared method
@@ -198,7 +204,7 @@ class GradientMask(MethodBase):
             return
         for g, mask in zip(self.groups, self.masks, strict=True):
             for j, module in enumerate(g.modules):
-                _apply_layer_mask(module, mask[j], self.cfg.mask_bias)
+                _apply_layer_mask(module, mask[j], self.cfg.mask_bias, engine or self.engine)
             g.slab(self.kept).add_(mask)
         self.masked_steps += 1
 

@@ -6,6 +6,8 @@ Methods that act on gradients or weights (masking, regularisation) touch only wh
     (`param._hp_mapping`: gradient fragment, fp32 master fragment, flat offset in the parameter);
   ZeRO-3: the parameter's partition (gradient and fp32 master), padding at the end excluded.
 The gradient is the accumulated, reduced one between the step's last backward and `engine.step()`.
+With ZeRO-Offload it lies on the CPU beside the fp32 master, and DeepSpeed has already taken its norm
+for clipping: a method that changes it calls `refresh_grad_norm` so that clipping sees the change.
 """
 
 from __future__ import annotations
@@ -77,3 +79,16 @@ def local_weight(param: nn.Parameter) -> Part | None:
             f"no fp32 master weights for a {param.dtype} parameter at ZeRO stage 0: use ZeRO stage 1 or more"
         )
     return Part(param.detach().view(-1), 0, replicated=True)
+
+
+def refresh_grad_norm(engine: object, param: nn.Parameter, part: Part | None = None) -> None:
+    """Recompute the gradient norm ZeRO-Offload cached for `param` when it copied the reduced gradient to
+    the CPU (before any method changed it), from this rank's changed part: gradient clipping uses it."""
+    opt = getattr(engine, "optimizer", None)
+    if not (getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)):
+        return
+    part = part if part is not None else local_grad(param)
+    if part is not None:
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        opt.norm_for_param_grads[opt.get_param_id(param)] = part.flat.to(get_norm_dtype()).norm(2)

@@ -25,7 +25,7 @@ from torch import nn
 
 from pretrain.config import RegularisationConfig
 from pretrain.methods.base import MethodBase
-from pretrain.methods.partitions import local_grad, local_weight
+from pretrain.methods.partitions import local_grad, local_weight, refresh_grad_norm
 
 
 class Regularisation(MethodBase):
@@ -73,7 +73,7 @@ class Regularisation(MethodBase):
         window_start = self.phase_steps[self.phase - 1] - self.cfg.fisher_steps
         collect = self.cfg.kind == "ewc" and self.step > window_start
         penalty = torch.zeros((), dtype=torch.float64)
-        for name, weight, grad in self._weights_and_grads():
+        for name, param, weight, grad in self._weights_and_grads():
             if collect:
                 g2 = (grad.float() / scale).square()
                 self.fisher_sum[name] = self.fisher_sum[name].add_(g2) if name in self.fisher_sum else g2
@@ -83,6 +83,7 @@ class Regularisation(MethodBase):
                 pull = diff * self.fisher[name] if self.cfg.kind == "ewc" else diff
                 penalty += 0.5 * self.cfg.weight * torch.dot(pull, diff).double()
                 grad.add_(pull.mul_(self.cfg.weight * scale))
+                refresh_grad_norm(engine, param)
         self.fisher_steps_seen += collect
         if self.anchors:
             self._record_penalty(penalty)
@@ -105,11 +106,11 @@ class Regularisation(MethodBase):
                 yield name, part
 
     def _weights_and_grads(self):
-        """(name, fp32 weights, gradient over the same elements) of each part on this rank."""
+        """(name, parameter, fp32 weights, gradient over the same elements) of each part on this rank."""
         for name, p in self.params:
             weight = local_weight(p)
             if weight is not None:
-                yield name, weight.flat, local_grad(p).narrow(weight.start, weight.numel)
+                yield name, p, weight.flat, local_grad(p).narrow(weight.start, weight.numel)
 
     def _accumulate_fisher(self) -> None:
         """F <- decay * F + F_phase / mean(F_phase), the mean taken over every rank's share."""

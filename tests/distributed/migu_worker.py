@@ -31,8 +31,13 @@ class Case(NamedTuple):
     fp32_grad_accum: bool = False  # bf16 with fp32 accumulation: DeepSpeed's BF16_Optimizer, ZeRO-1 only
     reg: str = "none"  # regularisation.kind
     lora: bool = False  # LoRA adapters (pretrain.methods.lora) on the tiny Llama: MIGU masks their rows
+    # ZeRO-Offload (stage 2; stage 3 also the parameters) with overlap_comm and small buckets; adamw is
+    # then DeepSpeedCPUAdam, as train.optimizer cpu_adam builds it
+    offload: bool = False
 
     def runs_at(self, stage: int) -> bool:
+        if self.offload:
+            return stage in (2, 3)
         return stage == 1 or not self.fp32_grad_accum
 
 
@@ -45,7 +50,11 @@ CASES = {
     "sgd_accum2_l2": Case("sgd", 2, False, 0.0, reg="l2"),
     "sgd_accum1_clip_ewc": Case("sgd", 1, False, 0.5, reg="ewc"),
     "lora_sgd_accum2": Case("sgd", 2, False, 0.0, lora=True),
+    "sgd_accum2_clip_offload": Case("sgd", 2, False, 0.5, offload=True),
+    "adamw_accum2_clip_offload": Case("adamw", 2, False, 0.05, offload=True),
+    "sgd_accum1_clip_ewc_offload": Case("sgd", 1, False, 0.5, reg="ewc", offload=True),
 }
+BUCKET = 2000  # elements: far below a layer, so reductions overlap the backward in many small pieces
 # r = 16: a layer keeps 16 - floor(0.7 * 16) = 5 adapter rows a step, so 3 steps leave some never kept
 LORA_R, LORA_ALPHA = 16, 16.0
 
@@ -92,11 +101,28 @@ def batches(grad_accum: int, steps: int = STEPS) -> torch.Tensor:
     return torch.randint(0, VOCAB, (steps, grad_accum, WORLD, MICRO_BATCH, SEQ), generator=g)
 
 
-def optimizer_for(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+def optimizer_for(name: str, model: torch.nn.Module, offload: bool = False) -> torch.optim.Optimizer:
+    """The case's optimizer; offloaded AdamW is DeepSpeedCPUAdam with the same hyperparameters."""
     params = [p for p in model.parameters() if p.requires_grad]  # as build_optimizer: LoRA's adapters only
     if name == "sgd":
         return torch.optim.SGD(params, lr=LR)
-    return torch.optim.AdamW(params, lr=LR * 0.1, weight_decay=0.0)
+    adamw = torch.optim.AdamW(params, lr=LR * 0.1, weight_decay=0.0)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        d = adamw.defaults
+        return DeepSpeedCPUAdam(params, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=0.0)
+    return adamw
+
+
+def offload_config(stage: int, optimizer: str) -> dict:
+    """ZeRO-Offload settings merged into the case's DeepSpeed config."""
+    zero = {"offload_optimizer": {"device": "cpu"}, "overlap_comm": True, "reduce_bucket_size": BUCKET}
+    zero["allgather_bucket_size" if stage == 2 else "stage3_prefetch_bucket_size"] = BUCKET
+    if stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    # torch SGD under offload: DeepSpeed insists on DeepSpeedCPUAdam unless told otherwise
+    return {"zero": zero, "zero_force_ds_cpu_optimizer": optimizer == "adamw"}
 
 
 def method_config():
@@ -119,7 +145,8 @@ def run_case(name: str, stage: int, out: Path) -> None:
 
     from pretrain.methods import build_methods
 
-    opt_name, grad_accum, bf16, clip, fp32_grad_accum, reg, _ = CASES[name]
+    case = CASES[name]
+    opt_name, grad_accum, bf16, clip, fp32_grad_accum, reg = case[:6]
     rank = dist.get_rank()
     model = build_model(CASES[name])
     ds_config = {
@@ -135,7 +162,12 @@ def run_case(name: str, stage: int, out: Path) -> None:
         ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
     if grad_accum > 1:  # ZeRO-3: partition all params; accumulation 1 keeps small ones persistent (default)
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer_for(opt_name, model), config=ds_config)
+    if case.offload:
+        offload = offload_config(stage, opt_name)
+        ds_config["zero_optimization"].update(offload["zero"])
+        ds_config["zero_force_ds_cpu_optimizer"] = offload["zero_force_ds_cpu_optimizer"]
+    optimizer = optimizer_for(opt_name, model, case.offload)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     method = build_methods(method_config(), reg_config(reg), engine.module, engine, [STEPS, STEPS])
     rule = method.methods[-1] if reg != "none" else method
     phases = (1, 2) if reg != "none" else (2,)

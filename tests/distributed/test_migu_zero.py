@@ -1,7 +1,8 @@
 """MIGU is exact under DeepSpeed: a 2-rank run at ZeRO 0, 1, 2 and 3 equals a single-process reference.
 
 One `deepspeed` launch per stage trains every case of migu_worker.CASES (SGD and AdamW with clipping,
-accumulation 1 and 2, bf16 with bf16 or fp32 accumulation, LoRA adapters); the reference below is the
+accumulation 1 and 2, bf16 with bf16 or fp32 accumulation, LoRA adapters, and at stages 2-3 ZeRO-Offload
+with overlap_comm in small buckets and DeepSpeedCPUAdam for AdamW); the reference below is the
 paper's rule written out over the full batch (for LoRA: A's rows by |x A^T|, B's rows by |x A^T B^T|, as
 the published code hooks lora_A and lora_B). bf16 runs are checked for exact masking, not against the
 fp32 reference.
@@ -102,7 +103,7 @@ def reference(case: str, reg_weight: float = worker.REG_WEIGHT) -> tuple[dict[st
     A regularised case first trains phase 1 unmasked, then phase 2 masked on loss + the penalty
     reg_weight/2 * sum F (w - anchor)^2, differentiated by autograd (not the method's own gradient rule).
     """
-    opt_name, grad_accum, _, clip, _, reg, lora = worker.CASES[case]
+    opt_name, grad_accum, _, clip, _, reg, lora = worker.CASES[case][:7]
     model = worker.build_model(worker.CASES[case])
     optimizer = worker.optimizer_for(opt_name, model)
     params = dict(model.named_parameters())

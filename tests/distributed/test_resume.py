@@ -3,14 +3,17 @@
 Each interrupted run is resumed with `--resume` and must end with the same loss curve, evaluation
 matrix, method statistics and final weights as the uninterrupted run of the same config (bitwise: same
 world size, CPU). Every case stacks the methods with state: MIGU's masks, EWC's anchors and Fisher (each
-rank's own ZeRO partition) and replay's stream of the earlier domain. The cases: ZeRO-2, ZeRO-3, and
-MIGU on LoRA adapters (with dropout) at ZeRO-3, whose uninterrupted run also serves the LoRA pipeline
-checks below (one launch fewer).
+rank's own ZeRO partition) and replay's stream of the earlier domain. The cases: ZeRO-2, ZeRO-3 with
+ZeRO-Offload, and MIGU on LoRA adapters (with dropout) at ZeRO-3, whose uninterrupted run also serves the
+LoRA pipeline
+checks below (one launch fewer). ZeRO-3 without offload is the LoRA case's; with offload, the user's
+usual set-up (configs/deepspeed/zero3_offload.json, train.optimizer cpu_adam), is the second case.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,7 +29,15 @@ pytestmark = pytest.mark.distributed
 # case: (ZeRO stage, sections added to the config)
 # elastic resume: losses of the same blocks after reductions in another order (see the test's docstring)
 TOL = 1e-4
-CASES = {"zero2": (2, {}), "zero3": (3, {}), "zero3-lora": (3, {"lora": {"r": 4, "dropout": 0.1}})}
+OFFLOAD3 = {
+    "deepspeed": {"config": str(REPO / "configs" / "deepspeed" / "zero3_offload.json")},
+    "train": {"optimizer": "cpu_adam"},
+}
+CASES = {
+    "zero2": (2, {}),
+    "zero3-offload": (3, OFFLOAD3),  # optimizer and parameters offloaded, DeepSpeedCPUAdam, overlap_comm
+    "zero3-lora": (3, {"lora": {"r": 4, "dropout": 0.1}}),
+}
 
 
 def _config(tmp, name: str, case: str, steps: int = 4, grad_accum: int = 1):
@@ -56,15 +67,38 @@ def _train(cfg, *extra, env=None, ranks=2):
         os.environ.update(old)
 
 
-def _same_run(a, b):
+def _same_run(a, b, case: str = "zero2"):
+    """Bitwise the same run, except with DeepSpeedCPUAdam (train.optimizer cpu_adam, the offload case).
+
+    Its C++ kernel keeps beta^t as a running product while a run continues, but recomputes it with pow()
+    after a checkpoint is loaded: the bias correction then differs in its last bit (relative 1e-7), so the
+    steps after a resume differ by ~1e-7 of a step. Measured: weights 7e-9 apart, losses 2e-7, the same
+    masks. Held to 1e-6 (relative or absolute), which a wrong block, mask or optimizer state far exceeds.
+    """
+    same = _equal if case != "zero3-offload" else _close
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
-    assert ma["eval_loss"] == mb["eval_loss"]
-    assert [p["losses"] for p in ma["train"]] == [p["losses"] for p in mb["train"]]
-    assert ma["migu"] == mb["migu"]  # the method's own statistics continue exactly too
+    assert same(ma["eval_loss"], mb["eval_loss"])
+    assert same([p["losses"] for p in ma["train"]], [p["losses"] for p in mb["train"]])
+    assert same(ma["migu"], mb["migu"])  # the method's own statistics continue exactly too
     wa, wb = (load_file(r / "export" / "phase-2" / "model.safetensors") for r in (a, b))
     assert wa.keys() == wb.keys()
     for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
+        assert torch.equal(wa[key], wb[key]) or (same is _close and torch.allclose(wa[key], wb[key], 0, 1e-6))
+
+
+def _equal(x, y) -> bool:
+    return x == y
+
+
+def _close(x, y) -> bool:
+    """Equal in structure and in every non-number; numbers within 1e-6 relative or absolute."""
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, list):
+        return isinstance(y, list) and len(x) == len(y) and all(map(_close, x, y))
+    if isinstance(x, float) and isinstance(y, float):
+        return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6)
+    return x == y
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -85,7 +119,7 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
     resumed = _train(cfg, "--resume")
     assert_ok(resumed)
     assert "resumed from step-6: phase 2, step 2" in resumed.stdout + resumed.stderr
-    _same_run(tmp / "reference", tmp / "killed")
+    _same_run(tmp / "reference", tmp / "killed", case)
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(reference):
