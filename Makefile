@@ -31,3 +31,4 @@ test: install lint
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/migu_overhead.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/method_cost.py
+	$(PY) benchmarks/cost_model.py
