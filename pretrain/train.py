@@ -41,7 +41,7 @@ from pretrain.rundir import RunDirError, RunDirPlan, config_tree, prepare_run_di
 from pretrain.schedule import set_peak_lr
 from pretrain.shuffle import Shuffle
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
-from pretrain.trackers import MetricsLogger, open_trackers
+from pretrain.trackers import MetricsLogger, open_trackers, require_trackers
 from pretrain.trackers.forgetting import log_forgetting
 
 
@@ -337,6 +337,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     scaled to keep the global batch (pretrain/elastic.py).
     """
     deepspeed_config(cfg, dist.world_size)  # a batch-size conflict is an error before anything is touched
+    require_trackers(cfg.logging)  # so is a tracker whose package is missing
     plan = prepare_run_dir(cfg, dist, resume)
     elastic = _plan_resume(cfg, plan, dist)
     run_cfg = elastic.cfg if elastic else cfg

@@ -5,5 +5,6 @@ logger from `logging.trackers` on rank 0 and an empty one (a no-op) on every oth
 """
 
 from pretrain.trackers.logger import MetricsLogger, open_trackers
+from pretrain.trackers.packages import require_trackers
 
-__all__ = ["MetricsLogger", "open_trackers"]
+__all__ = ["MetricsLogger", "open_trackers", "require_trackers"]

@@ -92,6 +92,14 @@ def open_trackers(
 def _open(
     name: str, cfg: LoggingConfig, run_dir: Path, config: dict[str, Any], run_id: str | None
 ) -> Backend:
-    from pretrain.trackers.tensorboard_backend import TensorBoardBackend
+    if name == "tensorboard":
+        from pretrain.trackers.tensorboard_backend import TensorBoardBackend
 
-    return TensorBoardBackend(run_dir)
+        return TensorBoardBackend(run_dir)
+    if name == "wandb":
+        from pretrain.trackers.wandb_backend import WandbBackend
+
+        return WandbBackend(cfg.wandb, run_dir, config, run_id)
+    from pretrain.trackers.mlflow_backend import MlflowBackend
+
+    return MlflowBackend(cfg.mlflow, run_dir, config, run_id)
