@@ -43,6 +43,7 @@ from pretrain.shuffle import Shuffle
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
 from pretrain.trackers import MetricsLogger, open_trackers, require_trackers
 from pretrain.trackers.forgetting import log_forgetting
+from pretrain.trackers.pictures import log_report_pictures
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Trainer:
             stream_state = None
             self.evaluate(row=phase)
             self.finish_phase(phase)
+        log_report_pictures(self.trackers, self.run_dir, self.pos.global_step)
         self.trackers.close()
         return self.results
 
