@@ -3,6 +3,7 @@ read back in their own formats, across an attempt that is resumed; config and mi
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -107,16 +108,19 @@ def test_tensorboard_gets_every_attempt_as_before(resumed_run):
     assert [s for s, _ in points] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]  # each attempt its own file
 
 
-def test_a_new_start_begins_new_tracker_runs(tmp_path):
-    """A run started again (no checkpoint to resume) is a new attempt: new runs, nothing skipped."""
-    cfg = LoggingConfig(trackers=["mlflow"])
-    for _ in range(2):
-        logger = open_trackers(cfg, tmp_path, 0, resuming=False, config={})
-        logger.scalars({"train/loss": 1.0}, 1)
-        logger.close()
-    client = mlflow_client(tmp_path)
+def test_a_new_start_begins_new_tracker_runs(resumed_run, tmp_path):
+    """A run started again (no checkpoint to resume) is a new attempt: new tracker runs, nothing skipped.
+    On a copy of the resumed run's directory, whose MLflow store is made already (a new one takes 3 s)."""
+    run, first = resumed_run
+    again = shutil.copytree(run, tmp_path / "run")
+    _attempt(again, resuming=False, steps=range(1, 3))
+    state = tracker_state(again)
+    assert state["wandb"] != first["wandb"] and state["mlflow"] != first["mlflow"]
+    assert sorted(wandb_run_ids(again)) == sorted([first["wandb"]] * 2 + [state["wandb"]])
+    client = mlflow_client(again)
     runs = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
-    assert len(runs) == 2 and all(mlflow_series(client, r.info.run_id, "train/loss") for r in runs)
+    assert {r.info.run_id for r in runs} == {first["mlflow"], state["mlflow"]}
+    assert mlflow_series(client, state["mlflow"], "train/loss") == [(1, 9.0), (2, 8.0)]
 
 
 def test_other_ranks_log_nothing_and_write_nothing(tmp_path):
