@@ -163,6 +163,40 @@ class CheckpointConfig:
     export: bool = True
 
 
+# The experiment trackers a run can log to (pretrain/trackers): TensorBoard event files, a W&B run, an
+# MLflow run; the order in the list is only the order they are written in.
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+@dataclass(config=_STRICT)
+class WandbConfig:
+    """A Weights & Biases run, offline by default: it lands in <output_dir>/wandb for `wandb sync`."""
+
+    project: str = "pretrain"
+    entity: str | None = None
+    name: str | None = None  # None: the run directory's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # offline: written locally, nothing sent; online: streamed to the W&B server (needs `wandb login`)
+    mode: Literal["offline", "online"] = "offline"
+
+
+@dataclass(config=_STRICT)
+class MlflowConfig:
+    """An MLflow run; by default in a local SQLite store under the run directory, so nothing is sent."""
+
+    tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlruns/mlflow.db
+    experiment: str = "pretrain"
+    run_name: str | None = None  # None: the run directory's name
+
+
+@dataclass(config=_STRICT)
+class LoggingConfig:
+    trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
 @dataclass(config=_STRICT)
 class RunConfig:
     output_dir: str
@@ -178,6 +212,7 @@ class RunConfig:
     regularisation: RegularisationConfig = field(default_factory=RegularisationConfig)
     lora: LoraConfig | None = None  # None: every weight trains
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def domain(self, name: str) -> DomainConfig:
         return next(d for d in self.domains if d.name == name)
@@ -314,6 +349,9 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     sources = [s.name for s in cfg.replay.sources]
     if len(set(sources)) != len(sources) or set(sources) & set(names):
         problems.append(f"key `replay.sources`: names must be unique and not domain names (got {sources})")
+    trackers = cfg.logging.trackers
+    if len(set(trackers)) != len(trackers):
+        problems.append(f"key `logging.trackers`: each tracker at most once (got {trackers})")
     if cfg.method.name != "none" and cfg.method.start_phase > len(cfg.phases):
         problems.append(
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "

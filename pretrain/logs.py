@@ -1,10 +1,12 @@
-"""Rank-aware logging: concise lines and a progress bar on rank 0, TensorBoard on rank 0, quiet elsewhere."""
+"""Rank-aware logging: concise lines and a progress bar on rank 0, quiet elsewhere.
+
+The numbers for TensorBoard, W&B and MLflow go through pretrain/trackers.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -20,14 +22,6 @@ def setup_logging(rank: int) -> None:
     transformers.utils.logging.disable_progress_bar()  # per-shard bars on every save are noise
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def tensorboard_writer(run_dir: str | Path, rank: int):
-    if rank != 0:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
 
 def progress(total: int, desc: str, rank: int) -> tqdm:

@@ -79,13 +79,26 @@ def write_report(run_dir: str | Path) -> Path:
     migu_magnitudes.png into the run directory; return report.md."""
     run = Path(run_dir)
     data = load_metrics(run)
-    title = data.get("run_name") or run.resolve().name
-    plot_heatmap(data, run / "loss_heatmap.png", title=f"held-out loss: {title}")
-    plot_loss_curves(data, run / "loss_curves.png", title=f"held-out loss across phases: {title}")
-    pictures = write_migu_pictures(data, run, title)
+    title = report_title(data, run)
+    pictures = write_pictures(data, run, title)
     out = run / "report.md"
-    out.write_text(report_markdown(data, title, migu_pictures=[p.name for p in pictures]))
+    migu = [p.name for p in pictures if p.name.startswith("migu_")]
+    out.write_text(report_markdown(data, title, migu_pictures=migu))
     return out
+
+
+def report_title(data: dict[str, Any], run_dir: str | Path) -> str:
+    return data.get("run_name") or Path(run_dir).resolve().name
+
+
+def write_pictures(data: dict[str, Any], out_dir: str | Path, title: str) -> list[Path]:
+    """The report's pictures into out_dir: loss_heatmap.png, loss_curves.png, then the MIGU ones if any."""
+    out = Path(out_dir)
+    return [
+        plot_heatmap(data, out / "loss_heatmap.png", title=f"held-out loss: {title}"),
+        plot_loss_curves(data, out / "loss_curves.png", title=f"held-out loss across phases: {title}"),
+        *write_migu_pictures(data, out, title),
+    ]
 
 
 def write_migu_pictures(data: dict[str, Any], run_dir: str | Path, title: str) -> list[Path]:

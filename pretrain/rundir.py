@@ -29,6 +29,7 @@ RESUMABLE_KEYS = (
     "train.log_every",
     "checkpoint.*",
     "eval.*",
+    "logging.*",
 )
 
 

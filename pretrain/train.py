@@ -30,7 +30,7 @@ from pretrain.distributed import (
 from pretrain.elastic import Elastic, load_elastic, plan_elastic
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
-from pretrain.logs import log, progress, setup_logging, tensorboard_writer
+from pretrain.logs import log, progress, setup_logging
 from pretrain.methods import Method, build_methods
 from pretrain.methods.lora import apply_lora
 from pretrain.model import build_model
@@ -41,6 +41,9 @@ from pretrain.rundir import RunDirError, RunDirPlan, config_tree, prepare_run_di
 from pretrain.schedule import set_peak_lr
 from pretrain.shuffle import Shuffle
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
+from pretrain.trackers import MetricsLogger, open_trackers, require_trackers
+from pretrain.trackers.forgetting import log_forgetting
+from pretrain.trackers.pictures import log_report_pictures
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Trainer:
     phase_steps: list[int]
     results: RunResults
     pos: Position
-    writer: object = None
+    trackers: MetricsLogger = field(default_factory=MetricsLogger)  # a no-op off rank 0
     stream: TrainStream | None = None
     stop: StopRequest | None = None
     phase_losses: list[float] = field(default_factory=list)  # the mean loss over all ranks, per step
@@ -80,8 +83,8 @@ class Trainer:
             stream_state = None
             self.evaluate(row=phase)
             self.finish_phase(phase)
-        if self.writer:
-            self.writer.close()
+        log_report_pictures(self.trackers, self.run_dir, self.pos.global_step)
+        self.trackers.close()
         return self.results
 
     def train_phase(self, phase: int, stream_state: dict | None) -> None:
@@ -173,21 +176,17 @@ class Trainer:
         self.results.set_eval(row, ev)
         label = "initial" if row == 0 else f"after phase {row}"
         log.info("eval %s: %s", label, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
-        if self.writer:
-            for d, v in ev["loss"].items():
-                self.writer.add_scalar(f"eval_loss/{d}", v, row)
-                self.writer.add_scalar(f"eval_perplexity/{d}", ev["perplexity"][d], row)
+        row_scalars = {f"eval_loss/{d}": v for d, v in ev["loss"].items()}
+        row_scalars |= {f"eval_perplexity/{d}": v for d, v in ev["perplexity"].items()}
+        self.trackers.scalars(row_scalars, self.pos.global_step, phase=row)
         self._save_results()
 
     def finish_phase(self, phase: int) -> None:
         summary = self.method.end_phase(phase)
         if summary:
             self.results.migu.append(summary)
-        if self.writer:
-            from pretrain.tb_metrics import log_forgetting
-
-            log_forgetting(self.writer, self.results.to_dict(), phase)
-            self.method.log(self.writer, self.pos.global_step)
+        log_forgetting(self.trackers, self.results.to_dict(), phase, self.pos.global_step)
+        self.method.log(self.trackers, self.pos.global_step)
         self._save_results()
         if self.cfg.checkpoint.export:  # before the checkpoint: a resume past this phase finds its export
             export_phase(
@@ -290,10 +289,9 @@ class Trainer:
             interval["tokens_per_s"],
             "".join(f" | {k} {v:.4g}" for k, v in extra.items()),
         )
-        if self.writer:
-            scalars = {"loss": mean_loss, "lr": lr, "grad_norm": norm, **extra}
-            for key, value in {**scalars, "tokens_per_s": interval["tokens_per_s"]}.items():
-                self.writer.add_scalar(f"train/{key}", value, self.pos.global_step)
+        scalars = {"loss": mean_loss, "lr": lr, "grad_norm": norm, **extra}
+        scalars["tokens_per_s"] = interval["tokens_per_s"]
+        self.trackers.scalars({f"train/{k}": v for k, v in scalars.items()}, self.pos.global_step)
 
     def _save_results(self) -> None:
         if self.dist.is_main:
@@ -341,6 +339,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     scaled to keep the global batch (pretrain/elastic.py).
     """
     deepspeed_config(cfg, dist.world_size)  # a batch-size conflict is an error before anything is touched
+    require_trackers(cfg.logging)  # so is a tracker whose package is missing
     plan = prepare_run_dir(cfg, dist, resume)
     elastic = _plan_resume(cfg, plan, dist)
     run_cfg = elastic.cfg if elastic else cfg
@@ -366,7 +365,6 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
         phase_steps,
         results,
         Position(world_size=dist.world_size),
-        tensorboard_writer(plan.path, dist.rank),
         stop=StopRequest().install(),
         tokenizer_id=fingerprint(tokenizer),
     )
@@ -377,6 +375,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
         log.info("no checkpoint in %s: starting from the beginning", plan.path)
     if dist.is_main:
         save_config(cfg, plan.path / "config.yaml")
+    trainer.trackers = open_trackers(cfg.logging, plan.path, dist.rank, plan.resuming, config_tree(cfg))
     return trainer, stream_state
 
 

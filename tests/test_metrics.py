@@ -8,7 +8,9 @@ import math
 import pytest
 
 from pretrain.metrics import MetricsError, forgetting_metrics
-from pretrain.tb_metrics import log_forgetting
+from pretrain.trackers import MetricsLogger
+from pretrain.trackers.forgetting import log_forgetting
+from pretrain.trackers.tensorboard_backend import TensorBoardBackend
 
 DOMAINS = ["code", "docs", "plays", "news"]  # news: evaluated only, never trained
 PHASES = ["code", "docs", "plays"]
@@ -149,49 +151,55 @@ def test_shape_errors(kwargs, message):
         metrics(**kwargs)
 
 
-class RecordingWriter:
+class RecordingBackend:
+    """A tracker backend that keeps what it is given: {tag: (value, x)}, x the phase as TensorBoard has it."""
+
+    name, resumes, pictures = "recording", False, False
+
     def __init__(self):
-        self.scalars, self.texts, self.flushed = {}, {}, False
+        self.points, self.texts, self.flushed = {}, {}, False
 
-    def add_scalar(self, tag, value, step):
-        self.scalars[tag] = (value, step)
+    def scalars(self, values, step, phase):
+        self.points.update({tag: (value, phase) for tag, value in values.items()})
 
-    def add_text(self, tag, text, step):
-        self.texts[tag] = (text, step)
+    def text(self, tag, text, step, phase):
+        self.texts[tag] = (text, phase)
 
     def flush(self):
         self.flushed = True
 
 
+def _log(metrics, phase):
+    w = RecordingBackend()
+    log_forgetting(MetricsLogger([w]), metrics, phase=phase, step=10 * phase)
+    return w
+
+
 def test_log_forgetting_writes_scalars_and_domains_at_the_phase():
-    w = RecordingWriter()
-    log_forgetting(w, metrics(), phase=3)
-    assert w.scalars["forgetting/avg_forgetting"] == (pytest.approx(0.55), 3)
-    assert w.scalars["forgetting/bwt"] == (pytest.approx(-0.4), 3)
-    assert w.scalars["forgetting/avg_final_perplexity"] == (pytest.approx(25.0), 3)
-    assert w.scalars["forgetting/domain/code"] == (pytest.approx(1.3), 3)
-    assert w.scalars["forgetting/untrained/news"] == (pytest.approx(0.4), 3)
-    assert "forgetting/domain/plays" not in w.scalars and w.flushed
+    w = _log(metrics(), phase=3)
+    assert w.points["forgetting/avg_forgetting"] == (pytest.approx(0.55), 3)
+    assert w.points["forgetting/bwt"] == (pytest.approx(-0.4), 3)
+    assert w.points["forgetting/avg_final_perplexity"] == (pytest.approx(25.0), 3)
+    assert w.points["forgetting/domain/code"] == (pytest.approx(1.3), 3)
+    assert w.points["forgetting/untrained/news"] == (pytest.approx(0.4), 3)
+    assert "forgetting/domain/plays" not in w.points and w.flushed
 
 
 def test_log_forgetting_skips_undefined_and_records_errors():
-    w = RecordingWriter()
-    log_forgetting(w, metrics(loss=LOSS[:2], ppl=PPL[:2]), phase=1)
-    assert "forgetting/bwt" not in w.scalars and "forgetting/avg_forgetting" not in w.scalars
-    assert "forgetting/plasticity" in w.scalars
-    w = RecordingWriter()
-    log_forgetting(w, {"error": "eval_loss of domain 'docs' ... is nan"}, phase=2)
-    assert w.scalars == {} and "nan" in w.texts["forgetting/error"][0]
+    w = _log(metrics(loss=LOSS[:2], ppl=PPL[:2]), phase=1)
+    assert "forgetting/bwt" not in w.points and "forgetting/avg_forgetting" not in w.points
+    assert "forgetting/plasticity" in w.points
+    w = _log({"error": "eval_loss of domain 'docs' ... is nan"}, phase=2)
+    assert w.points == {} and "nan" in w.texts["forgetting/error"][0]
 
 
 def test_log_forgetting_real_summary_writer(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(tmp_path))
-    log_forgetting(writer, metrics(), phase=3)
-    writer.close()
-    events = EventAccumulator(str(tmp_path))
+    logger = MetricsLogger([TensorBoardBackend(tmp_path)])
+    log_forgetting(logger, metrics(), phase=3, step=30)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     (point,) = events.Scalars("forgetting/plasticity")
     assert point.step == 3 and point.value == pytest.approx(5.6 / 3, rel=1e-6)

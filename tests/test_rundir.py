@@ -86,7 +86,13 @@ def test_resume_refuses_turning_lora_on(started):
 
 @pytest.mark.parametrize(
     "key, allowed",
-    [("train.lr", True), ("checkpoint.keep", True), ("eval.inline", True), ("train.seed", False)],
+    [
+        ("train.lr", True),
+        ("checkpoint.keep", True),
+        ("eval.inline", True),
+        ("logging.trackers", True),
+        ("train.seed", False),
+    ],
 )
 def test_resumable_keys(key, allowed):
     assert resumable(key) is allowed

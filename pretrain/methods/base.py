@@ -8,6 +8,7 @@ logging interval `scalars`; at the phase's end `end_phase` (a JSON-able summary 
 (the same on every rank, saved once) and `rank_state_dict` (this rank's own, e.g. its ZeRO partition of
 something) travel in every checkpoint, so a resumed run continues exactly. A run resumed on another
 number of ranks calls `reshard_rank_state` with every old rank's state instead of `load_rank_state_dict`.
+`log` gets the run's metrics logger (pretrain/trackers), which is a no-op off rank 0.
 
 A new method is one module with a class deriving from `MethodBase` that overrides the hooks it needs,
 and one line in `build_method` (pretrain/methods/__init__.py).
@@ -15,7 +16,10 @@ and one line in `build_method` (pretrain/methods/__init__.py).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pretrain.trackers import MetricsLogger
 
 
 class Method(Protocol):
@@ -33,7 +37,7 @@ class Method(Protocol):
 
     def end_phase(self, phase: int) -> dict[str, Any]: ...
 
-    def log(self, writer: Any, global_step: int) -> None: ...
+    def log(self, trackers: MetricsLogger, global_step: int) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -69,7 +73,7 @@ class MethodBase:
     def end_phase(self, phase: int) -> dict[str, Any]:
         return {}
 
-    def log(self, writer: Any, global_step: int) -> None:
+    def log(self, trackers: MetricsLogger, global_step: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,9 +130,9 @@ class MethodStack(MethodBase):
         """One row per phase: the members' summaries side by side (their keys do not collide)."""
         return {k: v for m in self.methods for k, v in m.end_phase(phase).items()}
 
-    def log(self, writer: Any, global_step: int) -> None:
+    def log(self, trackers: MetricsLogger, global_step: int) -> None:
         for m in self.methods:
-            m.log(writer, global_step)
+            m.log(trackers, global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {m.name: m.state_dict() for m in self.methods}

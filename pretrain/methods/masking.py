@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from torch import nn
 from pretrain.config import MethodConfig
 from pretrain.methods.base import MethodBase
 from pretrain.methods.partitions import local_grad, refresh_grad_norm
+
+if TYPE_CHECKING:
+    from pretrain.trackers import MetricsLogger
 
 
 # ----------------------------------------------------------------------------------------------- the rule
@@ -234,13 +237,13 @@ class GradientMask(MethodBase):
             "expected_kept_fraction": {n: g.keep / g.d_out for g in self.groups for n in g.names},
         }
 
-    def log(self, writer: Any, global_step: int) -> None:
-        if writer is None or not self.masked_steps:
+    def log(self, trackers: MetricsLogger, global_step: int) -> None:
+        if not self.masked_steps:
             return
         fractions = self.kept_fraction()
-        for name, value in fractions.items():
-            writer.add_scalar(f"migu/kept_fraction/{name}", value, global_step)
-        writer.add_scalar("migu/kept_fraction_mean", sum(fractions.values()) / len(fractions), global_step)
+        scalars = {f"migu/kept_fraction/{name}": value for name, value in fractions.items()}
+        scalars["migu/kept_fraction_mean"] = sum(fractions.values()) / len(fractions)
+        trackers.scalars(scalars, global_step)
 
     # -- resume
     def state_dict(self) -> dict[str, Any]:

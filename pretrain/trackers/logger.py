@@ -1,0 +1,105 @@
+"""The run's metrics logger: every configured tracker on rank 0, nothing on the other ranks.
+
+Each number has two positions: `step`, the optimizer step (W&B's history needs one rising step for the
+whole run), and for per-phase numbers (the evaluation matrix, the forgetting metrics) `phase`, the matrix
+row, which TensorBoard and MLflow use as the number's x as TensorBoard always has.
+
+A resumed run reopens the same W&B and MLflow runs: their ids are kept in `trackers.json` in the run
+directory. The steps between the last checkpoint and a kill come again after the resume; what each
+tracker does with them is its backend's business (MLflow skips what its store already holds, W&B keeps
+one rising step). TensorBoard writes a new event file per attempt, as it always has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from pretrain.config import LoggingConfig
+
+STATE_FILE = "trackers.json"
+
+
+class Backend(Protocol):
+    name: str
+    pictures: bool  # shows the report's pictures
+
+    def scalars(self, values: dict[str, float], step: int, phase: int | None) -> None: ...
+
+    def text(self, key: str, text: str, step: int, phase: int | None) -> None: ...
+
+    def picture(self, key: str, path: Path, step: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def run_id(self) -> str | None: ...  # the run a resume reopens (W&B, MLflow); None: none
+
+
+class MetricsLogger:
+    """Writes to every backend it holds; with none (off rank 0) each call does nothing."""
+
+    def __init__(self, backends: list[Backend] | None = None):
+        self.backends = backends or []
+
+    @property
+    def takes_pictures(self) -> bool:
+        return any(b.pictures for b in self.backends)
+
+    def scalars(self, values: dict[str, float], step: int, phase: int | None = None) -> None:
+        for backend in self.backends:
+            backend.scalars(values, step, phase)
+
+    def text(self, key: str, text: str, step: int, phase: int | None = None) -> None:
+        for backend in self.backends:
+            backend.text(key, text, step, phase)
+
+    def picture(self, key: str, path: Path, step: int) -> None:
+        for backend in self.backends:
+            if backend.pictures:
+                backend.picture(key, path, step)
+
+    def flush(self) -> None:
+        for backend in self.backends:
+            backend.flush()
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+
+
+def open_trackers(
+    cfg: LoggingConfig, run_dir: Path, rank: int, resuming: bool, config: dict[str, Any]
+) -> MetricsLogger:
+    """The logger of `logging.trackers` on rank 0 (an empty one elsewhere). `resuming`: reopen the
+    tracker runs named in trackers.json; otherwise (a new run, or one started again) begin new ones."""
+    if rank != 0:
+        return MetricsLogger()
+    path = Path(run_dir) / STATE_FILE
+    saved = json.loads(path.read_text()) if resuming and path.is_file() else {}
+    backends = [_open(name, cfg, Path(run_dir), config, saved.get(name)) for name in cfg.trackers]
+    ids = {b.name: b.run_id() for b in backends if b.run_id() is not None}
+    if ids:  # before anything is logged: a kill from now on still resumes the same runs
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**saved, **ids}, indent=1))
+        os.replace(tmp, path)
+    return MetricsLogger(backends)
+
+
+def _open(
+    name: str, cfg: LoggingConfig, run_dir: Path, config: dict[str, Any], run_id: str | None
+) -> Backend:
+    if name == "tensorboard":
+        from pretrain.trackers.tensorboard_backend import TensorBoardBackend
+
+        return TensorBoardBackend(run_dir)
+    if name == "wandb":
+        from pretrain.trackers.wandb_backend import WandbBackend
+
+        return WandbBackend(cfg.wandb, run_dir, config, run_id)
+    from pretrain.trackers.mlflow_backend import MlflowBackend
+
+    return MlflowBackend(cfg.mlflow, run_dir, config, run_id)
