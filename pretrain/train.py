@@ -93,7 +93,7 @@ class Trainer:
         self.stream = self._stream(phase)
         if stream_state:
             self.stream.load_state_dict(stream_state)
-        batches = iter(self.stream)
+        batches = TimedBatches(iter(self.stream))
         if self.pos.step == 0:  # a phase resumed midway has its method state from the checkpoint
             self.method.begin_phase(phase)
         log.info(
@@ -104,7 +104,7 @@ class Trainer:
             self.pos.step + 1,
             steps,
         )
-        meter = ThroughputMeter(self.tokens_per_step)
+        meter = ThroughputMeter(self.tokens_per_step, batches)
         bar = progress(steps - self.pos.step, f"phase {phase} {domain.name}", self.dist.rank)
         while self.pos.step < steps:
             step_start = self.stream.state_dict()
@@ -278,7 +278,7 @@ class Trainer:
         norm = float(norm) if norm is not None else math.nan
         extra = self.method.scalars()  # the same on every rank (e.g. the regularisation penalty)
         log.info(
-            "phase %d %s | step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tok/s %.0f%s",
+            "phase %d %s | step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | tok/s %.0f | data %.1f%%%s",
             phase,
             domain,
             self.pos.step,
@@ -287,10 +287,12 @@ class Trainer:
             lr,
             norm,
             interval["tokens_per_s"],
+            100 * interval["data_wait_share"],
             "".join(f" | {k} {v:.4g}" for k, v in extra.items()),
         )
         scalars = {"loss": mean_loss, "lr": lr, "grad_norm": norm, **extra}
         scalars["tokens_per_s"] = interval["tokens_per_s"]
+        scalars["data_wait_share"] = interval["data_wait_share"]
         self.trackers.scalars({f"train/{k}": v for k, v in scalars.items()}, self.pos.global_step)
 
     def _save_results(self) -> None:
@@ -300,34 +302,63 @@ class Trainer:
                 log.info("kept evaluation rows %s that an eval job wrote to metrics.json", taken)
 
 
-class ThroughputMeter:
-    """Mean loss and tokens/s over a logging interval, and tokens/s over a phase (or its resumed part)."""
+class TimedBatches:
+    """A batch iterator that adds up the time its consumer waits for each batch (reading, tokenizing)."""
 
-    def __init__(self, tokens_per_step: int):
+    def __init__(self, batches):
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
+class ThroughputMeter:
+    """Mean loss, tokens/s and the share of time spent waiting for data, over a logging interval and over
+    a phase (or its resumed part). The waiting is this rank's (rank 0's in the log and metrics.json):
+    every rank reads the same documents, so it stands for all of them."""
+
+    def __init__(self, tokens_per_step: int, batches: TimedBatches | None = None):
         self.tokens_per_step = tokens_per_step
+        self.batches = batches
         self.losses: list[float] = []
         self.steps = 0
         self.start = self.phase_start = time.perf_counter()
+        self.waited_at_start = self._waited()
+
+    def _waited(self) -> float:
+        return self.batches.waited if self.batches is not None else 0.0
 
     def add(self, loss: float) -> None:
         self.losses.append(loss)
         self.steps += 1
 
     def flush(self) -> dict:
-        now = time.perf_counter()
+        now, waited = time.perf_counter(), self._waited()
         finite = [x for x in self.losses if math.isfinite(x)] or [math.nan]
+        elapsed = max(now - self.start, 1e-9)
         out = {
             "loss": sum(finite) / len(finite),
-            "tokens_per_s": len(self.losses) * self.tokens_per_step / max(now - self.start, 1e-9),
+            "tokens_per_s": len(self.losses) * self.tokens_per_step / elapsed,
+            "data_wait_share": (waited - self.waited_at_start) / elapsed,
         }
-        self.losses, self.start = [], now
+        self.losses, self.start, self.waited_at_start = [], now, waited
         return out
 
     def totals(self) -> dict:
         elapsed = time.perf_counter() - self.phase_start
+        waited = self._waited()
         return {
             "seconds": round(elapsed, 3),
             "tokens_per_s": self.steps * self.tokens_per_step / max(elapsed, 1e-9),
+            "data_wait_seconds": round(waited, 3),
+            "data_wait_share": waited / max(elapsed, 1e-9),
         }
 
 
