@@ -98,6 +98,9 @@ class EvalConfig:
     batch_size: int = Field(8, gt=0)
     max_blocks: int = Field(64, gt=0)
     inline: bool = True
+    # every N optimizer steps also evaluate every domain's held-out loss (metrics.json `eval_curve`): the
+    # forgetting curves inside a phase; 0: only the matrix at phase ends
+    every: int = Field(0, ge=0)
 
 
 @dataclass(config=_STRICT)

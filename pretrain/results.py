@@ -35,6 +35,8 @@ class RunResults:
     skipped_records: dict[str, Any] = field(default_factory=dict)
     # keys changed on resume: {"key", "from", "to", "phase", "step", "global_step"}
     config_changes: list[dict[str, Any]] = field(default_factory=list)
+    # eval.every: {"phase", "step", "global_step", "loss": [per domain, `domains` order]}, phase ends included
+    eval_curve: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -49,6 +51,13 @@ class RunResults:
         self._put_row(row, losses, [ev["perplexity"][d] for d in self.domains])
         self.eval_tokens = dict(ev["tokens"])
         self.summary = self._forgetting()
+
+    def add_curve_point(
+        self, phase: int, step: int, global_step: int, ev: dict[str, dict[str, float]]
+    ) -> None:
+        """A point of the forgetting curves: every domain's held-out loss at `global_step`."""
+        loss = [ev["loss"][d] for d in self.domains]
+        self.eval_curve.append({"phase": phase, "step": step, "global_step": global_step, "loss": loss})
 
     def _put_row(self, row: int, losses: list[float], perplexities: list[float]) -> None:
         while len(self.eval_loss) <= row:  # an eval job may fill a later row first: gaps stay null

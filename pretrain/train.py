@@ -116,6 +116,8 @@ class Trainer:
             bar.update()
             if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == steps:
                 self._log_interval(phase, domain.name, steps, meter.flush())
+            if self._curve_due(steps):
+                self.evaluate_curve(phase)
             if self._checkpoint_due(steps):
                 self.checkpoint(f"step-{self.pos.global_step}")
             _fault_kill(self.pos.global_step, self.dist.rank)
@@ -172,7 +174,10 @@ class Trainer:
         if not self.cfg.eval.inline:  # left to `pretrain eval --run DIR` jobs
             self._save_results()
             return
-        ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
+        if self.cfg.eval.every:  # the phase end is a point of the curves too
+            ev = self.evaluate_curve(row)
+        else:
+            ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
         self.results.set_eval(row, ev)
         label = "initial" if row == 0 else f"after phase {row}"
         log.info("eval %s: %s", label, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
@@ -180,6 +185,15 @@ class Trainer:
         row_scalars |= {f"eval_perplexity/{d}": v for d, v in ev["perplexity"].items()}
         self.trackers.scalars(row_scalars, self.pos.global_step, phase=row)
         self._save_results()
+
+    def evaluate_curve(self, phase: int) -> dict:
+        """Every domain's held-out loss now (eval.every): a point of the forgetting curves."""
+        ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
+        self.results.add_curve_point(phase, self.pos.step, self.pos.global_step, ev)
+        curve = {f"eval_curve/{d}": v for d, v in ev["loss"].items()}
+        self.trackers.scalars(curve, self.pos.global_step)
+        self._save_results()
+        return ev
 
     def finish_phase(self, phase: int) -> None:
         summary = self.method.end_phase(phase)
@@ -222,6 +236,10 @@ class Trainer:
     def tokens_per_step(self) -> int:
         t = self.cfg.train
         return t.micro_batch_size * t.grad_accum * t.seq_len * self.dist.world_size
+
+    def _curve_due(self, steps: int) -> bool:
+        every = self.cfg.eval.every
+        return every > 0 and self.pos.step % every == 0 and self.pos.step < steps  # the end: evaluate()
 
     def _checkpoint_due(self, steps: int) -> bool:
         every = self.cfg.checkpoint.save_every

@@ -50,6 +50,7 @@ def _config(tmp, name: str, case: str, steps: int = 4, grad_accum: int = 1):
         regularisation={"kind": "ewc", "weight": 1.0, "fisher_steps": 2},
         replay={"share": 0.25},
         checkpoint={"save_every": 2, "keep": 2},
+        eval={"every": 2},  # forgetting curves: their points must continue across a resume too
         **sections,
     )
     cfg["output_dir"] = str(tmp / name)
@@ -80,6 +81,7 @@ def _same_run(a, b, case: str = "zero2"):
     assert same(ma["eval_loss"], mb["eval_loss"])
     assert same([p["losses"] for p in ma["train"]], [p["losses"] for p in mb["train"]])
     assert same(ma["migu"], mb["migu"])  # the method's own statistics continue exactly too
+    assert same(ma["eval_curve"], mb["eval_curve"])
     wa, wb = (load_file(r / "export" / "phase-2" / "model.safetensors") for r in (a, b))
     assert wa.keys() == wb.keys()
     for key in wa:
@@ -120,6 +122,13 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
     assert_ok(resumed)
     assert "resumed from step-6: phase 2, step 2" in resumed.stdout + resumed.stderr
     _same_run(tmp / "reference", tmp / "killed", case)
+    metrics = json.loads((tmp / "killed" / "metrics.json").read_text())
+    curve = metrics["eval_curve"]
+    assert [(p["phase"], p["step"], p["global_step"]) for p in curve] == [
+        (0, 0, 0), (1, 2, 2), (1, 4, 4), (2, 2, 6), (2, 4, 8)
+    ]  # fmt: skip
+    ends = [p["loss"] for p in curve if p["step"] in (0, 4)]  # the phase ends are the matrix's rows
+    assert ends == metrics["eval_loss"]
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(reference):
