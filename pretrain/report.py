@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from pretrain.curves import PICTURE as CURVE_PICTURE
+from pretrain.curves import curve_section, plot_eval_curve
 from pretrain.metrics import MetricsError, forgetting_metrics, latest_phase, row_label
 
 DEFINITIONS = {
@@ -92,13 +94,16 @@ def report_title(data: dict[str, Any], run_dir: str | Path) -> str:
 
 
 def write_pictures(data: dict[str, Any], out_dir: str | Path, title: str) -> list[Path]:
-    """The report's pictures into out_dir: loss_heatmap.png, loss_curves.png, then the MIGU ones if any."""
+    """The report's pictures into out_dir: loss_heatmap.png, loss_curves.png, then the MIGU ones and the
+    forgetting curves (eval_curve.png, with eval.every) if the run has them."""
     out = Path(out_dir)
-    return [
+    pictures = [
         plot_heatmap(data, out / "loss_heatmap.png", title=f"held-out loss: {title}"),
         plot_loss_curves(data, out / "loss_curves.png", title=f"held-out loss across phases: {title}"),
         *write_migu_pictures(data, out, title),
     ]
+    curve = plot_eval_curve(data, out / CURVE_PICTURE, title=f"held-out loss by step: {title}")
+    return pictures + ([curve] if curve else [])
 
 
 def write_migu_pictures(data: dict[str, Any], run_dir: str | Path, title: str) -> list[Path]:
@@ -126,6 +131,7 @@ def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[st
     lines += [matrix_table(data["eval_loss"], domains, phases, "{:.4f}"), ""]
     lines += ["## Held-out perplexity", "", matrix_table(data["perplexity"], domains, phases, "{:.2f}"), ""]
     lines += _metrics_section(data)
+    lines += curve_section(data)
     lines += _replay_section(data)
     lines += _skipped_section(data)
     lines += _config_changes_section(data)

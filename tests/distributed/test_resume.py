@@ -129,6 +129,10 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
     ]  # fmt: skip
     ends = [p["loss"] for p in curve if p["step"] in (0, 4)]  # the phase ends are the matrix's rows
     assert ends == metrics["eval_loss"]
+    from pretrain.report import write_report
+
+    report = write_report(tmp / "killed").read_text()
+    assert "## Forgetting curves" in report and (tmp / "killed" / "eval_curve.png").is_file()
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(reference):
