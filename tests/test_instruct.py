@@ -259,6 +259,19 @@ def test_reshard_on_another_world_size_continues_the_global_sequence(files, toke
     assert got == reference[done : done + len(got)]
 
 
+def test_an_elastic_resume_reshards_an_example_stream_as_one(files, tokenizer):
+    from pretrain.elastic import _reshard_stream
+
+    olds = [stream(files, tokenizer, r, 2) for r in range(2)]
+    for s in olds:
+        it = iter(s)
+        for _ in range(5):
+            next(it)
+    states = [s.state_dict() for s in olds]
+    got = _reshard_stream(states, DistInfo(rank=1, world_size=3, local_rank=1))
+    assert got == reshard_example_state(states, 1, 3) and got["shift"] == -20 % 3
+
+
 # ---------------------------------------------------------------------------------------------- MIGU, eval
 
 
