@@ -257,11 +257,11 @@ class Trainer:
         domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
         t, policy = self.cfg.train, self.cfg.train.on_bad_record
         rank, world, micro = self.dist.rank, self.dist.world_size, t.micro_batch_size
+        share = phase_share(self.cfg, phase)
         shuffle = Shuffle(t.seed, t.shuffle_buffer) if t.shuffle_buffer > 1 else None
         if domain.instruction is not None:
             args = (self.tokenizer, t.seq_len, rank, world, micro, bad_record_counter(policy))
             return ExampleStream(domain.train, domain.instruction, *args, shuffle=shuffle)
-        share = phase_share(self.cfg, phase)
         own = (domain.train, domain.text_field, bad_record_counter(policy))
         if share == 0:
             files, field, skip = own
