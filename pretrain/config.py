@@ -48,11 +48,21 @@ class TokenizerConfig:
 
 
 @dataclass(config=_STRICT)
+class InstructionConfig:
+    """An instruction domain's templates, filled from each record's fields (pretrain/instruct.py): the
+    prompt is context only, the answer (and the EOS after it) is what the loss is taken on."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(config=_STRICT)
 class DomainConfig:
     name: str
     heldout: list[str]
     train: list[str] = field(default_factory=list)  # empty: evaluated only, never trained
     text_field: str = "text"
+    instruction: InstructionConfig | None = None  # None: a text domain (packed blocks, loss on every token)
 
 
 @dataclass(config=_STRICT)
@@ -360,7 +370,29 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "
             f"({len(cfg.phases)}); method {cfg.method.name!r} would never mask"
         )
-    return problems + _combination_problems(cfg)
+    return problems + _instruction_problems(cfg) + _combination_problems(cfg)
+
+
+def _instruction_problems(cfg: RunConfig) -> list[str]:
+    """Templates that cannot be filled, and files an instruction domain cannot read (JSON Lines only)."""
+    from pretrain.instruct import template_problem  # deferred: instruct imports this module
+
+    problems = []
+    for i, dom in enumerate(cfg.domains):
+        if dom.instruction is None:
+            continue
+        for part in ("prompt", "answer"):
+            why = template_problem(getattr(dom.instruction, part))
+            if why:
+                problems.append(f"key `domains.{i}.instruction.{part}`: {why}")
+        for split in ("train", "heldout"):
+            problems += [
+                f"key `domains.{i}.{split}`: {f} is not JSON Lines (.jsonl/.json), which an instruction "
+                "domain reads"
+                for f in getattr(dom, split)
+                if Path(f).suffix.lower() not in (".jsonl", ".json")
+            ]
+    return problems
 
 
 def _combination_problems(cfg: RunConfig) -> list[str]:
@@ -375,6 +407,15 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             "key `replay.share` with one entry in `phases` and no `replay.sources`: there is nothing "
             "earlier to replay"
+        )
+    trained = {p.domain for p in cfg.phases}
+    instruction = [i for i, d in enumerate(cfg.domains) if d.instruction is not None and d.name in trained]
+    replaying = [i for i, p in enumerate(cfg.phases) if (p.replay_share or 0) > 0]
+    if instruction and (cfg.replay.share > 0 or replaying):
+        key = "replay.share" if cfg.replay.share > 0 else f"phases.{replaying[0]}.replay_share"
+        problems.append(
+            f"key `{key}` with `domains.{instruction[0]}.instruction`: replay mixes packed text blocks, "
+            "and replaying instruction examples is not implemented; set replay.share: 0"
         )
     return problems
 

@@ -28,6 +28,7 @@ from pretrain.checkpoint import checkpoint_dir, checkpoint_meta
 from pretrain.config import RunConfig
 from pretrain.data import reshard_stream_state
 from pretrain.distributed import DistInfo, barrier, broadcast_object
+from pretrain.instruct import is_example_state, reshard_example_state
 from pretrain.replay import reshard_replay_state
 from pretrain.rundir import RunDirError
 
@@ -137,4 +138,6 @@ def _reshard_stream(states: list[dict | None], dist: DistInfo) -> dict | None:
     if states[-1] is None:  # saved at a phase's end: the next phase's stream starts afresh
         return None
     reshard = reshard_replay_state if "replay" in states[-1] else reshard_stream_state
+    if is_example_state(states[-1]):
+        reshard = reshard_example_state
     return reshard(states, dist.rank, dist.world_size)

