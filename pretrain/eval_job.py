@@ -14,9 +14,8 @@ from pretrain.distributed import barrier, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
-from pretrain.model import build_model
+from pretrain.model import model_for_row
 from pretrain.results import RunResults, metrics_lock, write_json_atomic
-from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
 
 
 def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
@@ -28,7 +27,7 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
     seen = RunResults.for_run(cfg)  # what reading the held-out sets met (bad records skipped)
     heldout = None
     for row in rows:
-        model, tokenizer = _model_for_row(cfg, run, row)
+        model, tokenizer = model_for_row(cfg, run, row)
         if heldout is None:  # the same fixed blocks for every row
             heldout = load_heldout(cfg, tokenizer, seen)
         engine = build_eval_engine(cfg, model, dist.world_size)
@@ -64,13 +63,3 @@ def _rows_to_evaluate(run: Path, phases: int, phase: int | None) -> list[int]:
             sorted(set(range(1, phases + 1)) - set(exported)),
         )
     return [phase] if phase is not None else [0, *exported]
-
-
-def _model_for_row(cfg, run: Path, row: int):
-    if row == 0:
-        tokenizer = resolve_tokenizer(cfg)
-        return build_model(cfg.model, len(tokenizer), cfg.train.seed), tokenizer
-    export = run / "export" / f"phase-{row}"
-    tokenizer = load_tokenizer(str(export))
-    hf = cfg.model.__class__(source="hf", path=str(export), gradient_checkpointing=False)
-    return build_model(hf, len(tokenizer), cfg.train.seed), tokenizer
