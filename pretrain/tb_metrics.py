@@ -1,4 +1,5 @@
-"""TensorBoard at a phase boundary: the forgetting metrics (pretrain.metrics), stepped by phase number."""
+"""TensorBoard at a phase boundary: the forgetting metrics (pretrain.metrics) and the downstream accuracies,
+stepped by phase number (0: the initial model)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,23 @@ def log_forgetting(writer: Any, metrics: dict[str, Any], phase: int) -> None:
         _scalar(writer, f"forgetting/domain/{domain}", value, phase)
     for domain, info in (metrics.get("untrained") or {}).items():
         _scalar(writer, f"forgetting/untrained/{domain}", info.get("change"), phase)
+    writer.flush()
+
+
+ACCURACY_SCALARS = ("avg_final_accuracy", "avg_forgetting", "bwt", "plasticity", "fwt")
+
+
+def log_accuracy(writer: Any, metrics: dict[str, Any], row: int) -> None:
+    """Write `accuracy/<task>` of matrix row `row` and `accuracy_metrics/<metric>` at step `row`.
+
+    `metrics` is a metrics.json dict (RunResults.to_dict()); cells not scored and undefined metrics are
+    skipped, not logged as 0.
+    """
+    values = metrics["accuracy"][row] or []
+    for task, value in zip(metrics["tasks"], values, strict=True):
+        _scalar(writer, f"accuracy/{task}", value, row)
+    for name in ACCURACY_SCALARS:
+        _scalar(writer, f"accuracy_metrics/{name}", (metrics.get("accuracy_metrics") or {}).get(name), row)
     writer.flush()
 
 
