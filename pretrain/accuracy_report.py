@@ -102,12 +102,14 @@ def comparison_section(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
 
 
 def _legend(data: dict[str, Any]) -> str:
-    metric = "accuracy"
+    metric = data.get("task_metric") or "acc"
     harness = f" {data['harness']}" if data.get("harness") else ""
+    meaning = (
+        "the share of documents whose answer the model scored highest" if metric == "acc" else "its metric"
+    )
     text = (
         f"Rows: the model after each phase; columns: the tasks of `eval.tasks`, scored by "
-        f"lm-evaluation-harness{harness} ({metric}: the share of documents whose answer the model scored "
-        "highest; higher is better)."
+        f"lm-evaluation-harness{harness} (`{metric}`: {meaning}; higher is better)."
     )
     links = data.get("task_domains") or {}
     if links:

@@ -173,7 +173,8 @@ def score_row(cfg: RunConfig, run_dir: str | Path, row: int, device: str | torch
 
 def score(model, tokenizer, specs: Sequence[TaskSpec], eval_cfg: EvalConfig) -> dict[str, Any]:
     """{"accuracy": {task: eval.task_metric}, "docs": {task: documents scored}} of one model (on its
-    device), and "harness": lm-eval's version. Seeds as the harness sets them; RNG states are not kept."""
+    device), "harness": lm-eval's version, "metric": the metric. Seeds as the harness sets them; the
+    caller keeps its RNG states (rng_kept)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -192,6 +193,7 @@ def score(model, tokenizer, specs: Sequence[TaskSpec], eval_cfg: EvalConfig) -> 
         "accuracy": {s.name: _metric_value(out["results"][s.name], metric, s.name) for s in specs},
         "docs": {s.name: _docs(out, s.name) for s in specs},
         "harness": _version(),
+        "metric": metric,
     }
 
 

@@ -42,6 +42,7 @@ class RunResults:
     accuracy: list[list[float | None] | None] = field(default_factory=list)
     task_docs: dict[str, int] = field(default_factory=dict)  # documents each accuracy is the mean of
     harness: str = ""  # the lm-eval version that scored them
+    task_metric: str = ""  # the harness's metric in `accuracy` (eval.task_metric)
     summary: dict[str, Any] = field(default_factory=dict)
     accuracy_metrics: dict[str, Any] = field(default_factory=dict)  # computed from `accuracy`, never loaded
 
@@ -80,6 +81,7 @@ class RunResults:
         self.accuracy[row] = [scores["accuracy"].get(t, old[j]) for j, t in enumerate(self.tasks)]
         self.task_docs.update(scores.get("docs", {}))
         self.harness = scores.get("harness", self.harness)
+        self.task_metric = scores.get("metric", self.task_metric)
         self.accuracy_metrics = self._accuracy_metrics()
 
     def _adopt_accuracy(self, other: RunResults) -> list[int]:
@@ -95,7 +97,13 @@ class RunResults:
             }
             if new:
                 docs = {t: n for t, n in other.task_docs.items() if t in new}
-                self.set_accuracy(row, {"accuracy": new, "docs": docs, "harness": other.harness})
+                scores = {
+                    "accuracy": new,
+                    "docs": docs,
+                    "harness": other.harness,
+                    "metric": other.task_metric,
+                }
+                self.set_accuracy(row, scores)
                 taken.append(row)
         return taken
 

@@ -352,6 +352,7 @@ ACCURACY = {
     "accuracy": [[4 / 8, 5 / 8], [6 / 8, 5 / 8], [7 / 8, 4 / 8], [4 / 8, 2 / 8]],
     "task_docs": {"t_code": 8, "general": 8},
     "harness": "0.4.13",
+    "task_metric": "acc",
 }
 
 
@@ -359,7 +360,7 @@ def test_report_shows_the_accuracy_matrix_its_metrics_and_picture(tmp_path):
     run = write_run(tmp_path / "run", **ACCURACY)
     write_report(run)
     text = (run / "report.md").read_text()
-    assert "## Accuracy on downstream tasks" in text and "lm-evaluation-harness 0.4.13" in text
+    assert "## Accuracy on downstream tasks" in text and "lm-evaluation-harness 0.4.13 (`acc`: " in text
     assert "| | t_code | general |" in text
     assert "| initial | 0.5000 | 0.6250 |" in text
     assert "| after phase 1 (code) | **0.7500** | 0.6250 |" in text  # phase 1 trains t_code's domain
