@@ -12,6 +12,7 @@ give the same numbers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import logging
@@ -182,7 +183,7 @@ def score(model, tokenizer, specs: Sequence[TaskSpec], eval_cfg: EvalConfig) -> 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=eval_cfg.batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
-            tasks=[s.spec for s in specs],
+            tasks=[copy.deepcopy(s.spec) for s in specs],  # lm-eval may edit a config it builds from
             task_manager=_manager(any(s.registered for s in specs)),
             limit=eval_cfg.task_limit,
             bootstrap_iters=0,  # no standard errors: the report derives them from the documents scored
