@@ -112,7 +112,7 @@ def _resolve(entry: str, metric: str) -> TaskSpec:
         raise TaskDataError(f"{entry!r} is not a task, group or tag that lm-eval {_version()} knows")
     try:
         with offline(), _quiet():
-            loaded = manager.load(spec.spec)
+            loaded = manager.load(copy.deepcopy(spec.spec))
     except Exception as err:  # lm-eval and `datasets` raise many kinds for a task they cannot build
         raise TaskDataError(
             f"task {entry!r} could not be built from local files (nothing is downloaded at run time; a "
