@@ -4,7 +4,7 @@ task (the vendored copa slice) with lm-evaluation-harness after every phase.
 One launch: phase 1 trains on copa's own text (the task is linked to it), phase 2 on news. The run's
 accuracy matrix is checked against its definitions, against lm-eval's own evaluation of the same export
 (the harness loading the model itself, from the task YAML `pretrain tasks yaml` writes), and against
-what a `pretrain eval` job computes for a row; the report shows it.
+what a `pretrain eval` job computes for a row; TensorBoard, the report and compare show it.
 """
 
 from __future__ import annotations
@@ -82,13 +82,23 @@ def test_the_harness_on_its_own_gives_our_accuracy_for_the_same_model(run, tmp_p
 
 
 def test_an_eval_job_scores_a_row_as_the_run_did(run):
-    """What `pretrain eval` runs for a row's accuracy (downstream.score_row on the export, one process),
-    here for the last phase: the same number as in line."""
+    """What `pretrain eval --phase 2` does for the row (its steps, in this process: a job's start costs
+    ~30 s here): score the export with downstream.score_row and record it beside the loss row. The row,
+    cleared first, comes back with the number the run had in line: the same model through the same code."""
     from pretrain.config import load_config
-    from pretrain.downstream import score_row
+    from pretrain.eval_job import _record_row, _score_tasks
+    from pretrain.results import RunResults
 
-    scores = score_row(load_config(run / "config.yaml"), run, 2, "cpu")
-    assert scores["accuracy"] == {"cl_copa": _metrics(run)["accuracy"][2][0]}
+    cfg, path, m = load_config(run / "config.yaml"), run / "metrics.json", _metrics(run)
+    inline, m["accuracy"][2] = m["accuracy"][2], None
+    path.write_text(json.dumps(m))
+    ev = {
+        "loss": dict(zip(m["domains"], m["eval_loss"][2], strict=True)),
+        "perplexity": dict(zip(m["domains"], m["perplexity"][2], strict=True)),
+        "tokens": m["eval_tokens"],
+    }
+    _record_row(path, cfg, 2, ev, RunResults.for_run(cfg), _score_tasks(cfg, run, 2, "cpu"))
+    assert _metrics(run)["accuracy"][2] == inline and _metrics(run)["eval_loss"] == m["eval_loss"]
 
 
 def test_tensorboard_report_and_compare_show_the_accuracy(run, tmp_path):
