@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-demo.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,eval]'
 	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
 	# DeepSpeed compiles its CPU kernels (cpu_adam, fused_adam, shared-memory comm) on first use, minutes on
 	# two cores: once here, into torch's extension cache, rather than inside the first test that needs one

@@ -1,4 +1,4 @@
-"""One CLI, a verb per job: `python -m pretrain {train,eval,report,compare,tokenizer,bench}`.
+"""One CLI, a verb per job: `python -m pretrain {train,eval,report,compare,tokenizer,tasks}`.
 
 Works as a plain process, under `torchrun`, and under the `deepspeed` launcher (which appends
 `--local_rank=N`; the rank is read from the environment instead).
@@ -23,13 +23,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from pretrain.cl_benchmark import TaskDataError
     from pretrain.config import ConfigError
     from pretrain.data import DataError
     from pretrain.model import ModelError
     from pretrain.report import ReportError
     from pretrain.rundir import RunDirError
 
-    return (ConfigError, DataError, ModelError, ReportError, RunDirError)
+    return (ConfigError, DataError, ModelError, ReportError, RunDirError, TaskDataError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +67,23 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
     for sub in (e, r, c):
         sub.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    _tasks_parser(verbs)
     return p
+
+
+def _tasks_parser(verbs) -> None:
+    t = verbs.add_parser("tasks", help="continual-learning benchmark tasks for lm-eval (eval.tasks)")
+    actions = t.add_subparsers(dest="action", required=True)
+    cv = actions.add_parser(
+        "convert",
+        help="the original layout (SPLIT.json: a list of {sentence, label}; labels.json) to task directories",
+    )
+    cv.add_argument("sources", nargs="+", help="task directories of the original layout")
+    cv.add_argument("--out", required=True, help="makes OUT/<name>/ per task and OUT/cl_<name>.yaml")
+    ym = actions.add_parser("yaml", help="lm-eval task YAML files for task directories (text, label)")
+    ym.add_argument("dirs", nargs="+", help="task directories: test.jsonl and labels.json")
+    ym.add_argument("--out", required=True, help="where cl_<name>.yaml is written")
+    t.set_defaults(func=_tasks)
 
 
 def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -102,6 +119,20 @@ def _eval(args: argparse.Namespace) -> None:
     from pretrain.eval_job import evaluate_run
 
     evaluate_run(args.run, args.phase)
+
+
+def _tasks(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pretrain.cl_benchmark import convert, write_task_yaml
+
+    if args.action == "convert":
+        for source in args.sources:
+            out = convert(source, Path(args.out) / Path(source).resolve().name)
+            print(f"converted {source} -> {out}, task {write_task_yaml(out, args.out)}")
+    else:
+        for directory in args.dirs:
+            print(f"wrote {write_task_yaml(directory, args.out)}")
 
 
 def _report(args: argparse.Namespace) -> None:

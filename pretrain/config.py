@@ -105,9 +105,17 @@ class TrainConfig:
 
 @dataclass(config=_STRICT)
 class EvalConfig:
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)  # held-out blocks per forward; also the harness's requests per batch
     max_blocks: int = Field(64, gt=0)
-    inline: bool = True
+    inline: bool = True  # false: both matrices are left to `pretrain eval` jobs
+    # accuracy on downstream tasks (pretrain/downstream.py): lm-eval task or group names, task YAML files,
+    # or continual-learning benchmark directories (a path: with a `/` or ending in .yaml)
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = Field(None, gt=0)  # documents per task, the first of its test split (None: all)
+    task_metric: str = "acc"  # the harness's metric that fills the accuracy matrix
+    # task -> the domain whose phases count as training it (forgetting, bwt, plasticity, fwt); others are
+    # evaluated only
+    task_domains: dict[str, str] = field(default_factory=dict)
     # every N optimizer steps also evaluate every domain's held-out loss (metrics.json `eval_curve`): the
     # forgetting curves inside a phase; 0: only the matrix at phase ends
     every: int = Field(0, ge=0)
@@ -277,6 +285,12 @@ def _absolutize(cfg: RunConfig) -> None:
         dom.heldout = [absolute(f) for f in dom.heldout]
     for source in cfg.replay.sources:
         source.train = [absolute(f) for f in source.train]
+    cfg.eval.tasks = [absolute(t) if is_task_path(t) else t for t in cfg.eval.tasks]
+
+
+def is_task_path(entry: str) -> bool:
+    """An `eval.tasks` entry that is a task YAML file or a benchmark directory, not an lm-eval name."""
+    return "/" in entry or entry.endswith((".yaml", ".yml"))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -403,6 +417,11 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
             f"key `regularisation.kind` {cfg.regularisation.kind!r} with one entry in `phases`: the pull "
             "toward the previous phase's weights starts in phase 2, so it would never act"
         )
+    if cfg.eval.tasks and not cfg.checkpoint.export:
+        problems.append(
+            "key `eval.tasks` with `checkpoint.export: false`: the harness scores each phase's export "
+            "(export/phase-N); set checkpoint.export: true"
+        )
     if cfg.replay.share > 0 and len(cfg.phases) < 2 and not cfg.replay.sources:
         problems.append(
             "key `replay.share` with one entry in `phases` and no `replay.sources`: there is nothing "
@@ -433,6 +452,28 @@ def _file_problems(cfg: RunConfig) -> list[str]:
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
         problems.append(f"key `tokenizer.path`: directory {cfg.tokenizer.path} does not exist")
     problems += _deepspeed_problems(cfg.deepspeed.config, cfg.train, cfg.regularisation)
+    return problems + _task_problems(cfg)
+
+
+def _task_problems(cfg: RunConfig) -> list[str]:
+    """eval.tasks: each task built once from local files (lm-eval imported only when there are tasks)."""
+    if not cfg.eval.tasks:
+        return ["key `eval.task_domains`: no eval.tasks to link"] if cfg.eval.task_domains else []
+    from pretrain.downstream import task_names, task_problems
+
+    problems = task_problems(cfg.eval)
+    names = [] if problems else task_names(cfg.eval)
+    domains = [d.name for d in cfg.domains]
+    for task, domain in cfg.eval.task_domains.items():
+        if names and task not in names:
+            problems.append(f"key `eval.task_domains`: {task!r} is not one of the tasks {names}")
+        if domain not in domains:
+            problems.append(f"key `eval.task_domains.{task}`: {domain!r} is not one of the domains {domains}")
+    linked = list(cfg.eval.task_domains.values())
+    if len(set(linked)) != len(linked):
+        problems.append(
+            f"key `eval.task_domains`: one domain can train one task, got {cfg.eval.task_domains}"
+        )
     return problems
 
 

@@ -37,6 +37,16 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def model_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype DeepSpeed trains the weights in: bf16 or fp16 when its JSON enables them, else fp32."""
+    with open(cfg.deepspeed.config) as f:
+        ds = json.load(f)
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if (ds.get(key) or {}).get("enabled"):
+            return dtype
+    return torch.float32
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """The optimizer over the parameters that train (with LoRA the adapters only: no state for the rest).
 

@@ -1,8 +1,9 @@
 """`python -m pretrain eval --run DIR [--phase N]`: evaluate saved phases of a run as a job of its own.
 
 Row 0 is the initial model, rebuilt from the run's config (a scratch model from its seed, a checkpoint
-from its path); row N is `export/phase-N`. The rows land in the run's metrics.json, the same matrix the
-training loop fills in-line, and a re-run gives the same numbers.
+from its path); row N is `export/phase-N`. The rows land in the run's metrics.json, the same matrices
+the training loop fills in-line (held-out loss, and accuracy on eval.tasks), and a re-run gives the same
+numbers.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from pretrain.distributed import barrier, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
-from pretrain.model import build_model
+from pretrain.model import model_for_row
 from pretrain.results import RunResults, metrics_lock, write_json_atomic
-from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
 
 
 def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
@@ -28,24 +28,39 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
     seen = RunResults.for_run(cfg)  # what reading the held-out sets met (bad records skipped)
     heldout = None
     for row in rows:
-        model, tokenizer = _model_for_row(cfg, run, row)
+        model, tokenizer = model_for_row(cfg, run, row)
         if heldout is None:  # the same fixed blocks for every row
             heldout = load_heldout(cfg, tokenizer, seen)
         engine = build_eval_engine(cfg, model, dist.world_size)
         ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
         log.info("eval row %d: %s", row, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
         if dist.is_main:
-            _record_row(run / "metrics.json", cfg, row, ev, seen)
+            scores = _score_tasks(cfg, run, row, engine.device)
+            _record_row(run / "metrics.json", cfg, row, ev, seen, scores)
         barrier()
     shutdown_distributed()
     return RunResults.load(run / "metrics.json")
 
 
-def _record_row(path: Path, cfg, row: int, ev: dict, seen: RunResults) -> None:
+def _score_tasks(cfg, run: Path, row: int, device) -> dict | None:
+    """The row's accuracy on eval.tasks (pretrain/downstream.py), scored on rank 0; None without tasks."""
+    if not cfg.eval.tasks:
+        return None
+    from pretrain.downstream import score_row
+
+    scores = score_row(cfg, run, row, device)
+    log.info("accuracy row %d: %s", row, "  ".join(f"{t} {v:.4f}" for t, v in scores["accuracy"].items()))
+    return scores
+
+
+def _record_row(path: Path, cfg, row: int, ev: dict, seen: RunResults, scores: dict | None = None) -> None:
     """Set one row in metrics.json as it is now: a training run may have written it since this job began."""
     with metrics_lock(path):
         results = RunResults.load(path) if path.exists() else RunResults.for_run(cfg)
         results.set_eval(row, ev)
+        if scores:
+            results.task_domains = dict(cfg.eval.task_domains)
+            results.set_accuracy(row, scores)
         if "heldout" in seen.skipped_records:
             results.skipped_records["heldout"] = seen.skipped_records["heldout"]
         write_json_atomic(path, results.to_dict())
@@ -64,13 +79,3 @@ def _rows_to_evaluate(run: Path, phases: int, phase: int | None) -> list[int]:
             sorted(set(range(1, phases + 1)) - set(exported)),
         )
     return [phase] if phase is not None else [0, *exported]
-
-
-def _model_for_row(cfg, run: Path, row: int):
-    if row == 0:
-        tokenizer = resolve_tokenizer(cfg)
-        return build_model(cfg.model, len(tokenizer), cfg.train.seed), tokenizer
-    export = run / "export" / f"phase-{row}"
-    tokenizer = load_tokenizer(str(export))
-    hf = cfg.model.__class__(source="hf", path=str(export), gradient_checkpointing=False)
-    return build_model(hf, len(tokenizer), cfg.train.seed), tokenizer

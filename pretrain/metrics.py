@@ -14,6 +14,9 @@ Definitions and sign conventions are in docs/metrics.md; in short (losses, so lo
 "last" is the last row present, so a run part-way through gets the metrics of the phases done so far.
 A metric with nothing to average (bwt after one phase) is None, never a made-up 0. A NaN, inf or
 missing cell raises MetricsError (a ValueError) naming the row and the domain.
+
+`accuracy_metrics` gives the same metrics for the task-by-phase accuracy matrix `A[i][j]` (higher is
+better): they are computed on -A, so each signed metric keeps the meaning it has for losses.
 """
 
 from __future__ import annotations
@@ -40,32 +43,85 @@ def forgetting_metrics(
     if len(ppl) != len(loss):
         raise MetricsError(f"perplexity has {len(ppl)} rows but eval_loss has {len(loss)}")
     last = len(loss) - 1
-    done = phases[:last]
-    column = {d: j for j, d in enumerate(domains)}
-    forgot = forgetting(domains, done, loss)
     return {
-        "phases_done": last,
-        "forgetting": forgot,
-        "avg_forgetting": _mean(forgot.values()),
-        "bwt": bwt(domains, done, loss),
-        "plasticity": plasticity(done, loss, column),
-        "fwt": fwt(done, loss, column),
+        **_signed_metrics(domains, phases, loss),
         "avg_final_loss": _mean(loss[last]),
         "avg_final_perplexity": _mean(ppl[last]),
         "untrained": untrained(domains, phases, loss),
     }
 
 
+def accuracy_metrics(
+    tasks: Sequence[str],
+    phases: Sequence[str],
+    task_domains: dict[str, str],
+    accuracy: Sequence[Sequence[float]],
+) -> dict[str, Any]:
+    """The forgetting metrics of the accuracy matrix A[i][j] (task j after phase i; higher is better).
+
+    Task j counts as trained by the phases of domain `task_domains[j]`; a task linked to no domain is
+    evaluated only. The metrics are those of -A, so with phase(j) and first_phase(j) as above:
+    forgetting[j] = max(A[i][j], phase(j) <= i < last) - A[last][j] (+ = forgot), bwt = mean of
+    A[last][j] - A[phase(j)][j] (- = forgetting), plasticity = mean of A[k][t_k] - A[k-1][t_k] over the
+    phases k that trained a task t_k (+ = learned), fwt = mean of A[first_phase(j) - 1][j] - A[0][j]
+    (+ = earlier phases helped); avg_final_accuracy = mean of the last row; untrained[j]: initial, final
+    and change = final - initial (+ = gained).
+    """
+    tasks, phases = list(tasks), list(phases)
+    by_domain = {d: t for t, d in task_domains.items()}
+    if len(by_domain) != len(task_domains):
+        raise MetricsError(f"task_domains links two tasks to one domain: {task_domains}")
+    trained = [by_domain.get(d) for d in phases]  # the task column each phase trains, None if none
+    acc = check_matrix(tasks, phases, accuracy, "accuracy", trained=trained, what="task")
+    last = len(acc) - 1
+    changes = {
+        t: {"initial": acc[0][j], "final": acc[last][j], "change": acc[last][j] - acc[0][j]}
+        for j, t in enumerate(tasks)
+        if t not in trained
+    }
+    return {
+        **_signed_metrics(tasks, trained, [[-v for v in row] for row in acc]),
+        "avg_final_accuracy": _mean(acc[last]),
+        "untrained": changes,
+    }
+
+
+def _signed_metrics(columns: list[str], trained: list[str | None], loss: list[list[float]]) -> dict[str, Any]:
+    """forgetting, bwt, plasticity and fwt of a lower-is-better matrix; trained[k-1]: phase k's column."""
+    last = len(loss) - 1
+    done = trained[:last]
+    column = {d: j for j, d in enumerate(columns)}
+    forgot = forgetting(columns, done, loss)
+    return {
+        "phases_done": last,
+        "forgetting": forgot,
+        "avg_forgetting": _mean(forgot.values()),
+        "bwt": bwt(columns, done, loss),
+        "plasticity": plasticity(done, loss, column),
+        "fwt": fwt(done, loss, column),
+    }
+
+
 def check_matrix(
-    domains: list[str], phases: list[str], matrix: Sequence[Sequence[float]], name: str = "eval_loss"
+    domains: list[str],
+    phases: list[str],
+    matrix: Sequence[Sequence[float]],
+    name: str = "eval_loss",
+    trained: list[str | None] | None = None,
+    what: str = "domain",
 ) -> list[list[float]]:
-    """The matrix as floats, or MetricsError naming what is wrong (shape, unknown domain, non-finite cell)."""
+    """The matrix as floats, or MetricsError naming what is wrong (shape, unknown domain, non-finite cell).
+
+    `trained[k-1]` is the column phase k trained (default: `phases`, the loss matrix's domains), None for
+    a phase that trained none of this matrix's columns; `what` names a column in messages.
+    """
+    trained = phases if trained is None else trained
     if not domains or len(set(domains)) != len(domains):
-        raise MetricsError(f"domains must be a non-empty list of distinct names, got {domains}")
-    unknown = [(k, d) for k, d in enumerate(phases, 1) if d not in domains]
+        raise MetricsError(f"{what}s must be a non-empty list of distinct names, got {domains}")
+    unknown = [(k, d) for k, d in enumerate(trained, 1) if d is not None and d not in domains]
     if unknown:
         k, d = unknown[0]
-        raise MetricsError(f"phase {k} trains {d!r}, which is not in domains {domains}")
+        raise MetricsError(f"phase {k} trains {d!r}, which is not in {what}s {domains}")
     if matrix is None or len(matrix) == 0:
         raise MetricsError(f"{name} has no rows: not even the initial model was evaluated")
     if len(matrix) > len(phases) + 1:
@@ -79,10 +135,10 @@ def check_matrix(
             raise MetricsError(f"{name}: {row_label(i, phases)} (row {i}) has not been evaluated")
         if len(row) != len(domains):
             raise MetricsError(
-                f"{name}: {row_label(i, phases)} (row {i}) has {len(row)} values, expected one per domain "
+                f"{name}: {row_label(i, phases)} (row {i}) has {len(row)} values, expected one per {what} "
                 f"({len(domains)}: {domains})"
             )
-        rows.append([_cell(v, name, i, d, phases) for v, d in zip(row, domains, strict=True)])
+        rows.append([_cell(v, name, i, d, phases, what) for v, d in zip(row, domains, strict=True)])
     return rows
 
 
@@ -110,7 +166,7 @@ def bwt(domains: list[str], done: list[str], loss: list[list[float]]) -> float |
 
 def plasticity(done: list[str], loss: list[list[float]], column: dict[str, int]) -> float | None:
     """Mean over completed phases of how much the trained domain's loss dropped during its own phase."""
-    return _mean(loss[k - 1][column[d]] - loss[k][column[d]] for k, d in enumerate(done, 1))
+    return _mean(loss[k - 1][column[d]] - loss[k][column[d]] for k, d in enumerate(done, 1) if d is not None)
 
 
 def fwt(done: list[str], loss: list[list[float]], column: dict[str, int]) -> float | None:
@@ -121,7 +177,7 @@ def fwt(done: list[str], loss: list[list[float]], column: dict[str, int]) -> flo
     """
     gains = []
     for k, d in enumerate(done, 1):
-        if k > 1 and first_phase(d, done) == k:
+        if k > 1 and d is not None and first_phase(d, done) == k:
             gains.append(loss[0][column[d]] - loss[k - 1][column[d]])
     return _mean(gains)
 
@@ -156,8 +212,8 @@ def row_label(row: int, phases: Sequence[str]) -> str:
     return f"after phase {row}"
 
 
-def _cell(value: Any, name: str, row: int, domain: str, phases: list[str]) -> float:
-    where = f"{name} of domain {domain!r} {row_label(row, phases)} (row {row})"
+def _cell(value: Any, name: str, row: int, domain: str, phases: list[str], what: str = "domain") -> float:
+    where = f"{name} of {what} {domain!r} {row_label(row, phases)} (row {row})"
     if value is None:
         raise MetricsError(f"{where} is missing")
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, RunConfig
 
 
 class ModelError(ValueError):
@@ -28,6 +28,20 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrainedModel
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.train()  # from_pretrained returns eval mode: dropout off and MIGU's hooks would see nothing
+
+
+def model_for_row(cfg: RunConfig, run_dir: str | Path, row: int) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) of a row of the evaluation matrix: row 0 the initial model, rebuilt from the
+    config (a scratch model from its seed, a checkpoint from its path), row N the export of phase N."""
+    from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
+
+    if row == 0:
+        tokenizer = resolve_tokenizer(cfg)
+        return build_model(cfg.model, len(tokenizer), cfg.train.seed), tokenizer
+    export = Path(run_dir) / "export" / f"phase-{row}"
+    tokenizer = load_tokenizer(str(export))
+    hf = ModelConfig(source="hf", path=str(export), gradient_checkpointing=False)
+    return build_model(hf, len(tokenizer), cfg.train.seed), tokenizer
 
 
 def _scratch_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from pretrain.accuracy_report import accuracy_section, accuracy_summary, comparison_section, trained_tasks
 from pretrain.curves import PICTURE as CURVE_PICTURE
 from pretrain.curves import curve_section, plot_eval_curve
 from pretrain.metrics import MetricsError, forgetting_metrics, latest_phase, row_label
@@ -62,6 +63,7 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
         )
     except MetricsError as err:
         data["error"] = str(err)
+    data["accuracy_metrics"] = accuracy_summary(data)
     return data
 
 
@@ -77,8 +79,7 @@ def run_label(data: dict[str, Any], run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write report.md, loss_heatmap.png, loss_curves.png and, for a MIGU run, migu_overlap.png and
-    migu_magnitudes.png into the run directory; return report.md."""
+    """Write report.md and the pictures of write_pictures into the run directory; return report.md."""
     run = Path(run_dir)
     data = load_metrics(run)
     title = report_title(data, run)
@@ -94,14 +95,18 @@ def report_title(data: dict[str, Any], run_dir: str | Path) -> str:
 
 
 def write_pictures(data: dict[str, Any], out_dir: str | Path, title: str) -> list[Path]:
-    """The report's pictures into out_dir: loss_heatmap.png, loss_curves.png, then the MIGU ones and the
-    forgetting curves (eval_curve.png, with eval.every) if the run has them."""
+    """The report's pictures into out_dir: loss_heatmap.png, loss_curves.png, then the MIGU ones, the
+    accuracy matrix (accuracy_heatmap.png, with eval.tasks) and the forgetting curves (eval_curve.png, with
+    eval.every) if the run has them."""
     out = Path(out_dir)
     pictures = [
         plot_heatmap(data, out / "loss_heatmap.png", title=f"held-out loss: {title}"),
         plot_loss_curves(data, out / "loss_curves.png", title=f"held-out loss across phases: {title}"),
         *write_migu_pictures(data, out, title),
     ]
+    if data.get("tasks") and data.get("accuracy"):
+        path = out / "accuracy_heatmap.png"
+        pictures.append(plot_accuracy_heatmap(data, path, title=f"downstream accuracy: {title}"))
     curve = plot_eval_curve(data, out / CURVE_PICTURE, title=f"held-out loss by step: {title}")
     return pictures + ([curve] if curve else [])
 
@@ -132,6 +137,7 @@ def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[st
     lines += ["## Held-out perplexity", "", matrix_table(data["perplexity"], domains, phases, "{:.2f}"), ""]
     lines += _metrics_section(data)
     lines += curve_section(data)
+    lines += accuracy_section(data)
     lines += _replay_section(data)
     lines += _skipped_section(data)
     lines += _config_changes_section(data)
@@ -323,35 +329,61 @@ def _migu_pictures_section(data: dict[str, Any], pictures: Sequence[str]) -> lis
 
 def plot_heatmap(data: dict[str, Any], path: str | Path, title: str = "held-out loss") -> Path:
     """The loss matrix as annotated cells; the cell of the domain each phase trained is outlined."""
+    domains, phases = data["domains"], data["phases"]
+    labels = [_domain_name(d, phases) for d in domains]
+    return _matrix_heatmap(data["eval_loss"], domains, labels, phases, phases, path, title, "mean token loss")
+
+
+def plot_accuracy_heatmap(data: dict[str, Any], path: str | Path, title: str = "accuracy") -> Path:
+    """The accuracy matrix the same way, on a fixed 0-1 scale; the task each phase trained is outlined."""
+    tasks = data["tasks"]
+    trained = trained_tasks(data)
+    return _matrix_heatmap(
+        data["accuracy"], tasks, tasks, data["phases"], trained, path, title, "accuracy", vrange=(0.0, 1.0)
+    )
+
+
+def _matrix_heatmap(
+    matrix: Sequence,
+    columns: Sequence[str],
+    xlabels: Sequence[str],
+    phases: Sequence[str],
+    trained: Sequence[str | None],
+    path: str | Path,
+    title: str,
+    label: str,
+    vrange: tuple[float, float] | None = None,
+) -> Path:
+    """Rows = phases (initial first), a cell per column, annotated; NaN and not-evaluated cells grey;
+    trained[k-1], the column phase k trained, outlined in red in row k."""
     import matplotlib
     import numpy as np
 
-    domains, phases = data["domains"], data["phases"]
-    rows = max(len(phases) + 1, len(data["eval_loss"]))
-    values = np.full((rows, len(domains)), np.nan)
-    for i, row in enumerate(data["eval_loss"]):
+    rows = max(len(phases) + 1, len(matrix))
+    values = np.full((rows, len(columns)), np.nan)
+    for i, row in enumerate(matrix):
         if row is not None:
             values[i, : len(row)] = [_as_float(v) for v in row]
     masked = np.ma.masked_invalid(values)
-    fig = Figure(figsize=(2.5 + 1.3 * len(domains), 1.4 + 0.55 * rows), layout="constrained")
+    fig = Figure(figsize=(2.5 + 1.3 * len(columns), 1.4 + 0.55 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(masked, cmap=cmap, aspect="auto")
-    fig.colorbar(image, ax=ax, label="mean token loss")
-    ax.set_xticks(range(len(domains)), [_domain_name(d, phases) for d in domains], rotation=30, ha="right")
+    low, high = vrange or ((masked.min(), masked.max()) if masked.count() else (0.0, 1.0))
+    image = ax.imshow(masked, cmap=cmap, aspect="auto", vmin=low, vmax=high)
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_xticks(range(len(columns)), xlabels, rotation=30, ha="right")
     ax.set_yticks(range(rows), [row_label(i, phases) for i in range(rows)])
     ax.set_title(title)
-    low, high = (masked.min(), masked.max()) if masked.count() else (0.0, 1.0)
     for i in range(rows):
-        for j in range(len(domains)):
+        for j in range(len(columns)):
             v = values[i, j]
-            text = _cell_text(_raw_cell(data["eval_loss"], i, j), "{:.3f}")
+            text = _cell_text(_raw_cell(matrix, i, j), "{:.3f}")
             light = math.isfinite(v) and (v - low) < 0.6 * (high - low or 1.0)
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if light else "black")
-        evaluated = i < len(data["eval_loss"]) and data["eval_loss"][i] is not None
-        if evaluated and 0 < i <= len(phases) and phases[i - 1] in domains:
-            j = domains.index(phases[i - 1])
+        evaluated = i < len(matrix) and matrix[i] is not None
+        if evaluated and 0 < i <= len(trained) and trained[i - 1] in columns:
+            j = list(columns).index(trained[i - 1])
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     fig.savefig(path, dpi=100)
     return Path(path)
@@ -677,7 +709,8 @@ def comparison_markdown(runs: list[RunMetrics]) -> str:
         last = r.data["eval_loss"][-1] or []
         cells = {d: _cell_text(v, "{:.4f}") for d, v in zip(r.data["domains"], last, strict=False)}
         lines.append(f"| {r.label} | " + " | ".join(cells.get(d, "—") for d in domains) + " |")
-    lines += ["", "## Verdict", "", _verdict(runs), "", "![comparison](comparison.png)", ""]
+    lines += [""] + comparison_section([(r.label, r.data) for r in runs])
+    lines += ["## Verdict", "", _verdict(runs), "", "![comparison](comparison.png)", ""]
     lines += ["Definitions and sign conventions: docs/metrics.md in the pretrain repository.", ""]
     return "\n".join(lines)
 
@@ -726,6 +759,12 @@ def _format_table(runs: list[RunMetrics]) -> str:
             rows.append([r.label] + ["n/a"] * 6)
             continue
         rows.append([r.label] + [_metric_text(m, r.data.get(m)) for m in COMPARED])
+    if any(r.data.get("tasks") for r in runs):  # runs with eval.tasks: their average final accuracy too
+        headers.append("final_acc")
+        for row, r in zip(rows, runs, strict=True):
+            row.append(
+                _metric_text("avg_final_accuracy", r.data["accuracy_metrics"].get("avg_final_accuracy"))
+            )
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join(fmt.format(*row) for row in [headers, *rows])

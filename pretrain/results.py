@@ -1,8 +1,9 @@
 """The run's metrics.json: the domain-by-phase evaluation matrix and what each phase reported.
 
 Row 0 of `eval_loss`/`perplexity` is the initial model, row i the model after phase i; one column per
-domain in `domains` order. Written atomically by rank 0 after every change so a crash never leaves a
-half-written file.
+domain in `domains` order. `accuracy` has the same rows and one column per downstream task in `tasks`
+(eval.tasks, scored by lm-evaluation-harness), with its forgetting metrics under `accuracy_metrics`.
+Written atomically by rank 0 after every change so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -37,12 +38,23 @@ class RunResults:
     config_changes: list[dict[str, Any]] = field(default_factory=list)
     # eval.every: {"phase", "step", "global_step", "loss": [per domain, `domains` order]}, phase ends included
     eval_curve: list[dict[str, Any]] = field(default_factory=list)
+    # accuracy on eval.tasks: accuracy[i][j] after phase i on task j (null: not scored yet)
+    tasks: list[str] = field(default_factory=list)
+    task_domains: dict[str, str] = field(default_factory=dict)  # task -> the domain whose phases train it
+    accuracy: list[list[float | None] | None] = field(default_factory=list)
+    task_docs: dict[str, int] = field(default_factory=dict)  # documents each accuracy is the mean of
+    harness: str = ""  # the lm-eval version that scored them
+    task_metric: str = ""  # the harness's metric in `accuracy` (eval.task_metric)
     summary: dict[str, Any] = field(default_factory=dict)
+    accuracy_metrics: dict[str, Any] = field(default_factory=dict)  # computed from `accuracy`, never loaded
 
     @classmethod
     def for_run(cls, cfg: RunConfig) -> RunResults:
         return cls(
-            domains=domain_order(cfg), phases=[p.domain for p in cfg.phases], method=cfg.to_dict()["method"]
+            domains=domain_order(cfg),
+            phases=[p.domain for p in cfg.phases],
+            method=cfg.to_dict()["method"],
+            task_domains=dict(cfg.eval.task_domains),
         )
 
     def set_eval(self, row: int, ev: dict[str, dict[str, float]]) -> None:
@@ -65,10 +77,50 @@ class RunResults:
             self.perplexity.append(None)
         self.eval_loss[row], self.perplexity[row] = losses, perplexities
 
+    def set_accuracy(self, row: int, scores: dict[str, Any]) -> None:
+        """Store task accuracies of the model after phase `row` (downstream.score_row's dict); a task not
+        seen before (added on a resume) becomes a new column, null in the rows scored without it."""
+        for task in scores["accuracy"]:
+            if task not in self.tasks:
+                self.tasks.append(task)
+                self.accuracy = [None if r is None else [*r, None] for r in self.accuracy]
+        while len(self.accuracy) <= row:
+            self.accuracy.append(None)
+        old = self.accuracy[row] or [None] * len(self.tasks)
+        self.accuracy[row] = [scores["accuracy"].get(t, old[j]) for j, t in enumerate(self.tasks)]
+        self.task_docs.update(scores.get("docs", {}))
+        self.harness = scores.get("harness", self.harness)
+        self.task_metric = scores.get("metric", self.task_metric)
+        self.accuracy_metrics = self._accuracy_metrics()
+
+    def _adopt_accuracy(self, other: RunResults) -> list[int]:
+        """Take over the accuracy cells `other` has and this lacks; return their rows."""
+        taken = []
+        for row, values in enumerate(other.accuracy):
+            own = self.accuracy[row] if row < len(self.accuracy) else None
+            mine = dict(zip(self.tasks, own, strict=True)) if own else {}
+            new = {
+                t: v
+                for t, v in zip(other.tasks, values or [], strict=False)
+                if v is not None and mine.get(t) is None
+            }
+            if new:
+                docs = {t: n for t, n in other.task_docs.items() if t in new}
+                scores = {
+                    "accuracy": new,
+                    "docs": docs,
+                    "harness": other.harness,
+                    "metric": other.task_metric,
+                }
+                self.set_accuracy(row, scores)
+                taken.append(row)
+        return taken
+
     def adopt_eval_rows(self, other: RunResults) -> list[int]:
         """Take over the evaluation rows `other` has and this lacks (rows an eval job wrote to disk)."""
         if other.domains != self.domains:
             return []
+        accuracy_rows = self._adopt_accuracy(other)
         taken = [
             row
             for row, losses in enumerate(other.eval_loss)
@@ -79,7 +131,7 @@ class RunResults:
         if taken:
             self.eval_tokens = self.eval_tokens or dict(other.eval_tokens)
             self.summary = self._forgetting()
-        return taken
+        return sorted(set(taken) | set(accuracy_rows))
 
     def count_skipped(self, split: str, domain: str, skip: SkipCounter | None) -> None:
         """Record the bad records skipped reading a domain's split. A held-out set is read whole every
@@ -100,6 +152,16 @@ class RunResults:
         try:
             return forgetting_metrics(self.domains, self.phases, self.eval_loss, self.perplexity)
         except ValueError as err:  # e.g. a NaN loss: recorded as such, never a made-up number
+            return {"error": str(err)}
+
+    def _accuracy_metrics(self) -> dict[str, Any]:
+        from pretrain.metrics import accuracy_metrics
+
+        if not self.accuracy or any(row is None for row in self.accuracy):
+            return {}
+        try:
+            return accuracy_metrics(self.tasks, self.phases, self.task_domains, self.accuracy)
+        except ValueError as err:  # a cell not scored yet (a task added on resume): said, not made up
             return {"error": str(err)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,8 +186,10 @@ class RunResults:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
-        results = cls(**{k: data[k] for k in cls.__dataclass_fields__.keys() - {"summary"} if k in data})
+        computed = {"summary", "accuracy_metrics"}
+        results = cls(**{k: data[k] for k in cls.__dataclass_fields__.keys() - computed if k in data})
         results.summary = results._forgetting() if results.eval_loss else {}
+        results.accuracy_metrics = results._accuracy_metrics()
         return results
 
 

@@ -24,6 +24,7 @@ from pretrain.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     init_distributed,
     shutdown_distributed,
 )
@@ -43,7 +44,7 @@ from pretrain.schedule import set_peak_lr
 from pretrain.shuffle import Shuffle
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
 from pretrain.trackers import MetricsLogger, open_trackers, require_trackers
-from pretrain.trackers.forgetting import log_forgetting
+from pretrain.trackers.forgetting import accuracy_scalars, log_forgetting
 from pretrain.trackers.pictures import log_report_pictures
 
 
@@ -79,6 +80,7 @@ class Trainer:
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
             self.evaluate(row=0)
+            self.score_tasks(row=0)
         for phase in range(self.pos.phase, len(self.phase_steps) + 1):
             self.train_phase(phase, stream_state)
             stream_state = None
@@ -196,6 +198,22 @@ class Trainer:
         self._save_results()
         return ev
 
+    def score_tasks(self, row: int) -> None:
+        """Accuracy of row `row` on eval.tasks (pretrain/downstream.py): rank 0 scores while the others
+        wait, then every rank records the same row."""
+        if not self.cfg.eval.tasks or not self.cfg.eval.inline:
+            return
+        from pretrain.downstream import score_row
+
+        scores = score_row(self.cfg, self.run_dir, row, self.engine.device) if self.dist.is_main else None
+        scores = broadcast_object(scores)
+        self.results.task_domains = dict(self.cfg.eval.task_domains)  # eval.* may change on resume
+        self.results.set_accuracy(row, scores)
+        label = "initial" if row == 0 else f"after phase {row}"
+        log.info("accuracy %s: %s", label, "  ".join(f"{t} {v:.4f}" for t, v in scores["accuracy"].items()))
+        self.trackers.scalars(accuracy_scalars(self.results.to_dict(), row), self.pos.global_step, phase=row)
+        self._save_results()
+
     def finish_phase(self, phase: int) -> None:
         summary = self.method.end_phase(phase)
         if summary:
@@ -207,6 +225,7 @@ class Trainer:
             export_phase(
                 self.engine, self.tokenizer, self.run_dir / "export" / f"phase-{phase}", self.dist.is_main
             )
+        self.score_tasks(row=phase)  # scores the export just written, so a resume past here keeps its row
         self.pos.phase, self.pos.step = phase + 1, 0
         self.stream = None
         self.checkpoint(f"phase-{phase}")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pretrain.metrics import MetricsError, forgetting_metrics
+from pretrain.metrics import MetricsError, accuracy_metrics, forgetting_metrics
 from pretrain.trackers import MetricsLogger
 from pretrain.trackers.forgetting import log_forgetting
 from pretrain.trackers.tensorboard_backend import TensorBoardBackend
@@ -203,3 +203,59 @@ def test_log_forgetting_real_summary_writer(tmp_path):
     events.Reload()
     (point,) = events.Scalars("forgetting/plasticity")
     assert point.step == 3 and point.value == pytest.approx(5.6 / 3, rel=1e-6)
+
+
+# Accuracy matrix: columns are tasks, higher is better. In eighths (as if 8 documents per task), so every
+# sum and difference below is exact in binary floating point and the results are compared with ==.
+TASKS = ["t_code", "t_docs", "general"]  # general: linked to no domain, evaluated only
+TASK_DOMAINS = {"t_code": "code", "t_docs": "docs"}  # phase 3 (plays) trains no task
+ACC = [
+    [4 / 8, 3 / 8, 5 / 8],  # initial
+    [6 / 8, 4 / 8, 5 / 8],  # after phase 1 (code): t_code learns, t_docs gains before its phase
+    [7 / 8, 7 / 8, 4 / 8],  # after phase 2 (docs): t_code still improves, t_docs learns
+    [4 / 8, 6 / 8, 2 / 8],  # after phase 3 (plays): both lose
+]
+
+
+def acc_metrics(acc=ACC, task_domains=TASK_DOMAINS):
+    return accuracy_metrics(TASKS, PHASES, task_domains, acc)
+
+
+def test_accuracy_metrics_follow_their_definitions_with_signs_as_for_losses():
+    m = acc_metrics()
+    # forgetting = best accuracy since the task's phase minus the last: t_code 7/8 (row 2) - 4/8, t_docs
+    # 7/8 - 6/8; + = forgot, as for losses
+    assert m["forgetting"] == {"t_code": 3 / 8, "t_docs": 1 / 8}
+    assert m["avg_forgetting"] == 2 / 8
+    # bwt = last minus right after the task's own phase: t_code 4/8 - 6/8, t_docs 6/8 - 7/8; - = forgetting
+    assert m["bwt"] == (-2 / 8 - 1 / 8) / 2
+    # plasticity = gain during the task's phase: t_code 4/8 -> 6/8, t_docs 4/8 -> 7/8; phase 3 trains none
+    assert m["plasticity"] == (2 / 8 + 3 / 8) / 2
+    # fwt = gain before the task's first phase, from the initial model: t_docs 3/8 -> 4/8 (phase 1 left out)
+    assert m["fwt"] == 1 / 8
+    assert m["avg_final_accuracy"] == (4 / 8 + 6 / 8 + 2 / 8) / 3 == 0.5
+    assert m["untrained"] == {"general": {"initial": 5 / 8, "final": 2 / 8, "change": -3 / 8}}
+    assert m["phases_done"] == 3 and "avg_final_loss" not in m
+    assert json.loads(json.dumps(m, allow_nan=False)) == m
+
+
+def test_accuracy_metrics_partway_and_without_linked_tasks():
+    m = acc_metrics(acc=ACC[:2])  # after phase 1: nothing to forget yet
+    assert m["forgetting"] == {} and m["bwt"] is None and m["fwt"] is None
+    assert m["plasticity"] == 2 / 8 and m["avg_final_accuracy"] == (6 / 8 + 4 / 8 + 5 / 8) / 3
+    plain = acc_metrics(task_domains={})  # no task linked to a phase: every task is evaluated only
+    assert plain["forgetting"] == {} and plain["plasticity"] is None and plain["fwt"] is None
+    assert plain["untrained"]["t_code"] == {"initial": 4 / 8, "final": 4 / 8, "change": 0.0}
+
+
+def test_accuracy_metrics_name_a_bad_cell_and_refuse_two_tasks_on_one_domain():
+    acc = [list(r) for r in ACC]
+    acc[1][2] = None
+    with pytest.raises(
+        MetricsError, match=r"accuracy of task 'general' after phase 1 \(code\) \(row 1\) is missing"
+    ):
+        acc_metrics(acc=acc)
+    with pytest.raises(MetricsError, match="links two tasks to one domain"):
+        acc_metrics(task_domains={"t_code": "code", "t_docs": "code"})
+    with pytest.raises(MetricsError, match=r"phase 1 trains 't_code', which is not in tasks"):
+        accuracy_metrics(["general"], PHASES, TASK_DOMAINS, [[0.5]])

@@ -54,7 +54,22 @@ def test_instruct_recipe_validates_without_the_benchmark_data(tmp_path, monkeypa
         assert render(d.instruction.answer, {"label": "Sports"}) == (" Sports", "")
 
 
+def test_cl_benchmark_recipe_validates(tmp_path, monkeypatch):
+    """configs/cl_benchmark.yaml reads ../shared/data/cl_benchmark beside the checkout: here a stand-in
+    tree with the layout of that data, every task made of the vendored copa slice under its name."""
+    checkout, data = tmp_path / "checkout", tmp_path / "shared" / "data" / "cl_benchmark"
+    for task in ("dbpedia", "amazon", "agnews"):
+        shutil.copytree(REPO / "tests" / "data" / "cl_benchmark" / "copa", data / task)
+    checkout.mkdir()
+    os.symlink(REPO / "configs", checkout / "configs")
+    monkeypatch.chdir(checkout)
+    cfg = load_config(REPO / "configs" / "cl_benchmark.yaml", [f"model.path={smollm2_gguf()}"])
+    assert [p.domain for p in cfg.phases] == ["dbpedia", "amazon", "agnews"]
+    assert cfg.eval.tasks == [str(data / t) for t in ("dbpedia", "amazon", "agnews")]
+    assert cfg.eval.task_domains == {"cl_dbpedia": "dbpedia", "cl_amazon": "amazon", "cl_agnews": "agnews"}
+
+
 def test_every_recipe_is_checked():
     shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")}
-    # llama: a cluster template, its paths are the user's own; instruct_order1: checked above
-    assert shipped - set(DEMO_RECIPES) == {"llama", "instruct_order1"}
+    # llama: a cluster template, its paths are the user's own; the other two: checked above
+    assert shipped - set(DEMO_RECIPES) == {"llama", "instruct_order1", "cl_benchmark"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -341,3 +342,72 @@ def test_compare_labels_and_unusable_runs(tmp_path):
     assert text.splitlines()[1].startswith("first ")  # no method: the directory's name
     assert "migu (dup) #2" in text and "migu (dup) #3" in text
     assert "migu (dup) #3 has no forgetting metrics (fewer than two phases evaluated)." in text
+
+
+# Accuracy on downstream tasks (eval.tasks): t_code linked to the code domain, general evaluated only;
+# in eighths as in tests/test_metrics.py, so the printed values are exact
+ACCURACY = {
+    "tasks": ["t_code", "general"],
+    "task_domains": {"t_code": "code"},
+    "accuracy": [[4 / 8, 5 / 8], [6 / 8, 5 / 8], [7 / 8, 4 / 8], [4 / 8, 2 / 8]],
+    "task_docs": {"t_code": 8, "general": 8},
+    "harness": "0.4.13",
+    "task_metric": "acc",
+}
+
+
+def test_report_shows_the_accuracy_matrix_its_metrics_and_picture(tmp_path):
+    run = write_run(tmp_path / "run", **ACCURACY)
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "## Accuracy on downstream tasks" in text and "lm-evaluation-harness 0.4.13 (`acc`: " in text
+    assert "| | t_code | general |" in text
+    assert "| initial | 0.5000 | 0.6250 |" in text
+    assert "| after phase 1 (code) | **0.7500** | 0.6250 |" in text  # phase 1 trains t_code's domain
+    assert "| after phase 3 (plays) | 0.5000 | 0.2500 |" in text  # plays trains no task: nothing bold
+    assert "| `avg_final_accuracy` | 0.3750 |" in text  # (4/8 + 2/8) / 2
+    assert "| `avg_forgetting` | +0.3750 |" in text  # best since phase 1: 7/8 (row 2), last 4/8
+    assert "| `bwt` | -0.2500 |" in text and "| `plasticity` | +0.2500 |" in text  # 4/8 - 6/8; 6/8 - 4/8
+    assert "| `fwt` | n/a |" in text  # t_code is first trained in phase 1
+    assert "| general | 0.6250 | 0.2500 | -0.3750 |" in text  # evaluated only: change = final - initial
+    # one of 8 documents is 0.125; the final standard error of t_code: sqrt(0.5 * 0.5 / 8)
+    assert (
+        f"t_code 8 (one document = 0.1250, final standard error sqrt(p(1-p)/n) = {math.sqrt(1 / 32):.4f})"
+        in text
+    )
+    assert "## Held-out loss" in text and "| `avg_forgetting` | +0.5500 |" in text  # the loss part as before
+    heatmap = run / "accuracy_heatmap.png"
+    assert_picture(heatmap)
+    # on the fixed 0-1 scale each cell has viridis' colour of its accuracy (a scale from the data's own
+    # range would paint 0.25 in the darkest purple): whole cells, not just the colour bar
+    for value in (0.25, 0.875):
+        rgb = tuple(round(255 * c) for c in matplotlib.colormaps["viridis"](value)[:3])
+        assert pixels_near(heatmap, rgb, tol=3) > 3000, value
+
+
+def test_report_accuracy_partway_and_with_a_missing_cell(tmp_path):
+    partway = {**ACCURACY, "accuracy": ACCURACY["accuracy"][:2]}
+    text = write_report(write_run(tmp_path / "a", **partway)).read_text()
+    assert "| after phase 2 (docs) | — | — |" in text and "| `bwt` | n/a |" in text
+    missing = {**ACCURACY, "accuracy": [[0.5, 0.625], [0.75, None]]}  # a task added on a resume
+    text = write_report(write_run(tmp_path / "b", **missing)).read_text()
+    assert "| after phase 1 (code) | **0.7500** | — |" in text
+    assert (
+        "**Metrics not computed:** accuracy of task 'general' after phase 1 (code) (row 1) is missing" in text
+    )
+    assert "## Accuracy" not in write_report(write_run(tmp_path / "c")).read_text()  # no eval.tasks
+
+
+def test_compare_shows_both_matrices(tmp_path, capsys):
+    none = write_run(tmp_path / "a", **ACCURACY)
+    better = {**ACCURACY, "accuracy": [*ACCURACY["accuracy"][:3], [6 / 8, 3 / 8]]}
+    migu = write_run(tmp_path / "b", method="migu", **better)
+    text = compare_runs([none, migu], tmp_path / "cmp").read_text()
+    assert "| none | +0.5500 | -0.4000 |" in text  # the loss metrics as before
+    assert "| run | `avg_final_accuracy` | `avg_forgetting` | `bwt` | `plasticity` | `fwt` |" in text
+    assert "| none | 0.3750 | +0.3750 | -0.2500 | +0.2500 | n/a |" in text
+    assert "| migu | 0.5625 | +0.1250 | +0.0000 | +0.2500 | n/a |" in text  # 7/8 best, 6/8 last
+    assert "| run | t_code | general |" in text and "| migu | 0.7500 | 0.3750 |" in text
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-1] == "final_acc" and table[2].split()[-1] == "0.5625"
+    assert format_comparison([write_run(tmp_path / "c")]).splitlines()[0].split()[-1] == "final_ppl"

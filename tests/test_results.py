@@ -50,3 +50,43 @@ def test_rows_of_another_runs_domains_are_not_taken(tmp_path):
     other.set_eval(0, {"loss": {"x": 1.0}, "perplexity": {"x": 1.0}, "tokens": {"x": 1}})
     other.save(path)
     assert _results().save(path) == []
+
+
+def _scores(**accuracy: float) -> dict:
+    return {"accuracy": accuracy, "docs": dict.fromkeys(accuracy, 8), "harness": "0.4.13"}
+
+
+def test_accuracy_rows_columns_and_metrics(tmp_path):
+    results = _results()
+    results.task_domains = {"t_a": "a"}
+    results.set_accuracy(0, _scores(t_a=0.25, t_x=0.5))
+    results.set_accuracy(1, _scores(t_a=0.75, t_x=0.5))
+    assert results.tasks == ["t_a", "t_x"] and results.accuracy == [[0.25, 0.5], [0.75, 0.5]]
+    assert (
+        results.accuracy_metrics["plasticity"] == 0.5
+        and results.accuracy_metrics["avg_final_accuracy"] == 0.625
+    )
+    results.set_accuracy(2, _scores(t_a=0.5, t_x=0.5, t_new=1.0))  # a task added on a resume
+    assert results.tasks == ["t_a", "t_x", "t_new"]
+    assert results.accuracy == [[0.25, 0.5, None], [0.75, 0.5, None], [0.5, 0.5, 1.0]]
+    assert "accuracy of task 't_new' initial (row 0) is missing" in results.accuracy_metrics["error"]
+    results.save(tmp_path / "metrics.json")
+    again = RunResults.load(tmp_path / "metrics.json")  # metrics recomputed from the matrix, not read
+    assert again.accuracy == results.accuracy and again.accuracy_metrics == results.accuracy_metrics
+    assert again.task_docs == {"t_a": 8, "t_x": 8, "t_new": 8} and again.harness == "0.4.13"
+
+
+def test_accuracy_cells_an_eval_job_wrote_are_kept(tmp_path):
+    path = tmp_path / "metrics.json"
+    trainer = _results()
+    trainer.set_accuracy(0, _scores(t_a=0.25))
+    trainer.save(path)
+    job = RunResults.load(path)
+    job.set_accuracy(0, _scores(t_a=0.5, t_new=0.75))  # the job scores a task the run added later
+    job.set_accuracy(1, _scores(t_a=0.5, t_new=0.75))
+    job.save(path)
+    assert trainer.save(path) == [0, 1]
+    on_disk = json.loads(path.read_text())
+    assert on_disk["tasks"] == ["t_a", "t_new"]
+    assert on_disk["accuracy"] == [[0.25, 0.75], [0.5, 0.75]]  # the trainer's own cell wins
+    assert on_disk["accuracy_metrics"]["avg_final_accuracy"] == 0.625

@@ -1,4 +1,5 @@
-"""The forgetting metrics (pretrain.metrics) at a phase boundary, as tracker scalars at x = the phase."""
+"""The forgetting metrics (pretrain.metrics) and the downstream accuracies at a phase boundary, as tracker
+scalars at x = the phase (0: the initial model)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,17 @@ def forgetting_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     tagged |= {f"forgetting/domain/{d}": v for d, v in (metrics.get("forgetting") or {}).items()}
     for domain, info in (metrics.get("untrained") or {}).items():
         tagged[f"forgetting/untrained/{domain}"] = info.get("change")
+    return {k: float(v) for k, v in tagged.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+ACCURACY_SCALARS = ("avg_final_accuracy", "avg_forgetting", "bwt", "plasticity", "fwt")
+
+
+def accuracy_scalars(metrics: dict[str, Any], row: int) -> dict[str, float]:
+    """`accuracy/<task>` of matrix row `row` and `accuracy_metrics/<metric>`, from a metrics.json dict;
+    cells not scored and undefined metrics are left out, not logged as 0."""
+    values = metrics["accuracy"][row] or []
+    tagged = {f"accuracy/{task}": v for task, v in zip(metrics["tasks"], values, strict=True)}
+    summary = metrics.get("accuracy_metrics") or {}
+    tagged |= {f"accuracy_metrics/{name}": summary.get(name) for name in ACCURACY_SCALARS}
     return {k: float(v) for k, v in tagged.items() if isinstance(v, (int, float)) and math.isfinite(v)}

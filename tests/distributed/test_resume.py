@@ -206,9 +206,8 @@ def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(referenc
     from lora_checks import assert_export_is_merged
 
     from pretrain.config import load_config
-    from pretrain.eval_job import _model_for_row
     from pretrain.methods.lora import apply_lora
-    from pretrain.model import build_model
+    from pretrain.model import build_model, model_for_row
 
     tmp, case = reference
     if "lora" not in case:
@@ -216,7 +215,7 @@ def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(referenc
     run = tmp / "reference"
     cfg = load_config(run / "config.yaml")
     trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="phase-2")
-    exported, tokenizer = _model_for_row(cfg, run, 2)
+    exported, tokenizer = model_for_row(cfg, run, 2)
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     initial = model.state_dict()
     assert trained.keys() == initial.keys()

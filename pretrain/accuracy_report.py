@@ -1,0 +1,170 @@
+"""The accuracy matrix in report.md and comparison.md: its table, its metrics with their meanings.
+
+Reads `tasks`, `accuracy`, `task_docs`, `task_domains` and `harness` of a metrics.json (pretrain.results)
+and recomputes the metrics with pretrain.metrics.accuracy_metrics, as the loss report recomputes its own,
+so the tables and the metrics always agree. The picture is report.plot_accuracy_heatmap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from pretrain.metrics import MetricsError, accuracy_metrics, row_label
+
+DEFINITIONS = {
+    "avg_final_accuracy": "mean accuracy after the last phase over all tasks (higher is better)",
+    "avg_forgetting": "mean over tasks whose domain was trained before the last phase of the accuracy lost "
+    "since their best after that phase (+ = forgot; lower is better)",
+    "bwt": "mean of the final accuracy minus the accuracy right after the task's own phase (- = forgetting, "
+    "+ = later phases helped it)",
+    "plasticity": "mean accuracy gained during the phases that trained a task's domain (+ = learned)",
+    "fwt": "mean accuracy gained from the initial model to just before a task's first phase, over tasks "
+    "first trained in phase 2 or later (+ = earlier phases helped it)",
+}
+SIGNED = {"avg_forgetting", "bwt", "plasticity", "fwt"}
+
+
+def accuracy_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of the accuracy matrix in `data`: {} until every row is scored, {"error": why} when a
+    cell is missing or not a finite number."""
+    rows = data.get("accuracy") or []
+    if not rows or any(row is None for row in rows):
+        return {}
+    try:
+        return accuracy_metrics(data["tasks"], data["phases"], data.get("task_domains") or {}, rows)
+    except MetricsError as err:
+        return {"error": str(err)}
+
+
+def trained_tasks(data: dict[str, Any]) -> list[str | None]:
+    """Per phase, the task linked to the domain it trained (None where no task is)."""
+    linked = {d: t for t, d in (data.get("task_domains") or {}).items()}
+    return [linked.get(d) for d in data["phases"]]
+
+
+def accuracy_section(data: dict[str, Any]) -> list[str]:
+    """report.md's section on downstream accuracy; nothing for a run without eval.tasks."""
+    tasks = data.get("tasks") or []
+    if not tasks:
+        return []
+    lines = ["## Accuracy on downstream tasks", "", _legend(data), ""]
+    lines += [accuracy_table(data["accuracy"], tasks, data["phases"], trained_tasks(data)), ""]
+    lines += [_documents(data), ""]
+    summary = data.get("accuracy_metrics") or {}
+    if "error" in summary:
+        return lines + [f"**Metrics not computed:** {summary['error']}", ""]
+    if summary:
+        lines += ["| metric | value | meaning |", "|---|---|---|"]
+        lines += [f"| `{m}` | {metric_text(m, summary.get(m))} | {text} |" for m, text in DEFINITIONS.items()]
+        lines += [""] + _untrained_table(summary.get("untrained") or {})
+    return lines + ["![accuracy matrix](accuracy_heatmap.png)", ""]
+
+
+def accuracy_table(
+    matrix: Sequence, tasks: Sequence[str], phases: Sequence[str], trained: Sequence[str | None]
+) -> str:
+    """Markdown table, one row per phase (initial first); the task a phase trained in bold, rows and
+    cells not scored yet as —."""
+    lines = ["| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for i in range(max(len(phases) + 1, len(matrix))):
+        row = matrix[i] if i < len(matrix) else None
+        cells = []
+        for j, task in enumerate(tasks):
+            text = cell_text(row[j] if row is not None and j < len(row) else None)
+            bold = row is not None and 0 < i <= len(trained) and trained[i - 1] == task
+            cells.append(f"**{text}**" if bold else text)
+        lines.append(f"| {row_label(i, phases)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_section(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """comparison.md's accuracy tables for (label, metrics) pairs; nothing when no run scored tasks."""
+    runs = [(label, data) for label, data in runs if data.get("tasks")]
+    if not runs:
+        return []
+    names = list(DEFINITIONS)
+    lines = ["## Accuracy on downstream tasks", ""]
+    lines += ["| run | " + " | ".join(f"`{m}`" for m in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, data in runs:
+        summary = data.get("accuracy_metrics") or {}
+        values = [metric_text(m, summary.get(m)) if "error" not in summary else "n/a" for m in names]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    tasks = list(dict.fromkeys(t for _, data in runs for t in data["tasks"]))
+    lines += ["", "Final accuracy per task:", ""]
+    lines += ["| run | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label, data in runs:
+        last = (data.get("accuracy") or [None])[-1] or []
+        cells = {t: cell_text(v) for t, v in zip(data["tasks"], last, strict=False)}
+        lines.append(f"| {label} | " + " | ".join(cells.get(t, "—") for t in tasks) + " |")
+    return lines + [""]
+
+
+def _legend(data: dict[str, Any]) -> str:
+    metric = data.get("task_metric") or "acc"
+    harness = f" {data['harness']}" if data.get("harness") else ""
+    meaning = (
+        "the share of documents whose answer the model scored highest" if metric == "acc" else "its metric"
+    )
+    text = (
+        f"Rows: the model after each phase; columns: the tasks of `eval.tasks`, scored by "
+        f"lm-evaluation-harness{harness} (`{metric}`: {meaning}; higher is better)."
+    )
+    links = data.get("task_domains") or {}
+    if links:
+        text += (
+            " Bold: the task linked to the domain the phase trained ("
+            + ", ".join(f"{t} by {d}" for t, d in links.items())
+            + "); the other tasks are evaluated only."
+        )
+    else:
+        text += " No task is linked to a domain (`eval.task_domains`): every task is evaluated only."
+    return text
+
+
+def _documents(data: dict[str, Any]) -> str:
+    """How many documents each accuracy averages, and what one document and the final standard error are."""
+    docs, final = data.get("task_docs") or {}, (data.get("accuracy") or [None])[-1]
+    parts = []
+    for j, task in enumerate(data["tasks"]):
+        n = docs.get(task)
+        if not n:
+            continue
+        text = f"{task} {n} (one document = {1 / n:.4f}"
+        p = final[j] if final is not None and j < len(final) else None
+        if isinstance(p, (int, float)) and math.isfinite(p):
+            text += f", final standard error sqrt(p(1-p)/n) = {math.sqrt(p * (1 - p) / n):.4f}"
+        parts.append(text + ")")
+    return "Documents per task: " + "; ".join(parts) + "." if parts else "Documents per task: not recorded."
+
+
+def _untrained_table(untrained: dict[str, dict[str, float]]) -> list[str]:
+    if not untrained:
+        return []
+    lines = [
+        "Evaluated-only tasks (linked to no domain):",
+        "",
+        "| task | initial | final | change (+ = gained) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t} | {u['initial']:.4f} | {u['final']:.4f} | {u['change']:+.4f} |" for t, u in untrained.items()
+    ]
+    return lines + [""]
+
+
+def cell_text(value: Any) -> str:
+    if value is None:
+        return "—"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return f"{value!r} (!)"
+    return f"{v:.4f}" if math.isfinite(v) else f"{v} (!)".replace("nan", "NaN")
+
+
+def metric_text(name: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.4f}" if name in SIGNED else f"{value:.4f}"

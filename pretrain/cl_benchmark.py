@@ -1,0 +1,143 @@
+"""Continual-learning benchmark tasks for lm-evaluation-harness, and a converter from the original layout.
+
+A task directory holds `test.jsonl` (and usually `train.jsonl`): one `{"text", "label"}` record a line,
+and `labels.json`, the task's label strings. `task_config` makes it an lm-eval multiple-choice task
+(templates/cl_multiple_choice.yaml with the directory's name, test file and labels filled in; the answer
+is the label the model scores highest), `write_task_yaml` writes that task as a file for `lm_eval --tasks`
+or `eval.tasks`. `convert` turns the benchmark's original layout (per split a JSON list of `{"sentence",
+"label"}`, and labels.json, as the MIGU repository's CL_Benchmark/ has it) into ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEMPLATE = Path(__file__).parent / "templates" / "cl_multiple_choice.yaml"
+LABELS = "labels.json"
+SPLITS = ("train", "dev", "test")
+
+
+class TaskDataError(ValueError):
+    """A task directory or original-layout file that cannot be used; the message names the file."""
+
+
+def is_task_dir(path: str | Path) -> bool:
+    return (Path(path) / LABELS).is_file()
+
+
+def task_name(directory: str | Path) -> str:
+    """The lm-eval task name of a directory: `cl_<name>`, so it never collides with lm-eval's own tasks
+    (its `copa` is SuperGLUE's, with another prompt)."""
+    return f"cl_{Path(directory).resolve().name}"
+
+
+def task_config(directory: str | Path) -> dict[str, Any]:
+    """The lm-eval task config of a benchmark directory; TaskDataError if its files cannot be used."""
+    directory = Path(directory).resolve()
+    labels = read_labels(directory / LABELS)
+    test = directory / "test.jsonl"
+    check_records(test, labels)
+    return {
+        "task": task_name(directory),
+        **yaml.safe_load(TEMPLATE.read_text()),
+        "dataset_kwargs": {"data_files": {"test": str(test)}},
+        "doc_to_choice": labels,
+    }
+
+
+def write_task_yaml(directory: str | Path, out_dir: str | Path) -> Path:
+    """Write the directory's task as `out_dir/cl_<name>.yaml`; an existing different file is refused."""
+    config = task_config(directory)
+    out = Path(out_dir) / f"{config['task']}.yaml"
+    text = f"# lm-eval task for {Path(directory).resolve()} (pretrain tasks yaml)\n"
+    text += yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    if out.exists() and out.read_text() != text:
+        raise TaskDataError(f"{out} exists and holds something else: remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def read_labels(path: Path) -> list[str]:
+    """labels.json: a JSON list of distinct, non-empty strings."""
+    if not path.is_file():
+        raise TaskDataError(f"{path} does not exist: a task directory needs its label list")
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TaskDataError(f"{path} is not JSON: {err}") from err
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise TaskDataError(f"{path}: expected a non-empty JSON list of label strings, got {labels!r:.200}")
+    if len(set(labels)) != len(labels):
+        raise TaskDataError(f"{path}: labels must be distinct, got {labels}")
+    return labels
+
+
+def check_records(path: Path, labels: list[str]) -> int:
+    """The number of `{"text", "label"}` records in a JSON Lines file; TaskDataError naming the line of a
+    bad one (a label outside labels.json would silently score 0 in the harness)."""
+    if not path.is_file():
+        raise TaskDataError(f"{path} does not exist")
+    count = 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                _check_record(_json_line(line, path, number), labels, f"{path}:{number}")
+                count += 1
+    if not count:
+        raise TaskDataError(f"{path} holds no records")
+    return count
+
+
+def _json_line(line: str, path: Path, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TaskDataError(f"{path}:{number}: not JSON ({err})") from err
+
+
+def _check_record(record: Any, labels: list[str], where: str, text: str = "text") -> None:
+    if not isinstance(record, dict) or not isinstance(record.get(text), str):
+        raise TaskDataError(f"{where}: expected an object with a string {text!r}, got {record!r:.200}")
+    if record.get("label") not in labels:
+        raise TaskDataError(f"{where}: label {record.get('label')!r} is not one of labels.json {labels}")
+
+
+def convert(source: str | Path, out: str | Path) -> Path:
+    """One task of the original layout (`SPLIT.json`: a JSON list of {"sentence", "label"}, for the splits
+    train, dev, test that exist; labels.json) as a task directory `out` (new or empty): `SPLIT.jsonl` of
+    {"text", "label"} records in the same order, and labels.json. Every file is checked before any is
+    written."""
+    source, out = Path(source), Path(out)
+    labels = read_labels(source / LABELS)
+    if not (source / "test.json").is_file():
+        raise TaskDataError(f"{source}: no test.json (the split the task is scored on)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TaskDataError(f"{out} exists and is not an empty directory: choose another output")
+    splits = {
+        s: _original_records(source / f"{s}.json", labels) for s in SPLITS if (source / f"{s}.json").is_file()
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for split, records in splits.items():
+        lines = (
+            json.dumps({"text": r["sentence"], "label": r["label"]}, ensure_ascii=False) for r in records
+        )
+        (out / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    (out / LABELS).write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def _original_records(path: Path, labels: list[str]) -> list[dict[str, str]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TaskDataError(f"{path} is not JSON: {err}") from err
+    if not isinstance(records, list):
+        raise TaskDataError(f"{path}: expected a JSON list of {{'sentence', 'label'}} records")
+    for i, record in enumerate(records):
+        _check_record(record, labels, f"{path} record {i}", text="sentence")
+    return records

@@ -1,0 +1,123 @@
+"""Continual-learning benchmark directories as lm-eval tasks, and the converter from the original layout,
+on the vendored slice (tests/data/cl_benchmark: its README names source and licence)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import REPO
+
+from pretrain.cl_benchmark import TEMPLATE, TaskDataError, convert, task_config, write_task_yaml
+from pretrain.cli import main
+
+DATA = REPO / "tests" / "data" / "cl_benchmark"
+COPA, DBPEDIA = DATA / "copa", DATA / "dbpedia"
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def original_layout(target, source=COPA, splits=("train", "test")):
+    """The benchmark as the MIGU repository ships it: per split a JSON list of {"sentence", "label"}."""
+    target.mkdir(parents=True)
+    for split in splits:
+        rows = [{"sentence": r["text"], "label": r["label"]} for r in records(source / f"{split}.jsonl")]
+        (target / f"{split}.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    (target / "labels.json").write_text((source / "labels.json").read_text())
+    return target
+
+
+def test_a_directory_is_the_template_with_its_name_test_file_and_labels():
+    config = task_config(DBPEDIA)
+    template = yaml.safe_load(TEMPLATE.read_text())
+    assert {k: config[k] for k in template} == template  # every key of the template, unchanged
+    assert template["output_type"] == "multiple_choice" and template["doc_to_target"] == "label"
+    assert config["task"] == "cl_dbpedia"
+    assert config["doc_to_choice"] == json.loads((DBPEDIA / "labels.json").read_text())
+    assert config["dataset_kwargs"] == {"data_files": {"test": str(DBPEDIA / "test.jsonl")}}
+
+
+def test_the_written_yaml_is_the_same_task_for_lm_eval(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    path = write_task_yaml(COPA, tmp_path)
+    assert path == tmp_path / "cl_copa.yaml"
+    assert write_task_yaml(COPA, tmp_path) == path  # the same content again: fine
+    task = TaskManager(include_defaults=False).load(str(path))["tasks"]["cl_copa"]
+    docs = list(task.test_docs())
+    assert docs == records(COPA / "test.jsonl")  # all 40 records, in file order
+    assert task.doc_to_choice(docs[0]) == ["A", "B"]
+    assert task.doc_to_text(docs[0]) == docs[0]["text"] + "\nAnswer:"
+    path.write_text("task: mine\n")
+    with pytest.raises(TaskDataError, match="exists and holds something else"):
+        write_task_yaml(COPA, tmp_path)
+
+
+def test_convert_turns_the_original_layout_into_a_task_directory(tmp_path):
+    source = original_layout(tmp_path / "orig" / "copa")
+    out = convert(source, tmp_path / "converted" / "copa")
+    for split in ("train", "test"):
+        assert records(out / f"{split}.jsonl") == records(COPA / f"{split}.jsonl")  # same records, order
+    assert not (out / "dev.jsonl").exists()  # only the splits the source has
+    assert json.loads((out / "labels.json").read_text()) == ["A", "B"]
+    assert task_config(out)["task"] == "cl_copa"
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: (d / "test.json").unlink(), r"no test\.json"),
+        (lambda d: (d / "labels.json").write_text('["A", "A"]'), "labels must be distinct"),
+        (lambda d: (d / "train.json").write_text('{"sentence": "x"}'), r"train\.json: expected a JSON list"),
+        (
+            lambda d: (d / "test.json").write_text(
+                '[{"sentence": "s", "label": "A"}, {"sentence": "t", "label": "C"}]'
+            ),
+            r"test\.json record 1: label 'C' is not one of labels\.json \['A', 'B'\]",
+        ),
+        (lambda d: (d / "test.json").write_text('[{"text": "s", "label": "A"}]'), "a string 'sentence'"),
+    ],
+)
+def test_convert_names_what_is_wrong_and_writes_nothing(tmp_path, break_it, message):
+    source = original_layout(tmp_path / "orig" / "copa")
+    break_it(source)
+    with pytest.raises(TaskDataError, match=message):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_never_writes_into_a_directory_that_holds_files(tmp_path):
+    source = original_layout(tmp_path / "orig" / "copa")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    with pytest.raises(TaskDataError, match="not an empty directory"):
+        convert(source, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+
+
+def test_a_bad_record_in_a_task_directory_is_named_by_file_and_line(tmp_path):
+    task = tmp_path / "copa"
+    task.mkdir()
+    (task / "labels.json").write_text('["A", "B"]')
+    (task / "test.jsonl").write_text('{"text": "x", "label": "A"}\n\n{"text": "y", "label": "b"}\n')
+    with pytest.raises(TaskDataError, match=r"test\.jsonl:3: label 'b' is not one of labels\.json"):
+        task_config(task)
+    (task / "test.jsonl").write_text('{"text": "x", "label": "A"}\nnot json\n')
+    with pytest.raises(TaskDataError, match=r"test\.jsonl:2: not JSON"):
+        task_config(task)
+
+
+def test_cli_converts_and_writes_yaml(tmp_path, capsys):
+    source = original_layout(tmp_path / "orig" / "copa", splits=("test",))
+    out = tmp_path / "out"
+    main(["tasks", "convert", str(source), "--out", str(out)])
+    assert (out / "copa" / "test.jsonl").is_file() and (out / "cl_copa.yaml").is_file()
+    assert f"converted {source} -> {out / 'copa'}, task {out / 'cl_copa.yaml'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # bad input: one line and exit status 2, as every verb
+        main(["tasks", "convert", str(source), "--out", str(out)])
+    assert exit_.value.code == 2 and "TaskDataError" in capsys.readouterr().err
+    main(["tasks", "yaml", str(DBPEDIA), "--out", str(tmp_path / "y")])
+    assert (tmp_path / "y" / "cl_dbpedia.yaml").is_file()
