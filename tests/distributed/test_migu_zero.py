@@ -296,7 +296,7 @@ def test_regularised_phase_equals_the_autograd_reference(stage_run, case):
     """The pull added to each rank's gradient partition equals differentiating loss + penalty in one
     process (SGD: the tolerance of test_weights_and_masks_equal_the_single_process_reference), under the
     same masks; and it keeps the weights measurably closer to the phase-1 anchors than no pull does."""
-    stage, out = stage_run
+    out = outputs(stage_run, case)
     result = torch.load(out / f"{case}.pt")
     (ref_weights, ref_masks), anchors = reference(case)
     assert torch.equal(torch.load(out / f"{case}.masks.rank0.pt"), _ordered_masks(ref_masks, case))
@@ -315,7 +315,7 @@ def test_regularised_phase_equals_the_autograd_reference(stage_run, case):
 def test_anchors_are_each_ranks_own_partition(stage_run, case):
     """ZeRO-1/2/3: the two ranks' anchors split the model's weights between them, nobody holds a full
     copy (up to a parameter split at the partition border); ZeRO-0: each rank has all of them."""
-    stage, out = stage_run
+    stage, out = stage_run[0], outputs(stage_run, case)
     sizes = [torch.load(out / f"{case}.anchors.rank{r}.pt") for r in range(worker.WORLD)]
     total = sum(p.numel() for p in worker.tiny_llama().parameters())
     if stage == 0:
