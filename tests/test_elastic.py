@@ -57,3 +57,17 @@ def test_a_failed_conversion_names_the_checkpoint_and_leaves_nothing_behind(tmp_
     with pytest.raises(RuntimeError, match="step-6 to DeepSpeed's universal format failed"):
         universal_checkpoint(tag_dir)
     assert sorted(p.name for p in tag_dir.iterdir()) == ["rank0_state.pt"]
+
+
+def test_a_checkpoint_is_converted_once(tmp_path, monkeypatch):
+    """A converted checkpoint keeps its universal/ directory: a later resume does not convert again."""
+    import pretrain.elastic as elastic
+
+    tag_dir = tmp_path / "step-6"
+    (tag_dir / "universal").mkdir(parents=True)
+
+    def convert(*args, **kwargs):
+        raise AssertionError("converted a second time")
+
+    monkeypatch.setattr(elastic.subprocess, "run", convert)
+    assert universal_checkpoint(tag_dir) == tag_dir / "universal"

@@ -51,7 +51,6 @@ CASES = {
     "sgd_accum1_clip_ewc": Case("sgd", 1, False, 0.5, reg="ewc"),
     "lora_sgd_accum2": Case("sgd", 2, False, 0.0, lora=True),
     "sgd_accum2_clip_offload": Case("sgd", 2, False, 0.5, offload=True),
-    "adamw_accum2_clip_offload": Case("adamw", 2, False, 0.05, offload=True),
     "sgd_accum1_clip_ewc_offload": Case("sgd", 1, False, 0.5, reg="ewc", offload=True),
 }
 BUCKET = 2000  # elements: far below a layer, so reductions overlap the backward in many small pieces

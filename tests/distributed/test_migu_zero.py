@@ -2,7 +2,7 @@
 
 One `deepspeed` launch per stage trains every case of migu_worker.CASES (SGD and AdamW with clipping,
 accumulation 1 and 2, bf16 with bf16 or fp32 accumulation, LoRA adapters, and at stages 2-3 ZeRO-Offload
-with overlap_comm in small buckets and DeepSpeedCPUAdam for AdamW); the reference below is the
+with overlap_comm in small buckets: SGD with clipping, EWC with clipping); the reference below is the
 paper's rule written out over the full batch (for LoRA: A's rows by |x A^T|, B's rows by |x A^T B^T|, as
 the published code hooks lora_A and lora_B). bf16 runs are checked for exact masking, not against the
 fp32 reference.

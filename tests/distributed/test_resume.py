@@ -3,11 +3,10 @@
 Each interrupted run is resumed with `--resume` and must end with the same loss curve, evaluation
 matrix, method statistics and final weights as the uninterrupted run of the same config (bitwise: same
 world size, CPU). Every case stacks the methods with state: MIGU's masks, EWC's anchors and Fisher (each
-rank's own ZeRO partition) and replay's stream of the earlier domain. The cases: ZeRO-2, ZeRO-3 with
-ZeRO-Offload, and MIGU on LoRA adapters (with dropout) at ZeRO-3, whose uninterrupted run also serves the
-LoRA pipeline
-checks below (one launch fewer). ZeRO-3 without offload is the LoRA case's; with offload, the user's
-usual set-up (configs/deepspeed/zero3_offload.json, train.optimizer cpu_adam), is the second case.
+rank's own ZeRO partition) and replay's stream of the earlier domain. The cases: ZeRO-2, and MIGU on LoRA
+adapters (with dropout) at ZeRO-3 with ZeRO-Offload of optimizer and parameters
+(configs/deepspeed/zero3_offload.json, train.optimizer cpu_adam), whose uninterrupted run also serves the
+LoRA pipeline checks below (one launch fewer). The crash-while-saving run resumes on fewer ranks.
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ OFFLOAD3 = {
 }
 CASES = {
     "zero2": (2, {}),
-    "zero3-offload": (3, OFFLOAD3),  # optimizer and parameters offloaded, DeepSpeedCPUAdam, overlap_comm
-    "zero3-lora": (3, {"lora": {"r": 4, "dropout": 0.1}}),
+    # LoRA adapters with dropout, optimizer and parameters offloaded (DeepSpeedCPUAdam, overlap_comm)
+    "zero3-lora-offload": (3, {"lora": {"r": 4, "dropout": 0.1}, **OFFLOAD3}),
 }
 
 
@@ -76,7 +75,7 @@ def _same_run(a, b, case: str = "zero2"):
     steps after a resume differ by ~1e-7 of a step. Measured: weights 7e-9 apart, losses 2e-7, the same
     masks. Held to 1e-6 (relative or absolute), which a wrong block, mask or optimizer state far exceeds.
     """
-    same = _equal if case != "zero3-offload" else _close
+    same = _close if "offload" in case else _equal
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
     assert same(ma["eval_loss"], mb["eval_loss"])
     assert same([p["losses"] for p in ma["train"]], [p["losses"] for p in mb["train"]])
@@ -135,7 +134,20 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
     assert "## Forgetting curves" in report and (tmp / "killed" / "eval_curve.png").is_file()
 
 
-def test_crash_while_saving_keeps_previous_checkpoint(reference):
+def test_crash_while_saving_then_resume_on_fewer_ranks(reference):
+    """A crash while saving phase 2 leaves `latest` at the previous complete checkpoint (step-6, mid-phase 2:
+    MIGU masking, EWC pulling, 25% replay). The job is requeued on 1 rank: it resumes there and ends close
+    to the uninterrupted 2-rank run. (More ranks: a 1-rank run resumed on 2 at a phase end in
+    test_faults.py; the data streams' and partitions' re-cut both ways in tests/test_data.py,
+    tests/test_replay.py, tests/test_instruct.py and tests/test_elastic.py. Same ranks, bitwise: the kill -9
+    and stop tests here.)
+
+    The global batch is kept (grad_accum scaled), so each step takes the same blocks. Not bitwise: one
+    rank sums the step's two micro-batch gradients by accumulation, two ranks by all-reduce, and fp32
+    addition in another order rounds differently (relative 1e-7 per sum). Over the few steps after the
+    resume such differences stay orders of magnitude below what another block would change (losses differ
+    by 1e-1 between blocks).
+    """
     tmp, case = reference
     if case != "zero2":
         pytest.skip("the checkpoint marker logic is stage-independent; covered at ZeRO-2")
@@ -145,8 +157,19 @@ def test_crash_while_saving_keeps_previous_checkpoint(reference):
     # the shards of phase-2 were written, but `latest` still names the last complete checkpoint
     assert (tmp / "crashed" / "checkpoints" / "latest").read_text() == "step-6"
     assert (tmp / "crashed" / "checkpoints" / "phase-2").is_dir()
-    assert_ok(_train(cfg, "--resume"))
-    _same_run(tmp / "reference", tmp / "crashed")
+    resumed = _train(cfg, "--resume", ranks=1)
+    assert_ok(resumed)
+    assert "resuming checkpoint step-6 of 2 ranks on 1" in resumed.stdout + resumed.stderr
+    assert (tmp / "crashed" / "checkpoints" / "step-6" / "universal").is_dir()  # converted once, kept there
+    ref, got = (json.loads((tmp / r / "metrics.json").read_text()) for r in ("reference", "crashed"))
+    changes = {c["key"]: (c["from"], c["to"], c["global_step"]) for c in got["config_changes"]}
+    assert changes == {"world_size": (2, 1, 6), "train.grad_accum": (1, 2, 6)}
+    ref_losses, got_losses = ([x for p in m["train"] for x in p["losses"]] for m in (ref, got))
+    assert len(got_losses) == len(ref_losses) == 8
+    assert got_losses == pytest.approx(ref_losses, abs=TOL)
+    for row_ref, row_got in zip(ref["eval_loss"], got["eval_loss"], strict=True):
+        assert row_got == pytest.approx(row_ref, abs=TOL)
+    assert got["migu"][1]["top_units"] == ref["migu"][1]["top_units"]
 
 
 def test_stop_inside_a_masked_step_then_resume_equals_uninterrupted(reference):
@@ -161,40 +184,6 @@ def test_stop_inside_a_masked_step_then_resume_equals_uninterrupted(reference):
     assert (tmp / "stopped" / "checkpoints" / "latest").read_text() == "step-6-stop"
     assert_ok(_train(cfg, "--resume"))
     _same_run(tmp / "reference", tmp / "stopped")
-
-
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_resume_on_another_number_of_ranks_continues_the_run(reference, before, after):
-    """A job requeued on fewer (or more) ranks: killed mid-phase 2 (MIGU masking, EWC pulling, 25% replay)
-    and resumed on the other world size, it ends close to the uninterrupted 2-rank run.
-
-    The global batch is kept (grad_accum scaled), so each step takes the same blocks; the 1-rank run of
-    `1to2` starts with grad_accum 2 for the same reason. Not bitwise: one rank sums the step's two
-    micro-batch gradients by accumulation, two ranks by all-reduce, and fp32 addition in another order
-    rounds differently (relative 1e-7 per sum). Over the few steps after the resume such differences stay
-    orders of magnitude below what another block would change (losses differ by 1e-1 between blocks).
-    """
-    tmp, case = reference
-    if case != "zero2":
-        pytest.skip("elastic resume is checked at ZeRO-2 (partitions on 2 ranks, whole on 1)")
-    name = f"elastic-{before}to{after}"
-    cfg = _config(tmp, name, case, grad_accum=2 // before)
-    killed = _train(cfg, env={"PRETRAIN_FAULT": "kill:7"}, ranks=before)
-    assert killed.returncode != 0
-    resumed = _train(cfg, "--resume", ranks=after)
-    assert_ok(resumed)
-    log = resumed.stdout + resumed.stderr
-    assert f"resuming checkpoint step-6 of {before} ranks on {after}" in log
-    assert (tmp / name / "checkpoints" / "step-6" / "universal").is_dir()  # converted once, kept there
-    ref, got = (json.loads((tmp / r / "metrics.json").read_text()) for r in ("reference", name))
-    changes = {c["key"]: (c["from"], c["to"], c["global_step"]) for c in got["config_changes"]}
-    assert changes == {"world_size": (before, after, 6), "train.grad_accum": (2 // before, 2 // after, 6)}
-    ref_losses, got_losses = ([x for p in m["train"] for x in p["losses"]] for m in (ref, got))
-    assert len(got_losses) == len(ref_losses) == 8
-    assert got_losses == pytest.approx(ref_losses, abs=TOL)
-    for row_ref, row_got in zip(ref["eval_loss"], got["eval_loss"], strict=True):
-        assert row_got == pytest.approx(row_ref, abs=TOL)
-    assert got["migu"][1]["top_units"] == ref["migu"][1]["top_units"]
 
 
 def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(reference):
