@@ -8,11 +8,9 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, free_port, run_deepspeed, tiny_run_config, write_config
+from conftest import run_deepspeed, tiny_run_config, write_config
 
 from pretrain.schedule import phase_lr_factor
 
@@ -114,28 +112,6 @@ def test_a_changed_tokenizer_on_resume_is_a_clear_error(tmp_path):
     assert "the tokenizer changed since checkpoint phase-1 was written (512 tokens, now 448" in proc.stderr
     assert f"tokenizer.path {tok}" in proc.stderr and "Traceback" not in proc.stderr
     assert _files(tmp_path / "run") == before  # config.yaml and metrics.json untouched
-
-
-def test_a_one_rank_run_resumed_on_two_ranks_at_a_phase_end(tmp_path):
-    """A finished 1-rank run (accumulation 2) resumed on 2 ranks (the checkpoint is a phase end: no stream
-    to carry): its ZeRO-2 checkpoint is converted to DeepSpeed's universal format inside its own directory,
-    accumulation 1 keeps the global batch, and the run's results are left as they were. (Mid-phase, 2 -> 1
-    ranks, with the data streams and EWC partitions re-cut: tests/distributed/test_resume.py.)"""
-    cfg = tiny_run_config(tmp_path, steps=2, domains=("news",), train={"grad_accum": 2})
-    path = write_config(cfg, tmp_path / "run.yaml")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(path)]
-    single = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    run = tmp_path / "run"
-    before = json.loads((run / "metrics.json").read_text())
-    two = _launch(path, "--resume")
-    assert two.returncode == 0, two.stderr[-3000:]
-    log = two.stdout + two.stderr
-    assert "resuming checkpoint phase-1 of 1 ranks on 2" in log
-    assert "train.grad_accum 2 -> 1 keeps the global batch" in log
-    assert (run / "checkpoints" / "phase-1" / "universal").is_dir()
-    assert json.loads((run / "metrics.json").read_text()) == before  # nothing left to train, nothing changed
 
 
 def test_broken_record_is_named_before_training(tmp_path):

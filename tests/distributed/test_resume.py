@@ -137,8 +137,8 @@ def test_kill9_mid_phase_then_resume_equals_uninterrupted(reference):
 def test_crash_while_saving_then_resume_on_fewer_ranks(reference):
     """A crash while saving phase 2 leaves `latest` at the previous complete checkpoint (step-6, mid-phase 2:
     MIGU masking, EWC pulling, 25% replay). The job is requeued on 1 rank: it resumes there and ends close
-    to the uninterrupted 2-rank run. (More ranks: a 1-rank run resumed on 2 at a phase end in
-    test_faults.py; the data streams' and partitions' re-cut both ways in tests/test_data.py,
+    to the uninterrupted 2-rank run. (More ranks: the SIGTERM test below, a 1-rank run resumed on 2; the
+    data streams' and partitions' re-cut both ways in tests/test_data.py,
     tests/test_replay.py, tests/test_instruct.py and tests/test_elastic.py. Same ranks, bitwise: the kill -9
     and stop tests here.)
 
@@ -222,9 +222,12 @@ def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(referenc
     assert_export_is_merged(model, exported, tokens)
 
 
-def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path):
-    """A plain single process: the exit status is the trainer's own."""
-    cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",))
+def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
+    """A plain single process, so the exit status is the trainer's own (75), stopped mid-phase; its
+    requeued job gets 2 ranks: the stop checkpoint is converted to DeepSpeed's universal format, the
+    stream continues from the same global block on the new ranks (accumulation 2 -> 1 keeps the global
+    batch), and the phase ends with all its steps."""
+    cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",), train={"grad_accum": 2})
     path = write_config(cfg, tmp_path / "run.yaml")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port()), "PRETRAIN_PROGRESS": ""}
     proc = subprocess.Popen(
@@ -242,16 +245,15 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path):
             break
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, "".join(lines) + rest
-    tag = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    run = tmp_path / "run"
+    tag = (run / "checkpoints" / "latest").read_text()
     assert tag.endswith("-stop")
-    resumed = subprocess.run(
-        [sys.executable, "-m", "pretrain", "train", "--config", str(path), "--resume"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    resumed = _train(path, "--resume", ranks=2)
+    assert_ok(resumed)
+    log = resumed.stdout + resumed.stderr
+    assert f"resuming checkpoint {tag} of 1 ranks on 2" in log and "train.grad_accum 2 -> 1" in log
+    assert (run / "checkpoints" / tag / "universal").is_dir()
+    metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["eval_loss"]) == 2 and len(metrics["train"][0]["losses"]) == 40
+    changes = {c["key"]: (c["from"], c["to"]) for c in metrics["config_changes"]}
+    assert changes == {"world_size": (1, 2), "train.grad_accum": (2, 1)}
