@@ -113,8 +113,8 @@ def config_diff(old: dict, cfg: RunConfig) -> dict[str, tuple]:
     A key the saved tree lacks was added to pretrain after that run started: the run behaved as that
     key's `_BEFORE_THE_KEY` value, which is its default except where the default changed behaviour.
     """
-    new = _flatten(config_tree(cfg))
-    old = {**{k: v for k, v in _before_the_key().items() if k in new}, **_flatten(old)}
+    new = flatten(config_tree(cfg))
+    old = {**{k: v for k, v in _before_the_key().items() if k in new}, **flatten(old)}
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
@@ -128,7 +128,7 @@ def _before_the_key() -> dict:
         for f in fields(RunConfig)
         if f.default_factory is not MISSING  # the sections with defaults; lora's default is None
     }
-    return {**_flatten(json.loads(json.dumps(sections))), **_PREDATED}
+    return {**flatten(json.loads(json.dumps(sections))), **_PREDATED}
 
 
 def config_tree(cfg: RunConfig) -> dict:
@@ -142,11 +142,12 @@ def resumable_changes(old: dict, cfg: RunConfig) -> list[dict]:
     return [{"key": k, "from": a, "to": b} for k, (a, b) in changed.items() if resumable(k)]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested dict as one level of dotted keys (`train.lr`), as config keys are named."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

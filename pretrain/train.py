@@ -177,10 +177,9 @@ class Trainer:
         if not self.cfg.eval.inline:  # left to `pretrain eval --run DIR` jobs
             self._save_results()
             return
+        ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
         if self.cfg.eval.every:  # the phase end is a point of the curves too
-            ev = self.evaluate_curve(row)
-        else:
-            ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
+            self._record_curve_point(row, ev)
         self.results.set_eval(row, ev)
         label = "initial" if row == 0 else f"after phase {row}"
         log.info("eval %s: %s", label, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
@@ -189,14 +188,16 @@ class Trainer:
         self.trackers.scalars(row_scalars, self.pos.global_step, phase=row)
         self._save_results()
 
-    def evaluate_curve(self, phase: int) -> dict:
+    def evaluate_curve(self, phase: int) -> None:
         """Every domain's held-out loss now (eval.every): a point of the forgetting curves."""
         ev = evaluate_domains(self.engine, self.heldout, self.cfg.eval.batch_size, self.dist)
+        self._record_curve_point(phase, ev)
+        self._save_results()
+
+    def _record_curve_point(self, phase: int, ev: dict) -> None:
         self.results.add_curve_point(phase, self.pos.step, self.pos.global_step, ev)
         curve = {f"eval_curve/{d}": v for d, v in ev["loss"].items()}
         self.trackers.scalars(curve, self.pos.global_step)
-        self._save_results()
-        return ev
 
     def score_tasks(self, row: int) -> None:
         """Accuracy of row `row` on eval.tasks (pretrain/downstream.py): rank 0 scores while the others

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import MlflowConfig
+from pretrain.rundir import flatten
 
 MAX_TEXT = 5000  # under MLflow's tag limit, whatever the store
 
@@ -66,7 +67,7 @@ class MlflowBackend:
             )
             experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=where)
         run = self.client.create_run(experiment_id, run_name=cfg.run_name or run_dir.name)
-        params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
 
@@ -93,13 +94,3 @@ class MlflowBackend:
 
     def run_id(self) -> str | None:
         return self._run_id
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
