@@ -3,18 +3,22 @@
 A task directory holds `test.jsonl` (and usually `train.jsonl`): one `{"text", "label"}` record a line,
 and `labels.json`, the task's label strings. `task_config` makes it an lm-eval multiple-choice task
 (templates/cl_multiple_choice.yaml with the directory's name, test file and labels filled in; the answer
-is the label the model scores highest), `write_task_yaml` writes that task as a file for `lm_eval --tasks`
-or `eval.tasks`. `convert` turns the benchmark's original layout (per split a JSON list of `{"sentence",
-"label"}`, and labels.json, as the MIGU repository's CL_Benchmark/ has it) into ours.
+is the label the model scores highest; `instruction_fields` scores it with an instruction domain's prompt
+and answer templates instead, the text a phase trained on), `write_task_yaml` writes that task as a file
+for `lm_eval --tasks` or `eval.tasks`. `convert` turns the benchmark's original layout (per split a JSON
+list of `{"sentence", "label"}`, and labels.json, as the MIGU repository's CL_Benchmark/ has it) into ours.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pretrain.instruct import template_problem
 
 TEMPLATE = Path(__file__).parent / "templates" / "cl_multiple_choice.yaml"
 LABELS = "labels.json"
@@ -35,23 +39,65 @@ def task_name(directory: str | Path) -> str:
     return f"cl_{Path(directory).resolve().name}"
 
 
-def task_config(directory: str | Path) -> dict[str, Any]:
-    """The lm-eval task config of a benchmark directory; TaskDataError if its files cannot be used."""
+def task_config(directory: str | Path, instruction: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The lm-eval task config of a benchmark directory; TaskDataError if its files cannot be used.
+    `instruction`: (prompt, answer) templates to score it with (instruction_fields) instead of the plain
+    "{text}\nAnswer: {label}"."""
     directory = Path(directory).resolve()
     labels = read_labels(directory / LABELS)
     test = directory / "test.jsonl"
     check_records(test, labels)
-    return {
+    config = {
         "task": task_name(directory),
         **yaml.safe_load(TEMPLATE.read_text()),
         "dataset_kwargs": {"data_files": {"test": str(test)}},
         "doc_to_choice": labels,
     }
+    return config | (instruction_fields(*instruction, labels) if instruction else {})
 
 
-def write_task_yaml(directory: str | Path, out_dir: str | Path) -> Path:
+def instruction_fields(prompt: str, answer: str, labels: list[str]) -> dict[str, Any]:
+    """The task's text as an instruction domain renders it (pretrain/instruct.py): the context is the
+    prompt template filled from the record, each choice the answer template filled with that label, so a
+    phase is scored on the text it trained on. The prompt may use {text} only (the label would give the
+    answer away), the answer {label} only."""
+    for template, fields in ((prompt, {"text"}), (answer, {"label"})):
+        problem = template_problem(template)
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        if problem or not used or used - fields:
+            raise TaskDataError(
+                f"instruction template {template!r} cannot score a benchmark task: "
+                f"{problem or f'its placeholders must be {sorted(fields)}, got {sorted(used)}'}"
+            )
+    (before, _, _, _), *rest = string.Formatter().parse(answer)
+    after = "".join(literal for literal, *_ in rest)
+    if any(name is not None for _, name, _, _ in rest):
+        raise TaskDataError(f"answer template {answer!r}: {{label}} must appear once")
+    return {
+        "doc_to_text": _jinja(prompt),
+        "target_delimiter": before,  # lm-eval scores target_delimiter + choice after the context
+        "doc_to_choice": [label + after for label in labels],
+        "doc_to_target": "label" if not after else "{{label}}" + _jinja_literal(after),
+    }
+
+
+def _jinja(template: str) -> str:
+    """A Python format template of named fields as the Jinja template lm-eval renders."""
+    return "".join(
+        _jinja_literal(literal) + ("" if name is None else "{{" + name + "}}")
+        for literal, name, _, _ in string.Formatter().parse(template)
+    )
+
+
+def _jinja_literal(text: str) -> str:
+    return "{% raw %}" + text + "{% endraw %}" if "{" in text else text
+
+
+def write_task_yaml(
+    directory: str | Path, out_dir: str | Path, instruction: tuple[str, str] | None = None
+) -> Path:
     """Write the directory's task as `out_dir/cl_<name>.yaml`; an existing different file is refused."""
-    config = task_config(directory)
+    config = task_config(directory, instruction)
     out = Path(out_dir) / f"{config['task']}.yaml"
     text = f"# lm-eval task for {Path(directory).resolve()} (pretrain tasks yaml)\n"
     text += yaml.safe_dump(config, sort_keys=False, allow_unicode=True)

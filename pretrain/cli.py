@@ -83,6 +83,13 @@ def _tasks_parser(verbs) -> None:
     ym = actions.add_parser("yaml", help="lm-eval task YAML files for task directories (text, label)")
     ym.add_argument("dirs", nargs="+", help="task directories: test.jsonl and labels.json")
     ym.add_argument("--out", required=True, help="where cl_<name>.yaml is written")
+    ym.add_argument(
+        "--instruction",
+        nargs=2,
+        metavar=("PROMPT", "ANSWER"),
+        help="score with an instruction domain's prompt and answer templates, as a run does for a task that "
+        "eval.task_domains links to that domain",
+    )
     t.set_defaults(func=_tasks)
 
 
@@ -132,7 +139,7 @@ def _tasks(args: argparse.Namespace) -> None:
             print(f"converted {source} -> {out}, task {write_task_yaml(out, args.out)}")
     else:
         for directory in args.dirs:
-            print(f"wrote {write_task_yaml(directory, args.out)}")
+            print(f"wrote {write_task_yaml(directory, args.out, args.instruction)}")
 
 
 def _report(args: argparse.Namespace) -> None:

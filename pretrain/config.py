@@ -461,8 +461,8 @@ def _task_problems(cfg: RunConfig) -> list[str]:
         return ["key `eval.task_domains`: no eval.tasks to link"] if cfg.eval.task_domains else []
     from pretrain.downstream import task_names, task_problems
 
-    problems = task_problems(cfg.eval)
-    names = [] if problems else task_names(cfg.eval)
+    problems = task_problems(cfg)
+    names = [] if problems else task_names(cfg)
     domains = [d.name for d in cfg.domains]
     for task, domain in cfg.eval.task_domains.items():
         if names and task not in names:

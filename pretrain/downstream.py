@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pretrain.cl_benchmark import TaskDataError, is_task_dir, task_config
+from pretrain.cl_benchmark import TaskDataError, is_task_dir, task_config, task_name
 from pretrain.config import is_task_path
 
 if TYPE_CHECKING:
     from pretrain.config import EvalConfig, RunConfig
+
+# (entry, prompt, answer): a benchmark directory scored with its instruction domain's templates
+Prompts = tuple[tuple[str, str, str], ...]
 
 _NOISY = ("lm_eval", "lm-eval", "datasets", "evaluate")
 
@@ -47,12 +50,10 @@ class TaskSpec:
         return isinstance(self.spec, str) and not is_task_path(self.spec)
 
 
-def task_problems(eval_cfg: EvalConfig) -> list[str]:
+def task_problems(cfg: RunConfig) -> list[str]:
     """Why `eval.tasks` cannot be scored, one message per task; [] when every task loaded from disk."""
     try:
-        return [
-            f"key `eval.tasks`: {p}" for p in _resolve_all(tuple(eval_cfg.tasks), eval_cfg.task_metric)[1]
-        ]
+        return [f"key `eval.tasks`: {p}" for p in _resolve_all(*_entries(cfg))[1]]
     except ImportError as err:
         return [
             f"key `eval.tasks` needs lm-evaluation-harness ({err}): install the `eval` extra, "
@@ -60,25 +61,45 @@ def task_problems(eval_cfg: EvalConfig) -> list[str]:
         ]
 
 
-def task_names(eval_cfg: EvalConfig) -> list[str]:
+def task_names(cfg: RunConfig) -> list[str]:
     """The accuracy matrix's columns: each task's name in lm-eval, in `eval.tasks` order."""
-    return [s.name for s in resolve_tasks(tuple(eval_cfg.tasks), eval_cfg.task_metric)]
+    return [s.name for s in resolve_tasks(*_entries(cfg))]
 
 
-def resolve_tasks(entries: tuple[str, ...], metric: str) -> tuple[TaskSpec, ...]:
+def instruction_prompts(cfg: RunConfig) -> Prompts:
+    """The benchmark directories of `eval.tasks` that `eval.task_domains` links to an instruction domain,
+    with that domain's templates: a task its phase trained as instructions is scored on the same text."""
+    templates = {d.name: d.instruction for d in cfg.domains if d.instruction}
+    prompts = []
+    for entry in cfg.eval.tasks:
+        if is_task_path(entry) and Path(entry).is_dir():
+            instruction = templates.get(cfg.eval.task_domains.get(task_name(entry), ""))
+            if instruction:
+                prompts.append((entry, instruction.prompt, instruction.answer))
+    return tuple(prompts)
+
+
+def _entries(cfg: RunConfig) -> tuple[tuple[str, ...], str, Prompts]:
+    return tuple(cfg.eval.tasks), cfg.eval.task_metric, instruction_prompts(cfg)
+
+
+def resolve_tasks(entries: tuple[str, ...], metric: str, prompts: Prompts = ()) -> tuple[TaskSpec, ...]:
     """Every entry loaded once (offline) and named; TaskDataError listing each entry that cannot be."""
-    specs, problems = _resolve_all(entries, metric)
+    specs, problems = _resolve_all(entries, metric, prompts)
     if problems:
         raise TaskDataError("; ".join(problems))
     return specs
 
 
 @functools.cache
-def _resolve_all(entries: tuple[str, ...], metric: str) -> tuple[tuple[TaskSpec, ...], tuple[str, ...]]:
+def _resolve_all(
+    entries: tuple[str, ...], metric: str, prompts: Prompts = ()
+) -> tuple[tuple[TaskSpec, ...], tuple[str, ...]]:
     specs, problems = [], []
+    templates = {entry: (prompt, answer) for entry, prompt, answer in prompts}
     for entry in entries:
         try:
-            specs.append(_resolve(entry, metric))
+            specs.append(_resolve(entry, metric, templates.get(entry)))
         except TaskDataError as err:
             problems.append(str(err))
     names = [s.name for s in specs]
@@ -86,9 +107,9 @@ def _resolve_all(entries: tuple[str, ...], metric: str) -> tuple[tuple[TaskSpec,
     return tuple(specs), tuple(problems)
 
 
-def task_spec(entry: str) -> TaskSpec:
+def task_spec(entry: str, instruction: tuple[str, str] | None = None) -> TaskSpec:
     """What the harness loads for an entry: a registered name as it is, a YAML file by its path, a
-    benchmark directory as its task config."""
+    benchmark directory as its task config (with `instruction`'s templates when given)."""
     if not is_task_path(entry):
         return TaskSpec(entry, entry)
     path = Path(entry)
@@ -102,11 +123,11 @@ def task_spec(entry: str) -> TaskSpec:
         raise TaskDataError(
             f"{entry} has no labels.json: not a benchmark task directory (`pretrain tasks convert` makes one)"
         )
-    return TaskSpec(entry, task_config(path))
+    return TaskSpec(entry, task_config(path, instruction))
 
 
-def _resolve(entry: str, metric: str) -> TaskSpec:
-    spec = task_spec(entry)
+def _resolve(entry: str, metric: str, instruction: tuple[str, str] | None) -> TaskSpec:
+    spec = task_spec(entry, instruction)
     manager = _manager(spec.registered)
     if spec.registered and entry not in manager.all_tasks:
         raise TaskDataError(f"{entry!r} is not a task, group or tag that lm-eval {_version()} knows")
@@ -165,7 +186,7 @@ def score_row(cfg: RunConfig, run_dir: str | Path, row: int, device: str | torch
     from pretrain.engine import model_dtype
     from pretrain.model import model_for_row
 
-    specs = resolve_tasks(tuple(cfg.eval.tasks), cfg.eval.task_metric)
+    specs = resolve_tasks(*_entries(cfg))
     with rng_kept():
         model, tokenizer = model_for_row(cfg, run_dir, row)
         model = model.to(device=device, dtype=model_dtype(cfg)).eval()

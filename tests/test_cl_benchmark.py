@@ -56,6 +56,37 @@ def test_the_written_yaml_is_the_same_task_for_lm_eval(tmp_path):
         write_task_yaml(COPA, tmp_path)
 
 
+def test_an_instruction_prompted_task_scores_the_text_its_phase_trained_on(tmp_path):
+    """With an instruction domain's templates, lm-eval's requests are exactly what pretrain/instruct.py
+    renders for training: the context is the filled prompt (a literal brace kept), each continuation the
+    answer filled with that label, and the gold choice the record's label."""
+    from lm_eval.tasks import TaskManager
+
+    from pretrain.instruct import render
+
+    prompt, answer = "Q {{x}}: {text}\nPick A or B:", " ({label})."
+    path = write_task_yaml(COPA, tmp_path, (prompt, answer))
+    task = TaskManager(include_defaults=False).load(str(path))["tasks"]["cl_copa"]
+    docs = list(task.test_docs())
+    assert {d["label"] for d in docs[:4]} == {"A", "B"}
+    for doc in docs[:4]:
+        requests = task.construct_requests(doc, task.doc_to_text(doc))
+        assert [r.args for r in requests] == [
+            (render(prompt, doc)[0], render(answer, {"label": label})[0]) for label in ("A", "B")
+        ]
+        # the gold choice: accuracy 1 exactly when the record's label scores highest
+        assert task.process_results(doc, [(-1.0, False), (-2.0, False)])["acc"] == (doc["label"] == "A")
+        assert task.process_results(doc, [(-2.0, False), (-1.0, False)])["acc"] == (doc["label"] == "B")
+    for bad, message in (
+        (("{label}: {text}", " {label}"), r"placeholders must be \['text'\], got \['label', 'text'\]"),
+        (("{text}", " {label} or {label}"), "must appear once"),
+        (("{text}", " {label!r}"), "format spec or conversion"),
+        (("{text}", " yes"), r"placeholders must be \['label'\], got \[\]"),
+    ):
+        with pytest.raises(TaskDataError, match=message):
+            task_config(COPA, bad)
+
+
 def test_convert_turns_the_original_layout_into_a_task_directory(tmp_path):
     source = original_layout(tmp_path / "orig" / "copa")
     out = convert(source, tmp_path / "converted" / "copa")
@@ -121,3 +152,17 @@ def test_cli_converts_and_writes_yaml(tmp_path, capsys):
     assert exit_.value.code == 2 and "TaskDataError" in capsys.readouterr().err
     main(["tasks", "yaml", str(DBPEDIA), "--out", str(tmp_path / "y")])
     assert (tmp_path / "y" / "cl_dbpedia.yaml").is_file()
+    main(
+        [
+            "tasks",
+            "yaml",
+            str(COPA),
+            "--out",
+            str(tmp_path / "i"),
+            "--instruction",
+            "{text}\nQ:",
+            " ({label})",
+        ]
+    )
+    written = yaml.safe_load((tmp_path / "i" / "cl_copa.yaml").read_text())
+    assert written["doc_to_text"] == "{{text}}\nQ:" and written["doc_to_choice"] == ["A)", "B)"]

@@ -15,7 +15,7 @@ from conftest import REPO, corpus, tiny_run_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pretrain.config import ConfigError, EvalConfig, validate
-from pretrain.downstream import resolve_tasks, rng_kept, score
+from pretrain.downstream import instruction_prompts, resolve_tasks, rng_kept, score
 from pretrain.tokenizer import train_tokenizer
 
 DATA = REPO / "tests" / "data" / "cl_benchmark"
@@ -37,14 +37,17 @@ def model_and_tokenizer(tmp_path_factory):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
-def own_prediction(model, tokenizer, text: str, labels: list[str]) -> tuple[int, float]:
-    """The label whose continuation " label" after the prompt has the highest summed log-probability
-    (our own forward passes: the definition the task template states), and the margin to the runner-up."""
-    prompt = text + "\nAnswer:"
+def own_prediction(
+    model, tokenizer, text: str, labels: list[str], templates=("{text}\nAnswer:", " {label}")
+) -> tuple[int, float]:
+    """The label whose continuation (" label" by default) after the prompt has the highest summed
+    log-probability (our own forward passes: the definition the task template states), and the margin to
+    the runner-up."""
+    prompt = templates[0].format(text=text)
     context = tokenizer(prompt)["input_ids"]
     scores = []
     for label in labels:
-        ids = tokenizer(prompt + " " + label)["input_ids"]
+        ids = tokenizer(prompt + templates[1].format(label=label))["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
         scores.append(sum(logp[i - 1, ids[i]].item() for i in range(len(context), len(ids))))
@@ -70,6 +73,30 @@ def test_the_harness_answer_is_the_label_our_model_scores_highest(model_and_toke
         assert got["accuracy"][name] == correct / 12, (name, margin)
         assert margin > 1e-3
     assert got["harness"] == version("lm_eval")
+
+
+def test_a_task_linked_to_an_instruction_domain_is_scored_with_its_templates(model_and_tokenizer, tmp_path):
+    """eval.task_domains links cl_copa to an instruction domain: the harness scores copa with that
+    domain's prompt and answer (the text its phase trains on), and its accuracy equals our own ranking
+    of the labels under those templates; the text-domain task keeps the plain prompt."""
+    model, tokenizer = model_and_tokenizer
+    templates = ("Premise and options: {text}\nThe better option is", " option {label}.")
+    raw = tiny_run_config(tmp_path)
+    raw["domains"][1].update(
+        train=[str(DATA / "copa" / "train.jsonl")], instruction=dict(prompt=templates[0], answer=templates[1])
+    )
+    raw["eval"].update(tasks=TASKS, task_domains={"cl_copa": "plays", "cl_dbpedia": "news"})
+    cfg = validate(raw)
+    assert instruction_prompts(cfg) == ((TASKS[0], *templates),)
+    specs = resolve_tasks(tuple(cfg.eval.tasks), "acc", instruction_prompts(cfg))
+    assert specs[1].spec["doc_to_text"] == "{{text}}\nAnswer:"
+    got = score(model, tokenizer, specs[:1], EvalConfig(tasks=TASKS[:1], batch_size=8, task_limit=12))
+    docs = [json.loads(line) for line in (DATA / "copa" / "test.jsonl").read_text().splitlines()][:12]
+    decisions = [own_prediction(model, tokenizer, d["text"], ["A", "B"], templates) for d in docs]
+    correct = sum("AB"[k] == d["label"] for (k, _), d in zip(decisions, docs, strict=True))
+    plain = [own_prediction(model, tokenizer, d["text"], ["A", "B"])[0] for d in docs]
+    assert plain != [k for k, _ in decisions]  # the templates change the decisions: the check can fail
+    assert got["accuracy"]["cl_copa"] == correct / 12, min(m for _, m in decisions)
 
 
 def test_scoring_leaves_the_random_streams_of_the_run_alone(model_and_tokenizer):
