@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
+# How long the other ranks wait for work that rank 0 does alone (scoring tasks with lm-eval, converting a
+# checkpoint to the universal format): DeepSpeed's process group gives up on a collective after 10 minutes
+# (DEEPSPEED_TIMEOUT), which such work outlasts on a big model, and the run would die with it.
+MAIN_WORK_TIMEOUT = timedelta(days=1)
+_main_work_group = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def from_main(work: Callable[[], T]) -> T:
+    """`work()` run on rank 0 alone and its value returned on every rank; the others wait for it up to
+    MAIN_WORK_TIMEOUT, on a gloo group of their own, instead of the default group's timeout. An error on
+    rank 0 ends its process, and the launcher then stops the waiting ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    global _main_work_group
+    if _main_work_group is None:  # a collective: every rank is here together, before rank 0's work
+        _main_work_group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
+    box = [work() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=_main_work_group)
+    return box[0]
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -27,7 +27,7 @@ import torch
 from pretrain.checkpoint import checkpoint_dir, checkpoint_meta
 from pretrain.config import RunConfig
 from pretrain.data import reshard_stream_state
-from pretrain.distributed import DistInfo, barrier, broadcast_object
+from pretrain.distributed import DistInfo, from_main
 from pretrain.instruct import is_example_state, reshard_example_state
 from pretrain.replay import reshard_replay_state
 from pretrain.rundir import RunDirError
@@ -68,18 +68,20 @@ def plan_elastic(cfg: RunConfig, run_dir: Path, tag: str, dist: DistInfo) -> Ela
     tag_dir = checkpoint_dir(run_dir) / tag
     universal = any(tag_dir.glob("*optim_states.pt"))  # ZeRO 1-3: partitioned optimizer state
     if universal:
-        failure = None
-        if dist.is_main:
-            try:
-                universal_checkpoint(tag_dir)
-            except RuntimeError as err:
-                failure = str(err)
-        failure = broadcast_object(failure)
+        failure = from_main(lambda: _convert(tag_dir))
         if failure:
             raise RunDirError(failure)
-        barrier()
     old_accum = global_batch // (cfg.train.micro_batch_size * old)
     return Elastic(tag, old, old_accum, run_cfg, universal)
+
+
+def _convert(tag_dir: Path) -> str | None:
+    """Why the universal checkpoint of `tag_dir` could not be made; None once it is there."""
+    try:
+        universal_checkpoint(tag_dir)
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 def _global_batch(cfg: RunConfig, run_dir: Path, tag: str, old_world: int) -> int:

@@ -8,10 +8,11 @@ numbers.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import barrier, init_distributed, shutdown_distributed
+from pretrain.distributed import from_main, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
@@ -34,12 +35,14 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
         engine = build_eval_engine(cfg, model, dist.world_size)
         ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
         log.info("eval row %d: %s", row, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
-        if dist.is_main:
-            scores = _score_tasks(cfg, run, row, engine.device)
-            _record_row(run / "metrics.json", cfg, row, ev, seen, scores)
-        barrier()
+        # rank 0 scores and records the row while the others wait (from_main: scoring may take long)
+        from_main(partial(_score_and_record, cfg, run, row, ev, seen, engine.device))
     shutdown_distributed()
     return RunResults.load(run / "metrics.json")
+
+
+def _score_and_record(cfg, run: Path, row: int, ev: dict, seen, device) -> None:
+    _record_row(run / "metrics.json", cfg, row, ev, seen, _score_tasks(cfg, run, row, device))
 
 
 def _score_tasks(cfg, run: Path, row: int, device) -> dict | None:

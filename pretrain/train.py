@@ -24,7 +24,7 @@ from pretrain.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    broadcast_object,
+    from_main,
     init_distributed,
     shutdown_distributed,
 )
@@ -206,8 +206,7 @@ class Trainer:
             return
         from pretrain.downstream import score_row
 
-        scores = score_row(self.cfg, self.run_dir, row, self.engine.device) if self.dist.is_main else None
-        scores = broadcast_object(scores)
+        scores = from_main(lambda: score_row(self.cfg, self.run_dir, row, self.engine.device))
         self.results.task_domains = dict(self.cfg.eval.task_domains)  # eval.* may change on resume
         self.results.set_accuracy(row, scores)
         label = "initial" if row == 0 else f"after phase {row}"
@@ -374,6 +373,8 @@ class ThroughputMeter:
         self.steps = 0
         self.start = self.phase_start = time.perf_counter()
         self.waited_at_start = self._waited()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the phase's own peak in totals()
 
     def _waited(self) -> float:
         return self.batches.waited if self.batches is not None else 0.0
@@ -397,12 +398,15 @@ class ThroughputMeter:
     def totals(self) -> dict:
         elapsed = time.perf_counter() - self.phase_start
         waited = self._waited()
-        return {
+        totals = {
             "seconds": round(elapsed, 3),
             "tokens_per_s": self.steps * self.tokens_per_step / max(elapsed, 1e-9),
             "data_wait_seconds": round(waited, 3),
             "data_wait_share": waited / max(elapsed, 1e-9),
         }
+        if torch.cuda.is_available():
+            totals["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return totals
 
 
 def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer, dict | None]:
