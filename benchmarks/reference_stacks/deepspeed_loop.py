@@ -1,0 +1,34 @@
+"""The minimal DeepSpeed training loop, a reference stack for stack_cost.py (see common.py): the run's
+model, optimizer and DeepSpeed JSON, pre-tokenized blocks, forward / backward / step and nothing else."""
+
+from __future__ import annotations
+
+import time
+
+import deepspeed
+import torch.distributed as dist
+from common import arguments, report, setup
+
+from pretrain.engine import build_optimizer, deepspeed_config
+
+
+def main() -> None:
+    args = arguments()
+    deepspeed.init_distributed()
+    cfg, model, blocks = setup(args)
+    ds = deepspeed_config(cfg, dist.get_world_size())
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    blocks = blocks[dist.get_rank() :: dist.get_world_size()]  # rank r trains blocks r, r + W, ...
+    start = time.perf_counter()
+    for i in range(args.steps * accum):
+        batch = blocks[i * micro : (i + 1) * micro].to(engine.device)
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+    seconds = time.perf_counter() - start
+    report(args, seconds, args.steps, micro * accum * cfg.train.seq_len * dist.get_world_size())
+
+
+if __name__ == "__main__":
+    main()
