@@ -18,7 +18,9 @@ pytestmark = pytest.mark.distributed
 def finished_run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"zero{request.param}")
     cfg = write_config(tiny_run_config(tmp, stage=request.param, steps=4), tmp / "run.yaml")
-    proc = run_deepspeed(["pretrain", "train", "--config", str(cfg), "--set", "train.log_every=2"])
+    # the ZeRO-2 run starts as a user starts it: the `deepspeed` command (the others its node launcher)
+    args = ["pretrain", "train", "--config", str(cfg), "--set", "train.log_every=2"]
+    proc = run_deepspeed(args, command=request.param == 2)
     assert_ok(proc)
     return tmp / "run", proc
 
@@ -99,5 +101,6 @@ def test_no_shared_memory_buffers_left_behind(finished_run):
     # DeepSpeed's CPU all-reduce maps a 66 MiB /dev/shm buffer per rank and never unlinks it
     _, proc = finished_run
     assert "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr  # the buffers were made
-    port = proc.args[proc.args.index("--master_port") + 1]
+    i, flag = next((i, a) for i, a in enumerate(proc.args) if a.startswith("--master_port"))
+    port = flag.partition("=")[2] or proc.args[i + 1]  # --master_port=P (node launcher) or --master_port P
     assert not shm_buffers_on_port(port)
