@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,10 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from method_cost import REPO
-from stack_cost import launch
+from stack_cost import launch, machine
 
 HERE = Path(__file__).parent
 METRICS = ("avg_forgetting", "bwt", "plasticity", "avg_final_loss", "untrained_change")
@@ -159,8 +156,10 @@ def run(args, results: Results, name: str, method: str, sections: dict, lr: floa
     return got
 
 
-def best_lr(results: Results, name: str, method: str, lrs: list[float]) -> float:
-    return min(lrs, key=lambda lr: results.get(name, method, lr, 0)["avg_final_loss"])
+def best_lr(results: Results, name: str, method: str, lrs: list[float]) -> float | None:
+    """The lr of the lowest avg_final_loss at seed 0, among those run; None if none has."""
+    done = [lr for lr in lrs if results.get(name, method, lr, 0)]
+    return min(done, key=lambda lr: results.get(name, method, lr, 0)["avg_final_loss"], default=None)
 
 
 def suite(args, results: Results, name: str) -> None:
@@ -209,14 +208,15 @@ def tables(args, results: Results, name: str) -> list[str]:
     ]
     for method in args.methods:
         for lr in setting.lrs:
-            r = results.get(name, method, lr, 0)
+            if not (r := results.get(name, method, lr, 0)):
+                continue  # not run (yet): --report-only on a suite cut short
             lines.append(f"| {method} | {lr:g} | " + " | ".join(summary([r], m) for m in METRICS) + " |")
     lines += ["", "At each method's best lr (lowest avg_final_loss at seed 0), mean ± sd over seeds:", ""]
     lines += [f"| method | lr | seeds {head}", "|---|---|---|---|---|---|---|---|"]
     lr_migu = best_lr(results, name, "migu", setting.lrs) if "migu" in args.methods else None
     rows = [(m, best_lr(results, name, m, setting.lrs)) for m in args.methods]
     rows += [(k, lr_migu) for k in KNOBS if lr_migu and results.get(name, k, lr_migu, 0)]
-    for method, lr in rows:
+    for method, lr in [(m, lr) for m, lr in rows if lr is not None]:
         runs = [r for s in range(args.seeds) if (r := results.get(name, method, lr, s))]
         cells = " | ".join(summary(runs, m) for m in METRICS)
         lines.append(f"| {method} | {lr:g} | {len(runs)} | {cells} |")
@@ -234,7 +234,9 @@ def frontier(args, results: Results, name: str, out: Path) -> None:
     setting = SETTINGS[name]
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in args.methods:
-        sweep = [(lr, results.get(name, method, lr, 0)) for lr in setting.lrs]
+        sweep = [(lr, r) for lr in setting.lrs if (r := results.get(name, method, lr, 0))]
+        if not sweep:
+            continue
         (line,) = ax.plot([r["plasticity"] for _, r in sweep], [r["avg_forgetting"] for _, r in sweep], "o-")
         line.set_label(method)
         for lr, r in sweep:
@@ -265,7 +267,7 @@ def report(args, results: Results, minutes: float) -> str:
         "how the best lr is chosen: the docstring of benchmarks/quality.py. Metrics: docs/metrics.md "
         "(losses: avg_forgetting + = forgot, bwt - = forgot, plasticity + = learned, untrained change + = "
         "the base model lost general knowledge).",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
+        f"Machine: {machine(gpu=False)}.",
         "",
     ]
     for name in args.settings:
@@ -280,6 +282,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-knobs", dest="knobs", action="store_false")
+    parser.add_argument("--report-only", action="store_true", help="the report of the runs done, no run")
     parser.add_argument("--work", type=Path, help="runs and data (default: .bench-work/quality[-quick])")
     parser.add_argument("--out", type=Path, help="directory of the report (default benchmarks/)")
     args = parser.parse_args(argv)
@@ -303,7 +306,8 @@ def main() -> None:
     results = Results(args.work / "results.json")
     start = time.monotonic()
     for name in args.settings:
-        suite(args, results, name)
+        if not args.report_only:
+            suite(args, results, name)
         frontier(args, results, name, args.out / f"quality_{name}.png")
     (args.out / "quality.md").write_text(report(args, results, (time.monotonic() - start) / 60))
     shutil.copy(results.path, args.out / "quality_results.json")
