@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     dist.init_process_group("gloo", timeout=timedelta(minutes=2))
     dist.barrier()
     dist.distributed_c10d._get_default_group().set_timeout(timedelta(seconds=2))
-    slow = lambda: (time.sleep(4), "scored")[1]  # rank 0's own work, longer than the timeout
+    slow = lambda: (time.sleep(5), "scored")[1]  # rank 0's own work, well past the timeout
     if sys.argv[1] == "from_main":
         print("got", from_main(slow), flush=True)
     else:  # what the pipeline did before: the waiting ranks in a collective of the default group
