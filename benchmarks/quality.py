@@ -107,16 +107,20 @@ def run_config(setting: Setting, data: Path, out: Path, sections: dict, lr: floa
     return cfg
 
 
-def run_once(cfg: dict, work: Path) -> dict:
+def run_once(cfg: dict, work: Path, key: str) -> dict:
     """One run to its end; its metrics (the mean change of the evaluated-only domains as
-    untrained_change), then its directory deleted."""
+    untrained_change). Its metrics.json (losses per step, the matrices) is kept as work/metrics/KEY.json,
+    the rest of its directory (checkpoints) deleted."""
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     args = argparse.Namespace(ranks=2, gpu=False)
     start = time.monotonic()
     launch(args, ["--module", "pretrain", "train", "--config", str(path)], 29790)
-    metrics = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())
+    kept = work / "metrics" / f"{key.replace('|', '_').replace(' ', '').replace('%', '')}.json"
+    kept.parent.mkdir(exist_ok=True)
+    shutil.copy(Path(cfg["output_dir"]) / "metrics.json", kept)
     shutil.rmtree(cfg["output_dir"])
+    metrics = json.loads(kept.read_text())
     changes = [u["change"] for u in (metrics.get("untrained") or {}).values()]
     got = {m: metrics.get(m) for m in METRICS[:-1]}
     got["untrained_change"] = statistics.mean(changes) if changes else None
@@ -149,7 +153,8 @@ def run(args, results: Results, name: str, method: str, sections: dict, lr: floa
         out = args.work / "run"
         if out.exists():
             shutil.rmtree(out)  # an interrupted run's remains: it starts again
-        got = run_once(run_config(setting, args.work / "data", out, sections, lr, seed), args.work)
+        cfg = run_config(setting, args.work / "data", out, sections, lr, seed)
+        got = run_once(cfg, args.work, results.key(name, method, lr, seed))
         results.put(name, method, lr, seed, got)
         shown = {k: round(v, 4) for k, v in got.items() if v is not None}
         print(f"{name} {method} lr={lr:g} seed={seed}: {shown}", flush=True)
