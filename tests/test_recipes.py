@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, corpus, smollm2_gguf
 
 from pretrain.config import load_config
+from pretrain.downstream import instruction_prompts
 from pretrain.instruct import render
 
 DEMO_RECIPES = ["demo", "replay", "ewc", "wsd", "smollm2", "lora"]
@@ -43,6 +44,7 @@ def test_instruct_recipe_validates_without_the_benchmark_data(tmp_path, monkeypa
         folder.mkdir(parents=True)
         for split in ("train", "test"):
             (folder / f"{split}.jsonl").write_text(json.dumps({"text": "Title: t\nText: x\n", "label": "L"}))
+        (folder / "labels.json").write_text('["L", "M"]')
     (tmp_path / "repo").mkdir()
     os.symlink(REPO / "configs", tmp_path / "repo" / "configs")
     monkeypatch.chdir(tmp_path / "repo")
@@ -52,6 +54,10 @@ def test_instruct_recipe_validates_without_the_benchmark_data(tmp_path, monkeypa
         prompt, _ = render(d.instruction.prompt, {"text": "Title: t\nText: x\n", "label": "L"})
         assert prompt.startswith("Title: t\n") and prompt.endswith("\nAnswer:")
         assert render(d.instruction.answer, {"label": "Sports"}) == (" Sports", "")
+    # each task is scored with the templates its phase trains on
+    prompts = {entry: (p, a) for entry, p, a in instruction_prompts(cfg)}
+    data = tmp_path / "shared" / "data" / "cl_benchmark"
+    assert prompts == {str(data / d.name): (d.instruction.prompt, d.instruction.answer) for d in cfg.domains}
 
 
 def test_cl_benchmark_recipe_validates(tmp_path, monkeypatch):
