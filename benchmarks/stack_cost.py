@@ -74,11 +74,12 @@ def launch(args: argparse.Namespace, command: list[str], port: int) -> int:
     return usage.ru_maxrss
 
 
-def ours(args: argparse.Namespace, cfg: dict, work: Path, port: int) -> dict:
+def ours(args: argparse.Namespace, cfg: dict, work: Path, port: int, phase: int = 1) -> dict:
+    """Phase `phase`'s (0-based) cost in one `pretrain train` run."""
     path = work / f"{Path(cfg['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     peak = launch(args, ["--module", "pretrain", "train", "--config", str(path)], port)
-    phase = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())["train"][1]
+    phase = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())["train"][phase]
     return {
         "s_per_step": phase["seconds"] / phase["steps"],
         "tokens_per_s": phase["tokens_per_s"],
