@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,11 @@ def ours(args: argparse.Namespace, cfg: dict, work: Path, port: int, phase: int 
     path = work / f"{Path(cfg['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     peak = launch(args, ["--module", "pretrain", "train", "--config", str(path)], port)
-    phase = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())["train"][phase]
+    run_dir = Path(cfg["output_dir"])
+    phase = json.loads((run_dir / "metrics.json").read_text())["train"][phase]
+    # the phase-end checkpoints are never read here, and a 1B model's take ~14 GB each (bf16 weights,
+    # fp32 master and Adam moments): the runs one after another would fill a GPU machine's disk
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {
         "s_per_step": phase["seconds"] / phase["steps"],
         "tokens_per_s": phase["tokens_per_s"],
@@ -126,8 +131,9 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     from pretrain.config import validate
     from pretrain.demo_corpora import build_demo_corpora
 
-    data = work / "data"
-    build_demo_corpora(str(data))
+    data = args.data or work / "data"
+    if not args.data:
+        build_demo_corpora(str(data))
     paths, blocks = {}, {}
     for stage in args.stages:  # the reference stacks' config: `none` at that stage, phase 2's blocks
         cfg = config(args, data, work, "none", stage, work / f"ref{stage}")
@@ -135,7 +141,11 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         paths[stage].write_text(yaml.safe_dump(cfg))
         out = work / f"blocks{stage}.pt"
         blocks[stage] = write_blocks(validate(cfg), "docs", args.steps, args.ranks, out)
-    names = [(name, stage) for stage in args.stages for name in (*args.methods, *args.stacks)]
+    # `none` and the reference stacks first, then the other methods: a run cut short by a time limit
+    # (gpu_cost.sh) keeps the comparison of stacks at every stage; the rounds rotate this order anyway
+    first = [name for name in (*args.methods, *args.stacks) if name == "none" or name in STACKS]
+    rest = [name for name in args.methods if name not in first]
+    names = [(name, stage) for group in (first, rest) for stage in args.stages for name in group]
     results: dict[tuple[str, int], list[dict]] = {v: [] for v in names}
     start, before = time.monotonic(), os.getloadavg()[0]
     for r in range(args.rounds):
@@ -221,6 +231,12 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="an existing demo corpus (python -m pretrain.demo_corpora DIR; code and "
+        "docs are read); default: built in the work directory from the installed packages",
+    )
     args = parser.parse_args(argv)
     args.argv = argv
     if args.quick:
