@@ -101,6 +101,30 @@ def comparison_section(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines + [""]
 
 
+def accuracy_verdict(runs: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, str | None]:
+    """The verdict's sentence on task accuracy for (label, metrics) pairs, the first the baseline, and the
+    label of the run it favours (the baseline unless another ended strictly higher); ("", None) when fewer
+    than two runs have accuracy metrics."""
+    scored = [
+        (label, summary)
+        for label, data in runs
+        if "avg_final_accuracy" in (summary := data.get("accuracy_metrics") or {})
+    ]
+    if len(scored) < 2 or scored[0][0] != runs[0][0]:
+        return "", None
+    (base, b), (best, w) = scored[0], max(scored, key=lambda pair: pair[1]["avg_final_accuracy"])
+    if w["avg_final_accuracy"] <= b["avg_final_accuracy"]:
+        text = f"No run ended with a higher average task accuracy than {base} ({_acc(b)})."
+        return text, base
+    return f"On downstream tasks {best} ended highest: {_acc(w)} vs {_acc(b)} for {base}.", best
+
+
+def _acc(summary: dict[str, Any]) -> str:
+    forgetting = summary.get("avg_forgetting")
+    text = f"average final accuracy {summary['avg_final_accuracy']:.4f}"
+    return text + (f", accuracy forgetting {forgetting:+.4f}" if forgetting is not None else "")
+
+
 def _legend(data: dict[str, Any]) -> str:
     metric = data.get("task_metric") or "acc"
     harness = f" {data['harness']}" if data.get("harness") else ""

@@ -19,7 +19,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from pretrain.accuracy_report import accuracy_section, accuracy_summary, comparison_section, trained_tasks
+from pretrain.accuracy_report import (
+    accuracy_section,
+    accuracy_summary,
+    accuracy_verdict,
+    comparison_section,
+    trained_tasks,
+)
 from pretrain.curves import PICTURE as CURVE_PICTURE
 from pretrain.curves import curve_section, plot_eval_curve
 from pretrain.metrics import MetricsError, forgetting_metrics, latest_phase, row_label
@@ -797,7 +803,20 @@ def _verdict(runs: list[RunMetrics]) -> str:
         )
     else:
         head = f"{best.label} forgot least: {_versus(best, base)}"
-    return " ".join([head] + notes)
+    beats_base = base not in usable or fb < base.data["avg_forgetting"]
+    return " ".join([head, *_accuracy_sentence(runs, best if beats_base else base), *notes])
+
+
+def _accuracy_sentence(runs: list[RunMetrics], by_loss: RunMetrics) -> list[str]:
+    """The verdict on task accuracy (none without two scored runs), and a warning when it favours
+    another run than the held-out loss does (the order-1 run: migu by loss, none by accuracy)."""
+    text, favoured = accuracy_verdict([(r.label, r.data) for r in runs])
+    if favoured is not None and favoured != by_loss.label:
+        text += (
+            f" Held-out loss ({by_loss.label}) and task accuracy ({favoured}) favour different runs: read "
+            "both matrices, and the accuracy's standard errors in each report."
+        )
+    return [text] if text else []
 
 
 def _versus(best: RunMetrics, base: RunMetrics) -> str:

@@ -411,3 +411,28 @@ def test_compare_shows_both_matrices(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[-1] == "final_acc" and table[2].split()[-1] == "0.5625"
     assert format_comparison([write_run(tmp_path / "c")]).splitlines()[0].split()[-1] == "final_ppl"
+
+
+def test_compare_verdict_reads_accuracy_and_says_when_it_disagrees_with_loss(tmp_path):
+    better = {**ACCURACY, "accuracy": [*ACCURACY["accuracy"][:3], [6 / 8, 3 / 8]]}
+    none = write_run(tmp_path / "a", **ACCURACY)
+    same_loss = write_run(tmp_path / "b", method="migu", **better)  # higher accuracy, the same losses
+    text = format_comparison([none, same_loss])
+    assert "No run forgot less than the baseline none" in text
+    assert (
+        "On downstream tasks migu ended highest: average final accuracy 0.5625, accuracy forgetting "
+        "+0.1250 vs average final accuracy 0.3750, accuracy forgetting +0.3750 for none." in text
+    )
+    assert "Held-out loss (none) and task accuracy (migu) favour different runs" in text
+    loss = [list(r) for r in LOSS]
+    loss[3][0] = 1.8  # code forgets less: migu wins on loss too
+    agrees = write_run(tmp_path / "c", loss=loss, method="migu", **better)
+    text = format_comparison([none, agrees])
+    assert "migu forgot least" in text and "On downstream tasks migu ended highest" in text
+    assert "favour different runs" not in text
+    worse = {**ACCURACY, "accuracy": [*ACCURACY["accuracy"][:3], [3 / 8, 2 / 8]]}  # migu wins on loss only
+    text = format_comparison([none, write_run(tmp_path / "d", loss=loss, method="migu", **worse)])
+    assert "No run ended with a higher average task accuracy than none (average final accuracy 0.3750" in text
+    assert "Held-out loss (migu) and task accuracy (none) favour different runs" in text
+    text = format_comparison([write_run(tmp_path / "e"), write_run(tmp_path / "f", loss=loss, method="migu")])
+    assert "task accuracy" not in text and "On downstream tasks" not in text  # no eval.tasks: loss only
