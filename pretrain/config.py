@@ -82,6 +82,9 @@ class TrainConfig:
     # documents per domain in the seeded shuffle buffer of the training streams (pretrain/shuffle.py), so
     # train.seed chooses the sample; 0: file order
     shuffle_buffer: int = Field(1000, ge=0)
+    # batches made ahead by a background thread, so reading and tokenizing overlap the step
+    # (pretrain/prefetch.py); 0: made in the training loop
+    prefetch: int = Field(2, ge=0)
     # adamw (torch), cpu_adam (DeepSpeedCPUAdam: the same update on the CPU, for ZeRO-Offload), fused_adam
     # (DeepSpeed's fused GPU kernel), sgd
     optimizer: Literal["adamw", "cpu_adam", "fused_adam", "sgd"] = "adamw"

@@ -27,6 +27,7 @@ RESUMABLE_KEYS = (
     "train.on_nonfinite",
     "train.on_bad_record",
     "train.log_every",
+    "train.prefetch",
     "checkpoint.*",
     "eval.*",
     "logging.*",

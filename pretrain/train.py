@@ -37,6 +37,7 @@ from pretrain.methods import Method, build_methods
 from pretrain.methods.lora import apply_lora
 from pretrain.model import build_model
 from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
+from pretrain.prefetch import Prefetched
 from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_summary
 from pretrain.results import RunResults
 from pretrain.rundir import RunDirError, RunDirPlan, config_tree, prepare_run_dir, resumable_changes
@@ -71,7 +72,8 @@ class Trainer:
     results: RunResults
     pos: Position
     trackers: MetricsLogger = field(default_factory=MetricsLogger)  # a no-op off rank 0
-    stream: TrainStream | None = None
+    stream: TrainStream | ReplayStream | ExampleStream | None = None
+    feed: Prefetched | TrainStream | ReplayStream | ExampleStream | None = None  # the stream, read ahead
     stop: StopRequest | None = None
     phase_losses: list[float] = field(default_factory=list)  # the mean loss over all ranks, per step
     step_lr: float = 0.0
@@ -96,7 +98,8 @@ class Trainer:
         self.stream = self._stream(phase)
         if stream_state:
             self.stream.load_state_dict(stream_state)
-        batches = TimedBatches(iter(self.stream))
+        depth = self.cfg.train.prefetch
+        self.feed = Prefetched(self.stream, depth) if depth else self.stream
         if self.pos.step == 0:  # a phase resumed midway has its method state from the checkpoint
             self.method.begin_phase(phase)
         log.info(
@@ -107,10 +110,19 @@ class Trainer:
             self.pos.step + 1,
             steps,
         )
+        batches = TimedBatches(iter(self.feed))
         meter = ThroughputMeter(self.tokens_per_step, batches)
-        bar = progress(steps - self.pos.step, f"phase {phase} {domain.name}", self.dist.rank)
+        try:
+            self._train_steps(phase, domain.name, steps, batches, meter)
+        finally:  # also on a stop or an error: no thread reads on behind an exiting run
+            if isinstance(self.feed, Prefetched):
+                self.feed.close()
+        self._record_phase(phase, domain.name, steps, meter)
+
+    def _train_steps(self, phase: int, domain: str, steps: int, batches, meter: ThroughputMeter) -> None:
+        bar = progress(steps - self.pos.step, f"phase {phase} {domain}", self.dist.rank)
         while self.pos.step < steps:
-            step_start = self.stream.state_dict()
+            step_start = self.feed.state_dict()
             loss = self.train_step(batches, step_start)
             self.pos.step += 1
             self.pos.global_step += 1
@@ -118,14 +130,13 @@ class Trainer:
             self.phase_losses.append(loss)
             bar.update()
             if self.pos.step % self.cfg.train.log_every == 0 or self.pos.step == steps:
-                self._log_interval(phase, domain.name, steps, meter.flush())
+                self._log_interval(phase, domain, steps, meter.flush())
             if self._curve_due(steps):
                 self.evaluate_curve(phase)
             if self._checkpoint_due(steps):
                 self.checkpoint(f"step-{self.pos.global_step}")
             _fault_kill(self.pos.global_step, self.dist.rank)
         bar.close()
-        self._record_phase(phase, domain.name, steps, meter)
 
     def _record_phase(self, phase: int, domain: str, steps: int, meter: ThroughputMeter) -> None:
         row = {
@@ -227,12 +238,12 @@ class Trainer:
             )
         self.score_tasks(row=phase)  # scores the export just written, so a resume past here keeps its row
         self.pos.phase, self.pos.step = phase + 1, 0
-        self.stream = None
+        self.stream = self.feed = None
         self.checkpoint(f"phase-{phase}")
 
     def checkpoint(self, tag: str, stream_state: dict | None = None) -> None:
-        if stream_state is None and self.stream is not None:
-            stream_state = self.stream.state_dict()
+        if stream_state is None and self.feed is not None:
+            stream_state = self.feed.state_dict()  # the batches trained on, not those read ahead
         client = {
             "position": asdict(self.pos),
             "results": self.results.to_dict(),
