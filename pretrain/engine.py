@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pretrain import deepspeed_fixes
 from pretrain.config import RUN_OWNED_DEEPSPEED_KEYS, ConfigError, RunConfig, run_owned_conflicts
 from pretrain.schedule import phase_schedule
 
@@ -89,6 +90,7 @@ def build_engine(
     """
     import deepspeed
 
+    deepspeed_fixes.apply()
     optimizer = build_optimizer(model, cfg)
     t = cfg.train
     shape = dict(kind=t.schedule, decay_fraction=t.decay_fraction, constant_ratio=t.constant_ratio)

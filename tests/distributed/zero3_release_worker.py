@@ -1,0 +1,54 @@
+"""One rank of a ZeRO-3 engine that trains three steps, after a held-out evaluation or not (launched by
+test_zero3_release.py). Rank 0 saves which parameters are still gathered after the third step's forward,
+before its backward: the coordinator's release decisions, which an evaluation must not change."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+from pretrain.config import load_config
+from pretrain.distributed import init_distributed
+from pretrain.engine import build_engine
+from pretrain.evaluate import evaluate_domains
+from pretrain.model import build_model
+
+VOCAB, STEPS = 64, 3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--evaluate", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    dist = init_distributed()
+    cfg = load_config(args.config)
+    engine = build_engine(cfg, build_model(cfg.model, VOCAB, cfg.train.seed), [STEPS], dist.world_size)
+    g = torch.Generator().manual_seed(dist.rank)
+    blocks = torch.randint(0, VOCAB, (8, cfg.train.seq_len), generator=g)
+    if args.evaluate:  # two domains: two forwards, as the run's evaluation before phase 1
+        evaluate_domains(engine, {"a": blocks, "b": blocks.flip(0)}, cfg.eval.batch_size, dist)
+    for step in range(STEPS):
+        batch = blocks[: cfg.train.micro_batch_size]
+        loss = engine(input_ids=batch, labels=batch).loss
+        if step == STEPS - 1:
+            params = list(engine.module.named_parameters())
+            kept = sorted(
+                n for n, p in params if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist
+            )
+            persistent = sorted(n for n, p in params if p.ds_persist)
+        engine.backward(loss)
+        engine.step()
+    if dist.is_main:
+        names = [n for n, _ in engine.module.named_parameters()]
+        Path(args.out).write_text(json.dumps({"kept": kept, "persistent": persistent, "params": names}))
+
+
+if __name__ == "__main__":
+    main()
