@@ -33,6 +33,8 @@ bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/migu_overhead.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/method_cost.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/stack_cost.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/zero3_eval_effect.py --rounds 2
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/config_effect.py --key train.prefetch --values 0 2 --stages 2 3 --rounds 2
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/quality.py
 	$(PY) benchmarks/cost_model.py
 
