@@ -64,7 +64,7 @@ class Setting:
 
 
 SETTINGS = {
-    "scratch": Setting(["code", "docs", "plays", "news"], 200, [1e-3, 2e-3, 4e-3]),
+    "scratch": Setting(["code", "docs", "plays", "news"], 200, [5e-4, 1e-3, 2e-3, 4e-3]),
     "smollm2": Setting(
         ["code", "docs", "plays"],
         100,
