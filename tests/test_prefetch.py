@@ -125,9 +125,8 @@ def test_close_stops_a_thread_waiting_for_room(corpus, tokenizer):
     feed = Prefetched(stream(corpus, tokenizer), depth=1)
     next(iter(feed))
     thread = feed._thread
-    assert wait_until(
-        lambda: feed._queue.full()
-    )  # the next batch is made; the thread waits to queue one more
+    # the next batch is made and queued; the thread waits with the one after it for room
+    assert wait_until(lambda: feed._queue.full())
     assert thread.is_alive()
     feed.close()
     assert not thread.is_alive()
