@@ -9,8 +9,9 @@ data waiting from 1.48% to 0.26% of the step (benchmarks/train_prefetch_effect.m
 
 The batches are the stream's own, in its order: only when they are made changes. What a checkpoint
 records is the stream's state as of the last batch handed out, taken in the thread right after that
-batch was made, never the read-ahead. Bad records are counted when read, so a phase's count of skipped
-records can include those in the `depth` batches read ahead at its end.
+batch was made, never the read-ahead. The thread makes at most `limit` batches, the phase's remaining
+micro-batches: reading past a phase's end would make batches only to throw them away (in the test suite's
+2-3-step phases, as many as the phase trains on) and count their bad records in the wrong phase.
 """
 
 from __future__ import annotations
@@ -21,19 +22,23 @@ from collections.abc import Iterator
 from typing import Any
 
 _END = object()  # the stream ended (training streams are endless; a finite one ends the iteration)
+_LIMIT = object()  # `limit` batches were made
 
 
 class Prefetched:
-    """`stream`'s batches, up to `depth` made ahead by a daemon thread started on the first `iter()`.
+    """`stream`'s first `limit` batches (all, if None), up to `depth` made ahead by a daemon thread started
+    on the first `iter()`.
 
     `stream` has `state_dict()` and is iterable; load its state before wrapping it. An error the thread
-    meets (a bad record under `on_bad_record: error`) is raised by the `next()` that reaches it. Call
-    `close()` when done with it: it stops the thread."""
+    meets (a bad record under `on_bad_record: error`) is raised by the `next()` that reaches it, and so is
+    asking for more than `limit` batches (a miscounted phase, not an end of data). Call `close()` when done
+    with it: it stops the thread."""
 
-    def __init__(self, stream, depth: int):
+    def __init__(self, stream, depth: int, limit: int | None = None):
         if depth < 1:
             raise ValueError(f"prefetch depth {depth}: at least 1 (without read-ahead, use the stream)")
         self.stream = stream
+        self.limit = limit
         self._state = stream.state_dict()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -51,8 +56,10 @@ class Prefetched:
 
     def __next__(self):
         item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # every later next() ends too
+        if item is _END or item is _LIMIT:
+            self._queue.put(item)  # every later next() ends too
+            if item is _LIMIT:
+                raise RuntimeError(f"asked for more than the {self.limit} batches this read-ahead makes")
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
@@ -77,10 +84,16 @@ class Prefetched:
 
     def _produce(self) -> None:
         try:
-            for batch in self.stream:
+            made = 0
+            batches = iter(self.stream)
+            while made != self.limit:
+                batch = next(batches, _END)
+                if batch is _END:
+                    break
                 if not self._put((batch, self.stream.state_dict())):
                     return
-            self._put(_END)
+                made += 1
+            self._put(_LIMIT if made == self.limit else _END)
         except BaseException as err:  # handed to the consumer, whose next() raises it
             self._put(err)
 

@@ -99,7 +99,8 @@ class Trainer:
         if stream_state:
             self.stream.load_state_dict(stream_state)
         depth = self.cfg.train.prefetch
-        self.feed = Prefetched(self.stream, depth) if depth else self.stream
+        left = (steps - self.pos.step) * self.cfg.train.grad_accum  # the micro-batches this phase still uses
+        self.feed = Prefetched(self.stream, depth, limit=left) if depth else self.stream
         if self.pos.step == 0:  # a phase resumed midway has its method state from the checkpoint
             self.method.begin_phase(phase)
         log.info(

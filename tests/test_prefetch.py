@@ -85,6 +85,26 @@ def test_a_stream_resumed_from_the_feeds_state_continues_with_the_next_batch(cor
     assert all(torch.equal(next(got), batch) for batch, _ in expected[taken:])
 
 
+@pytest.mark.parametrize("limit", [0, 1, 5])
+def test_the_thread_makes_no_batch_past_its_limit(corpus, tokenizer, limit):
+    """A phase's read-ahead stops at the phase's last micro-batch: the stream itself ends where the
+    limit-th batch left it, however long the thread is given, and asking for more is an error."""
+    expected = reference(corpus, tokenizer, limit + 3)
+    inner = stream(corpus, tokenizer)
+    start = inner.state_dict()
+    feed = Prefetched(inner, depth=3, limit=limit)
+    it = iter(feed)
+    try:
+        got = [next(it) for _ in range(limit)]
+        assert all(torch.equal(g, b) for g, (b, _) in zip(got, expected, strict=False))
+        assert wait_until(lambda: not feed._thread.is_alive())
+        assert inner.state_dict() == (expected[limit - 1][1] if limit else start)
+        with pytest.raises(RuntimeError, match=f"more than the {limit} batches"):
+            next(it)
+    finally:
+        feed.close()
+
+
 class Failing:
     """Two batches, then the error a bad record raises in the stream."""
 
