@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check pretrain tests benchmarks
 
 test: install lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # the full suite (hours on two CPU cores: benchmarks/quality.py is most of it) writes benchmarks/*.md
 bench: install
