@@ -16,6 +16,7 @@ micro-batches: reading past a phase's end would make batches only to throw them 
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -85,11 +86,7 @@ class Prefetched:
     def _produce(self) -> None:
         try:
             made = 0
-            batches = iter(self.stream)
-            while made != self.limit:
-                batch = next(batches, _END)
-                if batch is _END:
-                    break
+            for batch in itertools.islice(self.stream, self.limit):
                 if not self._put((batch, self.stream.state_dict())):
                     return
                 made += 1
