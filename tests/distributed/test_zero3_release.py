@@ -13,17 +13,12 @@ from conftest import assert_ok, run_deepspeed, tiny_run_config, write_config
 WORKER = Path(__file__).with_name("zero3_release_worker.py")
 
 
-def _kept_after_forward(tmp_path: Path, config: Path, evaluate: bool) -> dict:
-    out = tmp_path / f"evaluate-{evaluate}.json"
-    args = [str(WORKER), "--config", str(config), "--out", str(out)] + (["--evaluate"] if evaluate else [])
-    assert_ok(run_deepspeed(args, module=False))
-    return json.loads(out.read_text())
-
-
 def test_an_evaluation_leaves_zero3_releases_as_they_are_without_one(tmp_path):
     config = write_config(tiny_run_config(tmp_path, stage=3), tmp_path / "run.yaml")
-    plain = _kept_after_forward(tmp_path, config, evaluate=False)
-    evaluated = _kept_after_forward(tmp_path, config, evaluate=True)
+    out = tmp_path / "kept.json"
+    assert_ok(run_deepspeed([str(WORKER), "--config", str(config), "--out", str(out)], module=False))
+    got = json.loads(out.read_text())
+    plain, evaluated = got["plain"], got["evaluated"]
     # without an evaluation the tiny model's gathered weights stay for the backward (they are used
     # again within DeepSpeed's reuse distance): a comparison that can tell the two apart
     partitioned = [n for n in plain["params"] if n not in plain["persistent"]]

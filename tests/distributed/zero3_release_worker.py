@@ -1,6 +1,9 @@
-"""One rank of a ZeRO-3 engine that trains three steps, after a held-out evaluation or not (launched by
-test_zero3_release.py). Rank 0 saves which parameters are still gathered after the third step's forward,
-before its backward: the coordinator's release decisions, which an evaluation must not change."""
+"""One rank of two ZeRO-3 engines, each on a fresh model, that train three steps: the first without a
+held-out evaluation, the second after one (launched by test_zero3_release.py; one launch for both, since
+starting the ranks is most of the test's time). Rank 0 saves, per engine, which parameters are still
+gathered after the third step's forward, before its backward: the coordinator's release decisions, which an
+evaluation must not change. The memo is keyed by coordinator, so the first engine's entries cannot answer
+for the second."""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-from pretrain.config import load_config
-from pretrain.distributed import init_distributed
+from pretrain.config import RunConfig, load_config
+from pretrain.distributed import DistInfo, init_distributed
 from pretrain.engine import build_engine
 from pretrain.evaluate import evaluate_domains
 from pretrain.model import build_model
@@ -24,15 +27,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--evaluate", action="store_true")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     dist = init_distributed()
     cfg = load_config(args.config)
+    got = {
+        mode: _kept_after_forward(cfg, dist, evaluate)
+        for mode, evaluate in (("plain", False), ("evaluated", True))
+    }
+    if dist.is_main:
+        Path(args.out).write_text(json.dumps(got))
+
+
+def _kept_after_forward(cfg: RunConfig, dist: DistInfo, evaluate: bool) -> dict:
     engine = build_engine(cfg, build_model(cfg.model, VOCAB, cfg.train.seed), [STEPS], dist.world_size)
     g = torch.Generator().manual_seed(dist.rank)
     blocks = torch.randint(0, VOCAB, (8, cfg.train.seq_len), generator=g)
-    if args.evaluate:  # two domains: two forwards, as the run's evaluation before phase 1
+    if evaluate:  # two domains: two forwards, as the run's evaluation before phase 1
         evaluate_domains(engine, {"a": blocks, "b": blocks.flip(0)}, cfg.eval.batch_size, dist)
     for step in range(STEPS):
         batch = blocks[: cfg.train.micro_batch_size]
@@ -45,9 +56,8 @@ def main() -> None:
             persistent = sorted(n for n, p in params if p.ds_persist)
         engine.backward(loss)
         engine.step()
-    if dist.is_main:
-        names = [n for n, _ in engine.module.named_parameters()]
-        Path(args.out).write_text(json.dumps({"kept": kept, "persistent": persistent, "params": names}))
+    names = [n for n, _ in engine.module.named_parameters()]
+    return {"kept": kept, "persistent": persistent, "params": names}
 
 
 if __name__ == "__main__":
