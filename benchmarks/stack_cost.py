@@ -56,7 +56,9 @@ MODELS = {
 
 
 def environment(gpu: bool) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the environment's `ninja` first, as in the tests (tests/conftest.py: a switch rebuilds DeepSpeed's op)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
     return env if gpu else {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 

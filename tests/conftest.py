@@ -16,6 +16,11 @@ from pretrain.demo_corpora import build_demo_corpora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The environment's own tools first, for every test and every process it starts (several tests put them
+# first to run launch scripts): DeepSpeed's CPU ranks JIT-build a shared-memory op with whichever `ninja`
+# PATH finds, and the pip `ninja` and a system one do not read each other's build log, so each switch
+# between them rebuilt the op (30 s on 2 cores, twice a suite).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parents[1]
 # Per domain 100K characters of train text (about 50 news articles, 15 scenes) and 10K held out (a few
