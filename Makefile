@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-demo.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,eval]'
 	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
 	# DeepSpeed compiles its CPU kernels (cpu_adam, fused_adam, shared-memory comm) on first use, minutes on
-	# two cores: once here, into torch's extension cache, rather than inside the first test that needs one
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as acc; \
+	# two cores: once here, into torch's extension cache, rather than inside the first test that needs one;
+	# with the ninja the tests use (tests/conftest.py puts the venv first: another ninja rebuilds them all)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as acc; \
 	  [acc().create_op_builder(op).load() for op in ('CPUAdamBuilder', 'FusedAdamBuilder', 'ShareMemCommBuilder')]"
 	touch $@
 
