@@ -116,8 +116,11 @@ class Migu(GradientMask):
         """Quantiles of the phase-mean normalised magnitudes (x d_out: 1 = uniform), top sets, overlap."""
         quantiles, top, jaccard = {}, {}, {}
         q = torch.tensor(QUANTILES)
+        # on the host: this is a report, read as lists, and the top sets kept for the next phase's overlap
+        # then match a resumed run's (a checkpoint's tensors load where they were saved)
+        phase_magnitudes = self.phase_magnitudes.cpu()
         for g in self.groups:
-            mean = g.slab(self.phase_magnitudes) / self.phase_steps
+            mean = g.slab(phase_magnitudes) / self.phase_steps
             sets = top_mask(mean, g.keep).bool()
             qs = torch.quantile(mean * g.d_out, q, dim=1).T
             for j, name in enumerate(g.names):
