@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -95,10 +95,24 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum `t` over the ranks of `group`, in place, wherever `t` lives: NCCL (GPU ranks) takes no CPU
+    tensor, so a tensor elsewhere goes through a copy on the collective device and back."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return t
+    staged = t.to(collective_device())
+    dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=group)
+    if staged is not t:
+        t.copy_(staged)
     return t
+
+
+def collective_device() -> torch.device:
+    """The device whose tensors this rank's default process group reduces: its accelerator's (the CPU
+    on CPU ranks)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def from_main(work: Callable[[], T]) -> T:

@@ -131,7 +131,10 @@ def load_elastic(engine, run_dir: Path, plan: Elastic, dist: DistInfo) -> tuple[
     path, client = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {load_dir / tag} could not be loaded")
-    old = [torch.load(tag_dir / f"rank{r}_state.pt", weights_only=False) for r in range(plan.old_world)]
+    old = [
+        torch.load(tag_dir / f"rank{r}_state.pt", map_location="cpu", weights_only=False)
+        for r in range(plan.old_world)
+    ]
     torch.set_rng_state(old[min(dist.rank, plan.old_world - 1)]["torch_rng"])
     return client, _reshard_stream([s["stream"] for s in old], dist), [s.get("method", {}) for s in old]
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import RegularisationConfig
+from pretrain.distributed import all_reduce_sum
 from pretrain.methods.base import MethodBase
 from pretrain.methods.partitions import local_grad, local_weight, refresh_grad_norm
 
@@ -72,7 +72,7 @@ class Regularisation(MethodBase):
         scale = _loss_scale(engine)  # fp16 gradients are still multiplied by the loss scale here
         window_start = self.phase_steps[self.phase - 1] - self.cfg.fisher_steps
         collect = self.cfg.kind == "ewc" and self.step > window_start
-        penalty = torch.zeros((), dtype=torch.float64)
+        terms = []  # (w - anchor) . pull of each part, on its device (a GPU one: no host sync per part)
         for name, param, weight, grad in self._weights_and_grads():
             if collect:
                 g2 = (grad.float() / scale).square()
@@ -81,16 +81,17 @@ class Regularisation(MethodBase):
             if name in self.anchors and (self.cfg.kind == "l2" or name in self.fisher):
                 diff = weight.float() - self.anchors[name]
                 pull = diff * self.fisher[name] if self.cfg.kind == "ewc" else diff
-                penalty += 0.5 * self.cfg.weight * torch.dot(pull, diff).double()
+                terms.append(torch.dot(pull, diff).double())
                 grad.add_(pull.mul_(self.cfg.weight * scale))
                 refresh_grad_norm(engine, param)
         self.fisher_steps_seen += collect
         if self.anchors:
-            self._record_penalty(penalty)
+            penalty = torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64)
+            self._record_penalty(0.5 * self.cfg.weight * penalty)
 
     def _record_penalty(self, local: torch.Tensor) -> None:
         if self.partitioned:
-            dist.all_reduce(local, group=self.group)
+            all_reduce_sum(local, self.group)
         self.penalty = local.item()
         self.penalty_sum += self.penalty
         self.penalty_steps += 1
@@ -121,7 +122,7 @@ class Regularisation(MethodBase):
         totals = torch.tensor([sum(f.sum().item() for f in fishers), sum(f.numel() for f in fishers)])
         totals = totals.double()
         if self.partitioned:
-            dist.all_reduce(totals, group=self.group)
+            all_reduce_sum(totals, self.group)
         mean = (totals[0] / totals[1]).item() if totals[1] else 0.0
         for name, f in phase_fisher.items():
             f = f / mean if mean > 0 else torch.ones_like(f)
@@ -159,8 +160,8 @@ class Regularisation(MethodBase):
             target = getattr(self, key)
             for name, part in self._weights():
                 pieces = [(s["starts"][name], s[key][name]) for s in states if name in s[key]]
-                if pieces:
-                    target[name] = recut(pieces, numels[name], part.start, part.numel)
+                if pieces:  # loaded on the host (any old rank's GPU may be absent here): onto the part's
+                    target[name] = recut(pieces, numels[name], part.start, part.numel).to(part.flat.device)
 
 
 def _loss_scale(engine: Any) -> float:
