@@ -39,6 +39,8 @@ from method_cost import REPO, VARIANTS, run_config
 
 PHASE1_STEPS = 5
 METHODS = ("none", "migu", "random", "replay 5%", "ewc")
+# on request only: `none` without the read-ahead thread, to tell its cost on a host-bound GPU step
+EXTRA = {"none no-prefetch": ({"train": {"prefetch": 0}}, "no")}
 STACKS = {"hf_trainer": "HF Trainer + DeepSpeed", "deepspeed_loop": "bare DeepSpeed loop"}
 # Llama shapes from scratch (the tokenizer is trained on the demo corpora, so the vocabulary is smaller
 # than the originals': the layers are the originals')
@@ -112,7 +114,9 @@ def stack(args: argparse.Namespace, script: str, cfg_path: Path, blocks: Path, w
 
 def config(args: argparse.Namespace, data: Path, work: Path, name: str, stage: int, out: Path) -> dict:
     """`name`'s run config at `stage`, with the chosen model, precision and phase steps."""
-    cfg = run_config(data, out, work / "tokenizer", VARIANTS[name][0], (PHASE1_STEPS, args.steps), stage)
+    cfg = run_config(
+        data, out, work / "tokenizer", {**VARIANTS, **EXTRA}[name][0], (PHASE1_STEPS, args.steps), stage
+    )
     model, train = MODELS[args.model]
     cfg["model"].update(model)
     positions = cfg["model"]["max_position_embeddings"]
@@ -226,7 +230,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, *EXTRA])
     parser.add_argument("--stacks", nargs="*", default=list(STACKS), choices=list(STACKS))
     parser.add_argument("--model", default="demo", choices=list(MODELS))
     parser.add_argument("--gpu", action="store_true", help="GPU ranks (else CPU ranks, DS_ACCELERATOR=cpu)")
