@@ -20,8 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
-from method_cost import REPO, VARIANTS, run_config
-from stack_cost import environment
+from method_cost import REPO, VARIANTS, environment, run_config
 
 STEPS = (3, 3)
 STAGES = (2, 3)

@@ -64,11 +64,18 @@ def run_config(
     return cfg
 
 
+def environment(gpu: bool) -> dict[str, str]:
+    # the environment's `ninja` first, as in the tests (tests/conftest.py: a switch rebuilds DeepSpeed's op)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
+    return env if gpu else {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
 def train_once(cfg: dict, work: Path, port: int) -> float:
     """Phase 2's seconds per optimizer step of one `pretrain train` run on 2 ranks."""
     path = work / f"{Path(cfg['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = environment(gpu=False)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
     cmd += ["--module", "pretrain", "train", "--config", str(path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

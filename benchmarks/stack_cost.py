@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from method_cost import REPO, VARIANTS, run_config
+from method_cost import REPO, VARIANTS, environment, run_config
 
 PHASE1_STEPS = 5
 METHODS = ("none", "migu", "random", "replay 5%", "ewc")
@@ -55,13 +55,6 @@ MODELS = {
         dict(micro_batch_size=4, seq_len=1024),
     ),
 }
-
-
-def environment(gpu: bool) -> dict[str, str]:
-    # the environment's `ninja` first, as in the tests (tests/conftest.py: a switch rebuilds DeepSpeed's op)
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
-    return env if gpu else {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def launch(args: argparse.Namespace, command: list[str], port: int) -> int:
