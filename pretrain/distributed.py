@@ -49,7 +49,13 @@ def init_distributed() -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if get_accelerator().device_name() != "cpu":
+        # each rank on its own GPU before any collective: object broadcasts (the run directory's plan,
+        # before the engine exists) and staged reductions use the current device, else GPU 0 on every rank
+        get_accelerator().set_device(local_rank)
     if not dist.is_initialized():
         own = shm_buffer(os.environ["RANK"])
         # A stale buffer of an earlier run on this port would be mapped by the peers with its old flags.
@@ -58,7 +64,7 @@ def init_distributed() -> DistInfo:
         deepspeed.init_distributed(auto_mpi_discovery=False)
         barrier()  # every rank has mapped every buffer now, so the names can go
         own.unlink(missing_ok=True)  # else each run leaves 66 MiB per rank in RAM-backed /dev/shm
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 _SHM = Path("/dev/shm") / "deepspeed_allreduce_buffer"  # as named in DeepSpeed's ops/csrc/cpu/comm/shm.cpp
