@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -179,11 +180,14 @@ def suite(args, results: Results, name: str) -> None:
     setting = SETTINGS[name]
     # lr by lr over the shared grid for every method, the reference lrs after: a suite cut short has
     # compared the methods at equal lrs before it extends plain training's frontier
-    for lr in setting.lrs:
+    wanted = (
+        (lambda lr: True) if args.lrs is None else (lambda lr: any(math.isclose(lr, x) for x in args.lrs))
+    )
+    for lr in filter(wanted, setting.lrs):
         for method in args.methods:
             run(args, results, name, method, METHODS[method], lr, 0)
     for method in args.methods:
-        for lr in setting.lrs_for(method):
+        for lr in filter(wanted, setting.lrs_for(method)):
             run(args, results, name, method, METHODS[method], lr, 0)
     for method in args.methods:
         for seed in range(1, args.seeds):
@@ -299,6 +303,9 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", help="sweep only these of the setting's lrs (a long setting in parts)"
+    )
     parser.add_argument("--no-knobs", dest="knobs", action="store_false")
     parser.add_argument("--report-only", action="store_true", help="the report of the runs done, no run")
     parser.add_argument("--work", type=Path, help="runs and data (default: .bench-work/quality[-quick])")
