@@ -116,8 +116,8 @@ class Migu(GradientMask):
         """Quantiles of the phase-mean normalised magnitudes (x d_out: 1 = uniform), top sets, overlap."""
         quantiles, top, jaccard = {}, {}, {}
         q = torch.tensor(QUANTILES)
-        # on the host: this is a report, read as lists, and the top sets kept for the next phase's overlap
-        # then match a resumed run's (a checkpoint's tensors load where they were saved)
+        # on the host, where the levels `q` are: a GPU rank crashed here (quantile on mixed devices). It
+        # is a report, read as lists; the top sets kept for the next phase's overlap are host tensors too
         phase_magnitudes = self.phase_magnitudes.cpu()
         for g in self.groups:
             mean = g.slab(phase_magnitudes) / self.phase_steps
