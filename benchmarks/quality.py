@@ -17,7 +17,8 @@ avg_final_loss) it runs again with the other seeds, which change the document or
 model's initial weights). MIGU's knobs (T, start_phase) run at MIGU's best lr over all seeds. L2 and EWC
 run at weights 1 and 0.1 (a method each); the replay shares are the values named, not tuned. Each finished
 run's metrics are kept in the results file at once, so an interrupted suite continues where it stopped (same
---work), and the run's directory is deleted.
+--work), and the run's directory is deleted. The runs in the committed quality_results.json count as done
+too, so a fresh clone continues the committed suite rather than starting it again.
 """
 
 from __future__ import annotations
@@ -139,9 +140,14 @@ def run_once(cfg: dict, work: Path, key: str) -> dict:
 class Results:
     """The finished runs, `setting|method|lr|seed` -> metrics, kept in a JSON file after each run."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, committed: Path):
+        """`committed`: the report's copy. Its runs are kept too: a fresh clone has no work file, and a suite
+        that started from nothing would run them again and then overwrite the copy with its own runs only."""
         self.path = path
-        self.runs: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+        self.runs: dict[str, dict] = {}
+        for source in (committed, path):  # the work file's run wins: it is the one the copy came from
+            if source.is_file():
+                self.runs.update(json.loads(source.read_text()))
 
     @staticmethod
     def key(setting: str, method: str, lr: float, seed: int) -> str:
@@ -152,7 +158,10 @@ class Results:
 
     def put(self, setting: str, method: str, lr: float, seed: int, metrics: dict) -> None:
         self.runs[self.key(setting, method, lr, seed)] = metrics
-        self.path.write_text(json.dumps(self.runs, indent=1))
+        self.save(self.path)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.runs, indent=1))
 
 
 def run(args, results: Results, name: str, method: str, sections: dict, lr: float, seed: int) -> dict:
@@ -334,14 +343,14 @@ def main() -> None:
             sys.exit(str(err))
     if not (args.work / "data").is_dir():
         build_demo_corpora(str(args.work / "data"))
-    results = Results(args.work / "results.json")
+    results = Results(args.work / "results.json", args.out / "quality_results.json")
     start = time.monotonic()
     for name in args.settings:
         if not args.report_only:
             suite(args, results, name)
         frontier(args, results, name, args.out / f"quality_{name}.png")
     (args.out / "quality.md").write_text(report(args, results, (time.monotonic() - start) / 60))
-    shutil.copy(results.path, args.out / "quality_results.json")
+    results.save(args.out / "quality_results.json")
     print((args.out / "quality.md").read_text())
 
 
