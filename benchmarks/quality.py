@@ -324,6 +324,11 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         SETTINGS["scratch"] = Setting(SETTINGS["scratch"].trained, 10, [1e-3, 4e-3])
         args.settings, args.methods, args.seeds, args.knobs = ["scratch"], ["none", "migu"], 1, False
+    for lr in args.lrs or []:
+        for name in args.settings:
+            known = sorted({x for m in args.methods for x in SETTINGS[name].lrs_for(m)})
+            if not any(math.isclose(lr, x) for x in known):
+                parser.error(f"--lrs {lr:g}: not an lr of the {name} setting for these methods ({known})")
     args.out = args.out or (HERE / "quick" if args.quick else HERE)
     args.work = args.work or REPO / ".bench-work" / ("quality-quick" if args.quick else "quality")
     for d in (args.out, args.work):
