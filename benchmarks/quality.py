@@ -181,6 +181,11 @@ def run(args, results: Results, name: str, method: str, sections: dict, lr: floa
     return got
 
 
+def among(lr: float, lrs: list[float]) -> bool:
+    """Whether `lr` is one of `lrs`: typed on the command line, 5e-5 need not be the float the grid holds."""
+    return any(math.isclose(lr, x) for x in lrs)
+
+
 def best_lr(results: Results, name: str, method: str) -> float | None:
     """The lr of the lowest avg_final_loss at seed 0, among those run; None if none has."""
     done = [lr for lr in SETTINGS[name].lrs_for(method) if results.get(name, method, lr, 0)]
@@ -191,9 +196,7 @@ def suite(args, results: Results, name: str) -> None:
     setting = SETTINGS[name]
     # lr by lr over the shared grid for every method, the reference lrs after: a suite cut short has
     # compared the methods at equal lrs before it extends plain training's frontier
-    wanted = (
-        (lambda lr: True) if args.lrs is None else (lambda lr: any(math.isclose(lr, x) for x in args.lrs))
-    )
+    wanted = (lambda lr: True) if args.lrs is None else (lambda lr: among(lr, args.lrs))
     for lr in filter(wanted, setting.lrs):
         for method in args.methods:
             run(args, results, name, method, METHODS[method], lr, 0)
@@ -329,7 +332,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     for lr in args.lrs or []:
         for name in args.settings:
             known = sorted({x for m in args.methods for x in SETTINGS[name].lrs_for(m)})
-            if not any(math.isclose(lr, x) for x in known):
+            if not among(lr, known):
                 parser.error(f"--lrs {lr:g}: not an lr of the {name} setting for these methods ({known})")
     args.out = args.out or (HERE / "quick" if args.quick else HERE)
     args.work = args.work or REPO / ".bench-work" / ("quality-quick" if args.quick else "quality")
