@@ -12,7 +12,8 @@ By default on 2 CPU ranks, the demo model (configs/demo.yaml: a 4-layer Llama fr
   metrics.json, and its data-waiting share that phase's `data_wait_share`;
 - Hugging Face `Trainer` with its DeepSpeed integration, and a minimal DeepSpeed loop
   (reference_stacks/), trained on phase 2's first blocks for the same steps, from the same initial
-  weights, tokenized beforehand (so their data costs nothing: ours reads and tokenizes while it trains).
+  weights, tokenized beforehand (so their data costs nothing: ours reads and tokenizes while it trains),
+  timed after as many untimed steps as ours' phase 1 has (their clocks start warm, as ours does).
 Every round runs every variant once in a rotated order, so the machine's drift spreads over all. The
 host memory is the largest resident set of any process of the run (os.wait4 on the launcher: its ranks
 included) over the whole run; on a GPU, rank 0's peak allocated GPU memory is shown beside it. The
@@ -94,7 +95,8 @@ def ours(args: argparse.Namespace, cfg: dict, work: Path, port: int, phase: int 
 def stack(args: argparse.Namespace, script: str, cfg_path: Path, blocks: Path, work: Path, port: int) -> dict:
     out = work / f"{script}.json"
     command = [str(REPO / "benchmarks" / "reference_stacks" / f"{script}.py"), "--config", str(cfg_path)]
-    command += ["--blocks", str(blocks), "--steps", str(args.steps), "--out", str(out)]
+    command += ["--blocks", str(blocks), "--steps", str(args.steps), "--warmup", str(PHASE1_STEPS)]
+    command += ["--out", str(out)]
     peak = launch(args, command, port)
     result = json.loads(out.read_text())
     return {
@@ -139,7 +141,8 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         paths[stage] = work / f"ref{stage}.yaml"
         paths[stage].write_text(yaml.safe_dump(cfg))
         out = work / f"blocks{stage}.pt"
-        blocks[stage] = write_blocks(validate(cfg), "docs", args.steps, args.ranks, out)
+        steps = PHASE1_STEPS + args.steps  # the references' untimed warm-up, then the timed steps
+        blocks[stage] = write_blocks(validate(cfg), "docs", steps, args.ranks, out)
     # `none` and the reference stacks first, then the other methods: a run cut short by a time limit
     # (gpu_cost.sh) keeps the comparison of stacks at every stage; the rounds rotate this order anyway
     first = [name for name in (*args.methods, *args.stacks) if name == "none" or name in STACKS]

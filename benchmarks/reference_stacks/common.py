@@ -3,8 +3,11 @@ weights), tokenizer, optimizer and DeepSpeed JSON, and the phase's blocks, token
 
 `stack_cost.py` writes the blocks (`write_blocks`); each stack's script is started by the deepspeed
 launcher with `--config RUN.yaml --blocks BLOCKS.pt --steps N --out RESULT.json` and writes, on rank 0,
-the seconds of its N optimizer steps (from just before the first batch to the end of the last step, the
-span `pretrain train` reports as a phase's `seconds`) and the tokens they trained.
+the seconds of its N optimizer steps and the tokens they trained. `--warmup W` steps run first, untimed:
+ours is timed in its second phase, after the first phase's steps, so the references' clock too starts
+warm, at the end of step W (a cold first step, with a GPU's first allocations and kernel choices, would
+otherwise count against them and not against ours). The clock stops at the end of the last step, once
+the accelerator has finished it (`clock`): the span `pretrain train` reports as a phase's `seconds`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--config", required=True)
     parser.add_argument("--blocks", required=True)
     parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps before the timed ones")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher appends it
     return parser.parse_args()
@@ -37,6 +42,13 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, torch.nn.Module, torch.T
     cfg = load_config(args.config)
     model = build_model(cfg.model, len(resolve_tokenizer(cfg)), cfg.train.seed)
     return cfg, model, torch.load(args.blocks)
+
+
+def clock() -> float:
+    """Now, once the accelerator has finished what was queued: a GPU step returns before its kernels end."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def write_blocks(cfg: RunConfig, domain: str, steps: int, world_size: int, out: Path) -> Path:

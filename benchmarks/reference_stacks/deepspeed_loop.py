@@ -3,11 +3,9 @@ model, optimizer and DeepSpeed JSON, pre-tokenized blocks, forward / backward / 
 
 from __future__ import annotations
 
-import time
-
 import deepspeed
 import torch.distributed as dist
-from common import arguments, report, setup
+from common import arguments, clock, report, setup
 
 from pretrain.engine import build_optimizer, deepspeed_config
 
@@ -20,13 +18,15 @@ def main() -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     blocks = blocks[dist.get_rank() :: dist.get_world_size()]  # rank r trains blocks r, r + W, ...
-    start = time.perf_counter()
-    for i in range(args.steps * accum):
+    start = clock()
+    for i in range((args.warmup + args.steps) * accum):
+        if i == args.warmup * accum:
+            start = clock()
         batch = blocks[i * micro : (i + 1) * micro].to(engine.device)
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     report(args, seconds, args.steps, micro * accum * cfg.train.seq_len * dist.get_world_size())
 
 

@@ -8,12 +8,11 @@ distributed set-up it knows), which halves the data a step trains on without any
 from __future__ import annotations
 
 import tempfile
-import time
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from common import arguments, report, setup
+from common import arguments, clock, report, setup
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pretrain.engine import deepspeed_config, model_dtype
@@ -31,14 +30,19 @@ class Blocks(torch.utils.data.Dataset):
 
 
 class StepClock(TrainerCallback):
-    """From the start of the training loop (engine built, data loader ready) to the end of the last step."""
+    """From the end of optimizer step `warmup` (if 0, the training loop's start) to the end of the last."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = clock()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self.start = clock()
         if state.global_step == state.max_steps:
-            self.seconds = time.perf_counter() - self.start
+            self.seconds = clock() - self.start
 
 
 def main() -> None:
@@ -47,7 +51,7 @@ def main() -> None:
     cfg, model, blocks = setup(args)
     world = dist.get_world_size()
     t = cfg.train
-    clock = StepClock()
+    timer = StepClock(args.warmup)
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             output_dir=out,
@@ -56,7 +60,7 @@ def main() -> None:
             deepspeed=deepspeed_config(cfg, world),
             per_device_train_batch_size=t.micro_batch_size,
             gradient_accumulation_steps=t.grad_accum,
-            max_steps=args.steps,
+            max_steps=args.warmup + args.steps,
             learning_rate=t.lr,
             weight_decay=t.weight_decay,
             adam_beta1=t.betas[0],
@@ -72,8 +76,8 @@ def main() -> None:
             dataloader_drop_last=True,
         )
         # Trainer's own distributed sampler gives each rank its share of the blocks
-        Trainer(model=model, args=training, train_dataset=Blocks(blocks), callbacks=[clock]).train()
-    report(args, clock.seconds, args.steps, t.micro_batch_size * t.grad_accum * t.seq_len * world)
+        Trainer(model=model, args=training, train_dataset=Blocks(blocks), callbacks=[timer]).train()
+    report(args, timer.seconds, args.steps, t.micro_batch_size * t.grad_accum * t.seq_len * world)
 
 
 if __name__ == "__main__":
