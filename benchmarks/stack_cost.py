@@ -14,7 +14,9 @@ By default on 2 CPU ranks, the demo model (configs/demo.yaml: a 4-layer Llama fr
   (reference_stacks/), trained on phase 2's first blocks for the same steps, from the same initial
   weights, tokenized beforehand (so their data costs nothing: ours reads and tokenizes while it trains),
   timed after as many untimed steps as ours' phase 1 has (their clocks start warm, as ours does).
-Every round runs every variant once in a rotated order, so the machine's drift spreads over all. The
+Every round runs every variant once in a rotated order, so the machine's drift spreads over all. Beside
+the mean step (the phase's seconds over its steps) stands the median of the steps' own times, which a
+few stalls in a short window (a GPU's 30 steps are a few seconds) do not move. The
 host memory is the largest resident set of any process of the run (os.wait4 on the launcher: its ranks
 included) over the whole run; on a GPU, rank 0's peak allocated GPU memory is shown beside it. The
 table is rewritten after every run, so a run cut short leaves what it measured.
@@ -85,6 +87,7 @@ def ours(args: argparse.Namespace, cfg: dict, work: Path, port: int, phase: int 
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {
         "s_per_step": phase["seconds"] / phase["steps"],
+        "median_step": phase["step_seconds_median"],
         "tokens_per_s": phase["tokens_per_s"],
         "data_wait_share": phase["data_wait_share"],
         "peak_mib": peak / 1024,
@@ -101,6 +104,7 @@ def stack(args: argparse.Namespace, script: str, cfg_path: Path, blocks: Path, w
     result = json.loads(out.read_text())
     return {
         "s_per_step": result["seconds"] / args.steps,
+        "median_step": result["step_seconds_median"],
         "tokens_per_s": result["tokens_per_s"],
         "peak_mib": peak / 1024,
         "gpu_mib": result.get("peak_gpu_mib"),
@@ -175,9 +179,9 @@ def table(results: dict[tuple[str, int], list[dict]], args: argparse.Namespace, 
     lines = [
         f"### ZeRO-{stage}",
         "",
-        "| variant | s/step | tokens/s (median) | all rounds | step time / none "
+        "| variant | s/step | tokens/s (median) | all rounds | step time / none | median step s (/ none) "
         f"| ours (none) / this, tokens/s | data waiting | host peak MiB{gpu} |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if args.gpu else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.gpu else ""),
     ]
     for name in (*args.methods, *args.stacks):
         runs = results[(name, stage)]
@@ -189,7 +193,10 @@ def table(results: dict[tuple[str, int], list[dict]], args: argparse.Namespace, 
         ours_ratio = f"{median(base, 'tokens_per_s') / median(runs, 'tokens_per_s'):.3f}" if base else ""
         wait = f"{median(runs, 'data_wait_share'):.2%}" if name not in STACKS else "(pre-tokenized)"
         label = STACKS[name] if name in STACKS else f"ours, {name}"
+        typical = median(runs, "median_step")
+        typical_ratio = f" ({typical / median(base, 'median_step'):.3f})" if base else ""
         row = f"| {label} | {step:.4f} | {median(runs, 'tokens_per_s'):.0f} | {rounds} | {step_ratio} "
+        row += f"| {typical:.4f}{typical_ratio} "
         row += f"| {ours_ratio if name in STACKS else ''} | {wait} | {median(runs, 'peak_mib'):.0f} |"
         if args.gpu:
             gpu_mib = median(runs, "gpu_mib")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -376,14 +377,17 @@ class TimedBatches:
 class ThroughputMeter:
     """Mean loss, tokens/s and the share of time spent waiting for data, over a logging interval and over
     a phase (or its resumed part). The waiting is this rank's (rank 0's in the log and metrics.json):
-    every rank reads the same documents, so it stands for all of them."""
+    every rank reads the same documents, so it stands for all of them. Over a phase also the median and
+    the longest time from one step's end to the next's: the mean of a short phase moves with a few
+    stalls (a checkpoint, an evaluation, a slow batch), which the median leaves out and the longest shows."""
 
     def __init__(self, tokens_per_step: int, batches: TimedBatches | None = None):
         self.tokens_per_step = tokens_per_step
         self.batches = batches
         self.losses: list[float] = []
+        self.step_seconds: list[float] = []
         self.steps = 0
-        self.start = self.phase_start = time.perf_counter()
+        self.start = self.phase_start = self.step_end = time.perf_counter()
         self.waited_at_start = self._waited()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # the phase's own peak in totals()
@@ -392,6 +396,9 @@ class ThroughputMeter:
         return self.batches.waited if self.batches is not None else 0.0
 
     def add(self, loss: float) -> None:
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.step_end)
+        self.step_end = now
         self.losses.append(loss)
         self.steps += 1
 
@@ -416,6 +423,9 @@ class ThroughputMeter:
             "data_wait_seconds": round(waited, 3),
             "data_wait_share": waited / max(elapsed, 1e-9),
         }
+        if self.step_seconds:
+            totals["step_seconds_median"] = round(statistics.median(self.step_seconds), 4)
+            totals["step_seconds_max"] = round(max(self.step_seconds), 4)
         if torch.cuda.is_available():
             totals["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return totals

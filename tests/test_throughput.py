@@ -49,6 +49,18 @@ def test_waiting_for_batches_is_measured_per_interval_and_per_phase(clock):
     totals = meter.totals()
     assert totals["data_wait_seconds"] == 0.75 and totals["seconds"] == 2.5
     assert totals["data_wait_share"] == 0.3 and totals["tokens_per_s"] == 24 / 2.5
+    # steps of 1.0, 1.0 and 0.5 s, each from the previous step's end (the first from the phase's start)
+    assert totals["step_seconds_median"] == 1.0 and totals["step_seconds_max"] == 1.0
+
+
+def test_the_median_step_leaves_out_a_stall_that_the_mean_and_the_longest_show(clock):
+    meter = ThroughputMeter(tokens_per_step=8)
+    for seconds in (0.5, 0.5, 3.0, 0.5):  # the third step ends with a checkpoint
+        clock.now += seconds
+        meter.add(1.0)
+    totals = meter.totals()
+    assert totals["seconds"] / 4 == 1.125
+    assert totals["step_seconds_median"] == 0.5 and totals["step_seconds_max"] == 3.0
 
 
 def test_a_stream_that_ends_still_counts_its_wait(clock):

@@ -8,13 +8,17 @@ ours is timed in its second phase, after the first phase's steps, so the referen
 warm, at the end of step W (a cold first step, with a GPU's first allocations and kernel choices, would
 otherwise count against them and not against ours). The clock stops at the end of the last step, once
 the accelerator has finished it (`clock`): the span `pretrain train` reports as a phase's `seconds`.
+The clock is read at every step's end, as ours does (its loss is read each step, which waits for the
+GPU too), for the median step beside the mean.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -61,9 +65,12 @@ def write_blocks(cfg: RunConfig, domain: str, steps: int, world_size: int, out: 
     return out
 
 
-def report(args: argparse.Namespace, seconds: float, steps: int, tokens_per_step: int) -> None:
+def report(args: argparse.Namespace, step_ends: list[float], tokens_per_step: int) -> None:
+    """From the clock at the warm-up's end and at each timed step's end (`step_ends`, steps + 1 readings)."""
     if int(os.environ["RANK"]) == 0:
+        steps, seconds = len(step_ends) - 1, step_ends[-1] - step_ends[0]
         result = {"seconds": seconds, "steps": steps, "tokens_per_s": steps * tokens_per_step / seconds}
+        result["step_seconds_median"] = statistics.median(b - a for a, b in itertools.pairwise(step_ends))
         if torch.cuda.is_available():
             result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         Path(args.out).write_text(json.dumps(result))

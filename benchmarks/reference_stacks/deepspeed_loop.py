@@ -18,16 +18,15 @@ def main() -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     blocks = blocks[dist.get_rank() :: dist.get_world_size()]  # rank r trains blocks r, r + W, ...
-    start = clock()
+    step_ends = [] if args.warmup else [clock()]  # the clock starts at the end of step `warmup`
     for i in range((args.warmup + args.steps) * accum):
-        if i == args.warmup * accum:
-            start = clock()
         batch = blocks[i * micro : (i + 1) * micro].to(engine.device)
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
-    seconds = clock() - start
-    report(args, seconds, args.steps, micro * accum * cfg.train.seq_len * dist.get_world_size())
+        if (i + 1) % accum == 0 and (i + 1) // accum >= max(args.warmup, 1):
+            step_ends.append(clock())
+    report(args, step_ends, micro * accum * cfg.train.seq_len * dist.get_world_size())
 
 
 if __name__ == "__main__":

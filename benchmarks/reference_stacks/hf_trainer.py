@@ -30,19 +30,19 @@ class Blocks(torch.utils.data.Dataset):
 
 
 class StepClock(TrainerCallback):
-    """From the end of optimizer step `warmup` (if 0, the training loop's start) to the end of the last."""
+    """The clock at the end of optimizer step `warmup` (if 0, the loop's start) and of each later step."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
+        self.step_ends: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = clock()
+        if self.warmup == 0:
+            self.step_ends.append(clock())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            self.start = clock()
-        if state.global_step == state.max_steps:
-            self.seconds = clock() - self.start
+        if state.global_step >= max(self.warmup, 1):
+            self.step_ends.append(clock())
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
         )
         # Trainer's own distributed sampler gives each rank its share of the blocks
         Trainer(model=model, args=training, train_dataset=Blocks(blocks), callbacks=[timer]).train()
-    report(args, timer.seconds, args.steps, t.micro_batch_size * t.grad_accum * t.seq_len * world)
+    report(args, timer.step_ends, t.micro_batch_size * t.grad_accum * t.seq_len * world)
 
 
 if __name__ == "__main__":

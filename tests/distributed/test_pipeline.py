@@ -44,6 +44,8 @@ def test_metrics_matrix_shape_and_values(finished_run):
     for loss_row, ppl_row in zip(m["eval_loss"], m["perplexity"], strict=True):
         for loss, ppl in zip(loss_row, ppl_row, strict=True):
             assert math.isfinite(loss) and ppl == pytest.approx(math.exp(loss), rel=1e-6)
+    for phase in m["train"]:  # the steps' times lie inside the phase's
+        assert 0 < phase["step_seconds_median"] <= phase["step_seconds_max"] <= phase["seconds"]
 
 
 def test_training_a_domain_lowers_its_heldout_loss(finished_run):
