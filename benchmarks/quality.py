@@ -171,6 +171,22 @@ class Results:
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.runs, indent=1))
 
+    def shown(self) -> dict[str, list[str]]:
+        """Each setting with a run and its methods with one, in SETTINGS' and METHODS' order: the report
+        shows them all, whatever part of the suite this invocation ran (it used to show only --settings
+        and --methods, so a run of one method rewrote quality.md without the others)."""
+        done = {tuple(key.split("|")[:2]) for key in self.runs}
+        return {s: [m for m in METHODS if (s, m) in done] for s in SETTINGS if any(s == d[0] for d in done)}
+
+    def seeds(self, setting: str, method: str, lr: float) -> list[dict]:
+        """The runs at `lr` of every seed run, in seed order."""
+        runs = {
+            int(k.rsplit("|", 1)[1]): r
+            for k, r in self.runs.items()
+            if k.startswith(f"{setting}|{method}|{lr:g}|")
+        }
+        return [runs[seed] for seed in sorted(runs)]
+
 
 def run(args, results: Results, name: str, method: str, sections: dict, lr: float, seed: int) -> dict:
     got = results.get(name, method, lr, seed)
@@ -236,7 +252,7 @@ def summary(runs: list[dict], metric: str) -> str:
     return f"{statistics.mean(values):+.4f} ± {statistics.stdev(values):.4f}"
 
 
-def tables(args, results: Results, name: str) -> list[str]:
+def tables(results: Results, name: str, methods: list[str]) -> list[str]:
     setting = SETTINGS[name]
     head = "| avg_forgetting | bwt | plasticity | avg_final_loss | untrained change |"
     lines = [
@@ -248,24 +264,24 @@ def tables(args, results: Results, name: str) -> list[str]:
         f"| method | lr {head}",
         "|---|---|---|---|---|---|---|",
     ]
-    for method in args.methods:
+    for method in methods:
         for lr in setting.lrs_for(method):
             if not (r := results.get(name, method, lr, 0)):
                 continue  # not run (yet): --report-only on a suite cut short
             lines.append(f"| {method} | {lr:g} | " + " | ".join(summary([r], m) for m in METRICS) + " |")
     lines += ["", "At each method's best lr (lowest avg_final_loss at seed 0), mean ± sd over seeds:", ""]
     lines += [f"| method | lr | seeds {head}", "|---|---|---|---|---|---|---|---|"]
-    lr_migu = best_lr(results, name, "migu") if "migu" in args.methods else None
-    rows = [(m, best_lr(results, name, m)) for m in args.methods]
+    lr_migu = best_lr(results, name, "migu") if "migu" in methods else None
+    rows = [(m, best_lr(results, name, m)) for m in methods]
     rows += [(k, lr_migu) for k in KNOBS if lr_migu and results.get(name, k, lr_migu, 0)]
     for method, lr in [(m, lr) for m, lr in rows if lr is not None]:
-        runs = [r for s in range(args.seeds) if (r := results.get(name, method, lr, s))]
+        runs = results.seeds(name, method, lr)
         cells = " | ".join(summary(runs, m) for m in METRICS)
         lines.append(f"| {method} | {lr:g} | {len(runs)} | {cells} |")
     return lines + [""]
 
 
-def frontier(args, results: Results, name: str, out: Path) -> None:
+def frontier(results: Results, name: str, methods: list[str], out: Path) -> None:
     """Forgetting against plasticity: each method's lr sweep joined in lr order, its seeds at the best lr
     as open markers."""
     import matplotlib
@@ -275,7 +291,7 @@ def frontier(args, results: Results, name: str, out: Path) -> None:
 
     setting = SETTINGS[name]
     fig, ax = plt.subplots(figsize=(7, 5))
-    for method in args.methods:
+    for method in methods:
         sweep = [(lr, r) for lr in setting.lrs_for(method) if (r := results.get(name, method, lr, 0))]
         if not sweep:
             continue
@@ -284,7 +300,7 @@ def frontier(args, results: Results, name: str, out: Path) -> None:
         for lr, r in sweep:
             ax.annotate(f"{lr:g}", (r["plasticity"], r["avg_forgetting"]), fontsize=6, alpha=0.7)
         lr = best_lr(results, name, method)
-        seeds = [r for s in range(1, args.seeds) if (r := results.get(name, method, lr, s))]
+        seeds = results.seeds(name, method, lr)[1:]
         ax.scatter(
             [r["plasticity"] for r in seeds],
             [r["avg_forgetting"] for r in seeds],
@@ -312,8 +328,8 @@ def report(args, results: Results, minutes: float) -> str:
         f"Machine: {machine(gpu=False)}.",
         "",
     ]
-    for name in args.settings:
-        lines += tables(args, results, name)
+    for name, methods in results.shown().items():
+        lines += tables(results, name, methods)
     return "\n".join(lines)
 
 
@@ -364,7 +380,8 @@ def main() -> None:
     for name in args.settings:
         if not args.report_only:
             suite(args, results, name)
-        frontier(args, results, name, args.out / f"quality_{name}.png")
+    for name, methods in results.shown().items():
+        frontier(results, name, methods, args.out / f"quality_{name}.png")
     (args.out / "quality.md").write_text(report(args, results, (time.monotonic() - start) / 60))
     results.save(args.out / "quality_results.json")
     print((args.out / "quality.md").read_text())
