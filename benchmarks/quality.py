@@ -13,13 +13,13 @@ Two settings, every run on 2 CPU ranks at ZeRO-2 with the demo corpora (pretrain
   base model lost of what it knew.
 Each method runs at every learning rate of the setting with seed 0 (some also at the setting's extra_lrs:
 `none` lower, to have points that learn as little as L2 and EWC; lrs run before the grid moved); at its
-best lr (the lowest
-avg_final_loss) it runs again with the other seeds, which change the document order (and a scratch
-model's initial weights). MIGU's knobs (T, start_phase) run at MIGU's best lr over all seeds. L2 and EWC
-run at weights 1 and 0.1 (a method each); the replay shares are the values named, not tuned. Each finished
-run's metrics are kept in the results file at once, so an interrupted suite continues where it stopped (same
---work), and the run's directory is deleted. The runs in the committed quality_results.json count as done
-too, so a fresh clone continues the committed suite rather than starting it again.
+best lr (the lowest avg_final_loss) it runs again with the other seeds, which change the document order
+(and a scratch model's initial weights). MIGU's knobs (T, start_phase) run at MIGU's best lr over all
+seeds. L2 and EWC run at weights 1 and 0.1 (a method each); the replay shares are the values named, not
+tuned. Each finished run's metrics are kept in the results file at once, so an interrupted suite
+continues where it stopped (same --work), and the run's directory is deleted. The runs in the committed
+quality_results.json count as done too, so a fresh clone continues the committed suite rather than
+starting it again.
 """
 
 from __future__ import annotations
