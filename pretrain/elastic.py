@@ -99,7 +99,17 @@ def _keep_global_batch(cfg: RunConfig, global_batch: int, tag: str, old: int, ne
             f"{new} ranks x train.micro_batch_size {cfg.train.micro_batch_size} cannot make that up by "
             f"gradient accumulation: resume on {', '.join(map(str, fits))} ranks"
         )
-    train = dataclasses.replace(cfg.train, grad_accum=global_batch // per_micro_step)
+    accum = global_batch // per_micro_step
+    if accum > 1 and cfg.train.on_nonfinite == "skip":
+        # the config's own check (skip needs grad_accum 1) would be bypassed by the scaled grad_accum: a
+        # NaN at a later micro-step would leave the earlier ones' gradients for the next step to apply
+        raise RunDirError(
+            f"checkpoint {tag} was trained by {old} ranks with a global batch of {global_batch} sequences; "
+            f"{new} ranks make it up with train.grad_accum {accum}, and key `train.on_nonfinite`: 'skip' "
+            f"needs grad_accum 1: resume on {global_batch // cfg.train.micro_batch_size} ranks, or with "
+            "--set train.on_nonfinite=stop"
+        )
+    train = dataclasses.replace(cfg.train, grad_accum=accum)
     return dataclasses.replace(cfg, train=train)
 
 

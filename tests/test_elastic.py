@@ -37,6 +37,15 @@ def test_a_global_batch_the_new_ranks_cannot_make_up_names_the_world_sizes_that_
         _keep_global_batch(cfg, 12, "step-6", 6, 4)
 
 
+def test_fewer_ranks_that_need_accumulation_are_refused_under_the_skip_policy(tmp_path):
+    # `skip` needs grad_accum 1 (config.validate); the grad_accum a resume scales must not get round it
+    raw = tiny_run_config(tmp_path, train={"micro_batch_size": 2, "on_nonfinite": "skip"})
+    with pytest.raises(RunDirError, match=r"grad_accum 2.*`train.on_nonfinite`.*resume on 4 ranks"):
+        _keep_global_batch(validate(raw), 8, "step-6", 4, 2)
+    raw["train"]["on_nonfinite"] = "stop"  # what the message offers
+    assert _keep_global_batch(validate(raw), 8, "step-6", 4, 2).train.grad_accum == 2
+
+
 @pytest.mark.parametrize(("old", "new"), [(3, 2), (2, 3), (1, 2), (2, 1)])
 def test_partitions_are_re_cut_from_every_old_ranks_part(old, new):
     flat = torch.arange(11, dtype=torch.float32) * 0.5
