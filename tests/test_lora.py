@@ -8,10 +8,13 @@ ZeRO-3: base bit-identical, the merged export, kill -9 and --resume).
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO
 from lora_checks import assert_export_is_merged, with_random_b
 from transformers import AutoModelForCausalLM
 
@@ -43,6 +46,13 @@ def adapter_names(model) -> set[str]:
 def run_config(optimizer: str):
     train = SimpleNamespace(optimizer=optimizer, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     return SimpleNamespace(train=train)
+
+
+def test_a_run_without_lora_does_not_import_peft():
+    # peft costs every rank seconds of start-up (it imports much of transformers); apply_lora imports it
+    code = "import sys, pretrain.train; assert 'peft' not in sys.modules, 'peft imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_without_a_lora_section_the_model_is_untouched():

@@ -13,15 +13,20 @@ transformers format (`export_state`), computed from a copy of the weights, so tr
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pretrain.config import ConfigError, LoraConfig
 from pretrain.logs import log
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# peft is imported only where a LoRA run needs it: importing it costs seconds a process (it pulls in
+# much of transformers), paid by every rank of every launch, LoRA or not
 
 _PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's own names
 
@@ -30,6 +35,9 @@ def apply_lora(cfg: LoraConfig | None, model: nn.Module) -> nn.Module:
     """The model with LoRA adapters on `cfg.target_modules` (peft), or the model itself when cfg is None."""
     if cfg is None:
         return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     _check_targets(model, cfg.target_modules)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
@@ -75,7 +83,7 @@ def export_state(
     model: nn.Module, state: dict[str, torch.Tensor]
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """(model to save_pretrained, its state): for a LoRA model, the base and the merged weights."""
-    if not isinstance(model, PeftModel):
+    if not _is_peft(model):
         return model, state
     return model.get_base_model(), merged_state_dict(model, state)
 
@@ -86,6 +94,9 @@ def merged_state_dict(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[
 
     The sum is formed in fp32 and rounded once to W's dtype; `state` and the model are left as they are.
     """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
     merged = dict(state)
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer):
@@ -100,6 +111,11 @@ def merged_state_dict(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[
             delta = delta.T if layer.fan_in_fan_out else delta
             merged[weight] = (merged[weight].float() + delta).to(state[weight].dtype)
     return {_plain_key(key): value for key, value in merged.items()}
+
+
+def _is_peft(model: nn.Module) -> bool:
+    peft = sys.modules.get("peft")  # not imported: no PeftModel was made in this process
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _plain_key(key: str) -> str:
