@@ -4,10 +4,11 @@ read back in their own formats, across an attempt that is resumed; config and mi
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 
 import pytest
-from conftest import tiny_run_config, write_config
+from conftest import REPO, tiny_run_config, write_config
 from PIL import Image
 from tracker_checks import (
     mlflow_client,
@@ -176,3 +177,15 @@ def test_a_missing_package_stops_the_run_before_anything_is_written(tmp_path, mo
     with pytest.raises(ConfigError, match=r"pip install 'pretrain\[wandb\]'"):
         build_trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0), resume=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "tokenizer").exists()
+
+
+def test_deepspeed_does_not_load_mlflow_at_start_up_and_the_tracker_still_finds_it():
+    # DeepSpeed's autotuner imports mlflow when it is installed: seconds of every rank's start-up
+    code = (
+        "import sys, pretrain, deepspeed.autotuning.autotuner as tuner\n"
+        "assert not tuner.has_mlflow and not any(m.startswith('mlflow') for m in sys.modules), 'loaded'\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "assert MlflowClient.__module__.startswith('mlflow.tracking')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
