@@ -2,6 +2,7 @@
 a test).
 
     python benchmarks/tokenize_rate.py      # writes benchmarks/tokenize_rate.md, about a minute
+    python benchmarks/tokenize_rate.py --all-cores --out benchmarks/tokenize_rate_all_cores.md
 
 Every rank reads and tokenizes the whole global stream and keeps its share (pretrain.data.TrainStream):
 what it costs per step is the global batch's tokens at this rate, on the one core of the rank's read-ahead
@@ -12,7 +13,8 @@ tokenizers: the demo's 2048-piece sentencepiece BPE (trained here as a run train
 domain) is read once untimed to warm the file cache and the tokenizer, then timed over `--blocks` blocks.
 One core: torch at one thread and TOKENIZERS_PARALLELISM=false (a fast tokenizer's batch call may
 otherwise spread over the rank's cores, as it does in a run: a node with spare cores per GPU tokenizes
-faster than this).
+faster than this). `--all-cores` lets the tokenizer use every core instead (TOKENIZERS_PARALLELISM=true;
+torch stays at one thread): how much of that a rank gets.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pretrain.demo_corpora import build_demo_corpora
 from pretrain.demo_model import smollm2_gguf
 from pretrain.tokenizer import train_tokenizer
 
-os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read when the first batch is encoded
 OUT = Path(__file__).with_name("tokenize_rate.md")
 SEQ_LEN = 1024
 STEP_TOKENS = 4 * 1024 * 1024  # the cost model's global batch
@@ -61,8 +62,12 @@ def rate(tokenizer, train: Path, blocks: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=400, help="blocks of 1024 tokens timed per domain")
+    parser.add_argument("--all-cores", action="store_true", help="let the tokenizer use every core")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    # read when the first batch is encoded
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if args.all_cores else "false"
+    cores = f"all {os.cpu_count()} cores" if args.all_cores else "one core"
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         corpora = build_demo_corpora(str(Path(tmp) / "data"))
@@ -73,12 +78,13 @@ def main() -> None:
                 rows.append(f"| {name} | {domain} | {r:,.0f} | {STEP_TOKENS / r:.1f} |")
                 print(rows[-1], flush=True)
     lines = [
-        "# Tokenizing rate of one core",
+        f"# Tokenizing rate of {cores}",
         "",
-        f"Written by `python benchmarks/tokenize_rate.py --blocks {args.blocks}`; method in its docstring.",
+        f"Written by `python benchmarks/tokenize_rate.py --blocks {args.blocks}"
+        f"{' --all-cores' if args.all_cores else ''}`; method in its docstring.",
         f"Machine: {machine()}.",
         "",
-        "| tokenizer | domain | tokens/s, one core | seconds of one core per 4,194,304-token global step |",
+        f"| tokenizer | domain | tokens/s, {cores} | seconds of {cores} per 4,194,304-token global step |",
         "|---|---|---|---|",
         *rows,
         "",
