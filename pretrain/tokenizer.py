@@ -276,6 +276,11 @@ def _model_tokenizer(cfg: RunConfig):
     path = Path(cfg.model.path)
     if cfg.model.source != "gguf":
         return load_tokenizer(str(path))
+    return gguf_tokenizer(path)
+
+
+def gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored in the GGUF file `path`; it must have an EOS token."""
     from transformers import AutoTokenizer
 
     try:
