@@ -135,6 +135,16 @@ def shm_buffers_on_port(port: int | str) -> list[Path]:
     return buffers(port)
 
 
+# DeepSpeed's node launcher, run as `python -m deepspeed.launcher.launch` runs it, after `import pretrain`
+# (pretrain.deepspeed_import): without it the launcher's own `import deepspeed` loads mlflow for the
+# autotuner, 1.7-3 s before any rank starts (`--help` took 3.6-4.6 s so against 6.5-8.0 s, 4 alternating
+# pairs on a loaded machine), in each of the suite's launches.
+_NODE_LAUNCHER = (
+    "import pretrain, runpy; "
+    "runpy.run_module('deepspeed.launcher.launch', run_name='__main__', alter_sys=True)"
+)
+
+
 def run_deepspeed(
     args: list[str],
     nprocs: int = 2,
@@ -153,7 +163,7 @@ def run_deepspeed(
     for stale in shm_buffers_on_port(port):
         stale.unlink(missing_ok=True)  # of a run that died before init_distributed could remove it
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nprocs))}).encode()).decode()
-    launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}"]
+    launcher = [sys.executable, "-u", "-c", _NODE_LAUNCHER, f"--world_info={world}"]
     launcher += ["--master_addr=127.0.0.1", f"--master_port={port}"]
     if command:
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs)]
