@@ -29,6 +29,16 @@ from pretrain.trackers.forgetting import log_forgetting
 ALL = ["tensorboard", "wandb", "mlflow"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _wandb_service_ends_with_the_module():
+    """W&B runs in this process start a service and put its address in os.environ (WANDB_SERVICE): runs
+    launched by later tests would share it, and a run killed there left its id in use, so
+    test_replay_run's resume failed ("run ID ... is in use") when it ran after this module."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
 def _attempt(run_dir, resuming, steps, initial=False, phase=None, picture=None):
     """One attempt of a run, logging as the trainer does: the initial evaluation (row 0 at step 0), train
     scalars per step, at a phase end its evaluation row (x = the row) and forgetting metrics, and at the
