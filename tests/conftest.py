@@ -138,9 +138,10 @@ def shm_buffers_on_port(port: int | str) -> list[Path]:
 # DeepSpeed's node launcher, run as `python -m deepspeed.launcher.launch` runs it, after `import pretrain`
 # (pretrain.deepspeed_import): without it the launcher's own `import deepspeed` loads mlflow for the
 # autotuner, 1.7-3 s before any rank starts (`--help` took 3.6-4.6 s so against 6.5-8.0 s, 4 alternating
-# pairs on a loaded machine), in each of the suite's launches.
+# pairs on a loaded machine), in each of the suite's launches. Its exit skips the final garbage
+# collections, as `python -m pretrain` does (pretrain/__main__.py).
 _NODE_LAUNCHER = (
-    "import pretrain, runpy; "
+    "import atexit, gc, pretrain, runpy; atexit.register(gc.freeze); "
     "runpy.run_module('deepspeed.launcher.launch', run_name='__main__', alter_sys=True)"
 )
 
