@@ -10,6 +10,8 @@ and, for ewc, the Fisher), phase 2 masked with the pull; each rank also saves th
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 from pathlib import Path
@@ -226,4 +228,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    atexit.register(gc.freeze)  # a quick exit, as `python -m pretrain` (pretrain/__main__.py)
     main()

@@ -8,6 +8,8 @@ for the second."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 from pathlib import Path
 
@@ -61,4 +63,5 @@ def _kept_after_forward(cfg: RunConfig, dist: DistInfo, evaluate: bool) -> dict:
 
 
 if __name__ == "__main__":
+    atexit.register(gc.freeze)  # a quick exit, as `python -m pretrain` (pretrain/__main__.py)
     main()
