@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     tk = _with_config(verbs.add_parser("tokenizer", help="train the run's sentencepiece BPE tokenizer"))
     tk.set_defaults(func=_tokenizer)
 
+    pt = _with_config(
+        verbs.add_parser("pretokenize", help="tokenize the training files once into train.token_cache")
+    )
+    pt.set_defaults(func=_pretokenize)
+
     e = verbs.add_parser("eval", help="evaluate a run's saved phases on every domain")
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--phase", type=int, default=None, help="0 = initial model; default: all phases")
@@ -120,6 +125,15 @@ def _tokenizer(args: argparse.Namespace) -> None:
 
     tok = resolve_tokenizer(load_config(args.config, args.overrides))
     print(f"tokenizer: {len(tok)} tokens, saved in {tok.name_or_path}")
+
+
+def _pretokenize(args: argparse.Namespace) -> None:
+    from pretrain.config import load_config
+    from pretrain.token_cache import pretokenize
+
+    for path, meta in pretokenize(load_config(args.config, args.overrides)):
+        done = "up to date" if meta["built_s"] is None else f"tokenized in {meta['built_s']:.1f} s"
+        print(f"{path}: {meta['documents']} documents, {meta['tokens']} tokens, {done}")
 
 
 def _eval(args: argparse.Namespace) -> None:

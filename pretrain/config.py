@@ -85,6 +85,9 @@ class TrainConfig:
     # batches made ahead by a background thread, so reading and tokenizing overlap the step
     # (pretrain/prefetch.py); 0: made in the training loop
     prefetch: int = Field(2, ge=0)
+    # a directory of pre-tokenized training files (`python -m pretrain pretokenize`), read instead of
+    # tokenizing the stream on every rank (pretrain/token_cache.py); None: tokenize while reading
+    token_cache: str | None = None
     # adamw (torch), cpu_adam (DeepSpeedCPUAdam: the same update on the CPU, for ZeRO-Offload), fused_adam
     # (DeepSpeed's fused GPU kernel), sgd
     optimizer: Literal["adamw", "cpu_adam", "fused_adam", "sgd"] = "adamw"
@@ -283,6 +286,7 @@ def _absolutize(cfg: RunConfig) -> None:
     cfg.model.path = absolute(cfg.model.path)
     cfg.tokenizer.path = absolute(cfg.tokenizer.path)
     cfg.deepspeed.config = absolute(cfg.deepspeed.config)
+    cfg.train.token_cache = absolute(cfg.train.token_cache)
     for dom in cfg.domains:
         dom.train = [absolute(f) for f in dom.train]
         dom.heldout = [absolute(f) for f in dom.heldout]

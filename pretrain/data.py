@@ -453,7 +453,8 @@ class TrainStream:
     does not drop its incomplete final round: the round is completed with the first blocks of the next
     epoch, so all ranks take one batch per step forever, every block is seen as often as any other (give
     or take one), and the ranks' batches of one step are world_size * micro_batch_size consecutive blocks,
-    all distinct because the corpus must hold at least that many. Iterate one iterator at a time:
+    all distinct because the corpus must hold at least that many. With `cache` (pretrain/token_cache.py)
+    the documents' ids are read pre-tokenized: the same blocks. Iterate one iterator at a time:
     `state_dict()` is the position of the batches handed out so far.
 
     With `skip`, bad records are skipped (the same ones on every rank, in every epoch: document indices
@@ -474,6 +475,7 @@ class TrainStream:
         skip: SkipCounter | None = None,
         min_blocks: int | None = None,
         shuffle: Shuffle | None = None,
+        cache=None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -486,6 +488,7 @@ class TrainStream:
         self.eos_id = _eos_id(tokenizer)
         self.skip = skip
         self.shuffle = shuffle  # None: documents in file order
+        self.cache = cache  # a pretrain.token_cache.TokenCache holding these files' ids; None: tokenize
         self._skipped = 0  # bad records counted into skip: the first ones any pass meets
         self._pos = _Position()
         self._check_size(min_blocks)
@@ -505,11 +508,14 @@ class TrainStream:
     def _blocks(self, pos: _Position) -> Iterator[tuple[int, list[int], int, int]]:
         """(block number in the epoch, block, next doc, next offset) from `pos` to the end of the epoch."""
         skip = None if self.skip is None else _NewSkips(self)
-        docs = read_documents(self.files, self.text_field, skip)
+        if self.cache is None:
+            docs = read_documents(self.files, self.text_field, skip)
+        else:
+            docs = self.cache.documents(self.files, self.text_field, skip)
         if self.shuffle is not None:  # documents count in shuffled order: pos.doc is the same either way
             docs = shuffled(docs, self.shuffle, pos.epoch)
-        texts = islice(docs, pos.doc, None)
-        pieces = _token_pieces(texts, self.tokenizer)
+        docs = islice(docs, pos.doc, None)
+        pieces = _token_pieces(docs, self.tokenizer) if self.cache is None else self.cache.pieces(docs)
         packed = _pack_pieces(pieces, self.seq_len, self.eos_id, pos.doc, pos.offset)
         for n, (block, doc, offset) in enumerate(packed, start=pos.block):
             yield n, block, doc, offset

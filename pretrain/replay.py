@@ -96,6 +96,7 @@ class ReplayStream:
         world_size,
         micro_batch_size,
         shuffle: Shuffle | None = None,
+        cache=None,
     ):
         if not 0 < share < 1:
             raise ValueError(f"replay share must be in (0, 1), got {share}")
@@ -103,9 +104,10 @@ class ReplayStream:
         # the domain must fill a micro-step of all ranks with distinct blocks, as without replay
         need = world_size * micro_batch_size
         # one-rank readers of the whole stream, each shuffled alike on every rank
-        self.readers = {None: TrainStream(files, field, tokenizer, seq_len, 0, 1, 1, skip, need, shuffle)}
+        read = (tokenizer, seq_len, 0, 1, 1)
+        self.readers = {None: TrainStream(files, field, *read, skip, need, shuffle, cache)}
         for n, (files, field, skip) in enumerate(sources.values()):
-            self.readers[n] = TrainStream(files, field, tokenizer, seq_len, 0, 1, 1, skip, None, shuffle)
+            self.readers[n] = TrainStream(files, field, *read, skip, None, shuffle, cache)
         self.names = list(sources)
         self.share, self.rank, self.world_size = share, rank, world_size
         self.micro_batch_size = micro_batch_size

@@ -44,6 +44,7 @@ from pretrain.results import RunResults
 from pretrain.rundir import RunDirError, RunDirPlan, config_tree, prepare_run_dir, resumable_changes
 from pretrain.schedule import set_peak_lr
 from pretrain.shuffle import Shuffle
+from pretrain.token_cache import TokenCache, open_token_cache
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
 from pretrain.trackers import MetricsLogger, open_trackers, require_trackers
 from pretrain.trackers.forgetting import accuracy_scalars, log_forgetting
@@ -79,6 +80,7 @@ class Trainer:
     phase_losses: list[float] = field(default_factory=list)  # the mean loss over all ranks, per step
     step_lr: float = 0.0
     tokenizer_id: dict = field(default_factory=dict)  # fingerprint, kept in each checkpoint's mark
+    token_cache: TokenCache | None = None  # the training files pre-tokenized (train.token_cache)
 
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
@@ -315,16 +317,14 @@ class Trainer:
         own = (domain.train, domain.text_field, bad_record_counter(policy))
         if share == 0:
             files, field, skip = own
-            return TrainStream(
-                files, field, self.tokenizer, t.seq_len, rank, world, micro, skip, shuffle=shuffle
-            )
+            read = (self.tokenizer, t.seq_len, rank, world, micro, skip)
+            return TrainStream(files, field, *read, shuffle=shuffle, cache=self.token_cache)
         sources = {
             s.name: (s.files, s.text_field, bad_record_counter(policy))
             for s in replay_sources(self.cfg, phase)
         }
-        return ReplayStream(
-            own, sources, share, self.tokenizer, t.seq_len, rank, world, micro, shuffle=shuffle
-        )
+        read = (self.tokenizer, t.seq_len, rank, world, micro)
+        return ReplayStream(own, sources, share, *read, shuffle=shuffle, cache=self.token_cache)
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
         mean_loss = interval["loss"]  # the steps' losses are means over ranks already
@@ -444,6 +444,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     elastic = _plan_resume(cfg, plan, dist)
     run_cfg = elastic.cfg if elastic else cfg
     tokenizer = _tokenizer_rank0_first(cfg, dist)
+    token_cache = open_token_cache(cfg, tokenizer)  # a file not pre-tokenized is an error before any work
     phase_steps = [steps_for_phase(p, run_cfg.train, dist.world_size) for p in cfg.phases]
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     engine = build_engine(
@@ -467,6 +468,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
         Position(world_size=dist.world_size),
         stop=StopRequest().install(),
         tokenizer_id=fingerprint(tokenizer),
+        token_cache=token_cache,
     )
     stream_state = None
     if plan.resuming:
