@@ -28,6 +28,7 @@ RESUMABLE_KEYS = (
     "train.on_bad_record",
     "train.log_every",
     "train.prefetch",
+    "train.token_cache",  # the same blocks read from pre-tokenized files
     "checkpoint.*",
     "eval.*",
     "logging.*",

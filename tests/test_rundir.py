@@ -91,6 +91,7 @@ def test_resume_refuses_turning_lora_on(started):
         ("checkpoint.keep", True),
         ("eval.inline", True),
         ("logging.trackers", True),
+        ("train.token_cache", True),
         ("train.seed", False),
     ],
 )
