@@ -102,7 +102,11 @@ class TokenCache:
         tmp.mkdir(parents=True)
         state = _file_state(path)  # before reading: a file written meanwhile is stale at the next check
         bad = _BadRecords() if skip_bad else None
-        docs = _write_ids(_counted(read_documents([path], text_field, bad), bad), self.tokenizer, tmp)
+        try:
+            docs = _write_ids(_counted(read_documents([path], text_field, bad), bad), self.tokenizer, tmp)
+        except BaseException:  # a bad record (on_bad_record: error), an interrupt: no half-written cache
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         np.save(tmp / "docs.npy", docs)
         meta = {"format": FORMAT, "file": state, "text_field": text_field, "documents": len(docs)}
         meta |= {"tokens": int(docs[-1, 0]) if len(docs) else 0, "bad": bad.records if bad else []}

@@ -107,6 +107,10 @@ def test_bad_records_are_counted_where_reading_the_text_counts_them(tmp_path, to
     # to tokenize, up to 256 documents before the stream reaches it; the cache when it reaches it)
     assert cached.skip == text.skip and text.skip.count == 3
     assert cached.state_dict() == text.state_dict()
+    strict_cache = TokenCache(tmp_path / "strict", tokenizer)
+    with pytest.raises(DataError, match="line 11"):  # on_bad_record: error pre-tokenizes nothing of it
+        strict_cache.build([path], "text", skip_bad=False)
+    assert list((tmp_path / "strict").iterdir()) == []
     strict = TrainStream([path], "text", tokenizer, SEQ_LEN, 0, 1, 1, None, min_blocks=1, cache=cache)
     with pytest.raises(DataError, match="line 11"):  # a run that stops at bad records stops here too
         batches(strict, 40)
