@@ -113,15 +113,18 @@ def data_rows() -> list[str]:
 
 def reader_rows() -> list[str]:
     """Per model and GPU count: the step's compute time at an assumed utilisation against the seconds one
-    core needs to tokenize the global step at the measured rates."""
-    low, high = (GLOBAL_BATCH_TOKENS / r for r in (max(TOKENIZE_RATES), min(TOKENIZE_RATES)))
+    core needs to read the global step at the measured rates, tokenizing and pre-tokenized."""
     out = []
     for name, spec in MODELS.items():
         params = sizes(spec)[0]
         for n in GPUS:
             step = 6 * params * GLOBAL_BATCH_TOKENS / (n * GPU_FLOPS * MFU)
-            bound = "yes" if low > step else "no" if high < step else "by the tokenizer"
-            out.append(f"| {name} | {n} | {step:.2f} | {low:.1f}-{high:.1f} | {bound} |")
+            cells = [f"{step:.2f}"]
+            for rates in (TOKENIZE_RATES, CACHED_RATES):
+                low, high = (GLOBAL_BATCH_TOKENS / r for r in (max(rates), min(rates)))
+                bound = "yes" if low > step else "no" if high < step else "by the tokenizer"
+                cells += [f"{low:.2f}-{high:.2f}", bound]
+            out.append(f"| {name} | {n} | {' | '.join(cells)} |")
     return out
 
 
@@ -185,8 +188,9 @@ def report() -> str:
         "while the step's compute shrinks with the GPU count. Step compute here is 6 x params x tokens at",
         f"{MFU:.0%} of an H100's {GPU_FLOPS / 1e12:.0f} TFLOPS (assumed, not measured; attention ignored):",
         "",
-        "| model | GPUs | step compute, s | one core tokenizing the step, s | reader-bound on one core? |",
-        "|---|---|---|---|---|",
+        "| model | GPUs | step compute, s | one core tokenizing the step, s | reader-bound? | "
+        "reading it pre-tokenized (`train.token_cache`), s | reader-bound? |",
+        "|---|---|---|---|---|---|---|",
         *reader_rows(),
         "",
         'Wherever tokenizing takes longer than the step, the ranks wait for data ("by the tokenizer": the',
@@ -194,9 +198,11 @@ def report() -> str:
         "256 texts a call, which Hugging Face tokenizers spread over the process's cores unless",
         "TOKENIZERS_PARALLELISM=false; the packing around the calls stays on one core. With both cores of",
         "the measuring machine the rate was 1.1-1.7x one core's (benchmarks/tokenize_rate_all_cores.md),",
-        "so a rank's free cores shorten the seconds above by less than their count. Pre-tokenized corpora",
-        "or a reader that splits the tokenizing among the ranks would remove the factor N; neither exists",
-        "yet.",
+        "so a rank's free cores shorten the seconds above by less than their count. With the training",
+        "files pre-tokenized once (`python -m pretrain pretokenize`, `train.token_cache`) each rank still",
+        "reads the whole global step, the factor N stays, but reads ids at "
+        f"{min(CACHED_RATES):,.0f}-{max(CACHED_RATES):,.0f} tokens/s",
+        "(the same benchmark): the last two columns.",
         "Replay reads its sources the same way, so it adds only its share to this.",
         "",
         "## Checked against the measured small cases",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Container entry point: `entrypoint.sh VERB ARGS...` with VERB one of train, eval, report, compare,
-# tokenizer. ARGS go to `python -m pretrain VERB` untouched (`--set k=v`, `--resume`, ...).
+# tokenizer, pretokenize. ARGS go to `python -m pretrain VERB` untouched (`--set k=v`, `--resume`, ...).
 #
 # `train` picks its launch from the environment:
 #   NNODES / NODE_RANK / MASTER_ADDR set  -> torchrun, c10d rendezvous at MASTER_ADDR:MASTER_PORT
@@ -11,13 +11,14 @@
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
-VERBS="train eval report compare tokenizer"
+VERBS="train eval report compare tokenizer pretokenize"
 
 usage() {
   cat >&2 <<USAGE
 usage: entrypoint.sh VERB [ARGS...]
   train     --config FILE [--set KEY=VALUE ...] [--resume]
   tokenizer --config FILE [--set KEY=VALUE ...]
+  pretokenize --config FILE [--set KEY=VALUE ...]
   eval      --run DIR [--phase N]
   report    --run DIR
   compare   RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -49,7 +50,7 @@ check_args() {
   local verb="$1"
   shift
   case "$verb" in
-    train | tokenizer)
+    train | tokenizer | pretokenize)
       local config
       config="$(option_value --config "$@")" || die "$verb needs --config FILE"
       [[ -f "$config" ]] || die "config file not found: $config"

@@ -281,6 +281,7 @@ def test_bad_launch_environment_is_a_usage_error(config, env, message):
         (("train", "--set", "a=b"), "train needs --config FILE"),
         (("train", "--config"), "train needs --config FILE"),
         (("train", "--config", "/no/such.yaml"), "config file not found: /no/such.yaml"),
+        (("pretokenize",), "pretokenize needs --config FILE"),
         (("eval",), "eval needs --run DIR"),
         (("report", "--out", "x"), "report needs --run DIR"),
         (("compare",), "compare needs at least one run directory"),
@@ -297,6 +298,8 @@ def test_other_verbs_run_one_process_even_on_a_cluster(config):
     assert cmd == ["python", "-m", "pretrain", "report", "--run", "/runs/a b"]
     cmd = dry_command("tokenizer", f"--config={config}", gpus=1)
     assert cmd == ["python", "-m", "pretrain", "tokenizer", f"--config={config}"]
+    cmd = dry_command("pretokenize", "--config", config, gpus=8, **SLURM_2_NODES)
+    assert cmd == ["python", "-m", "pretrain", "pretokenize", "--config", config]
 
 
 def test_help_is_not_an_error():
