@@ -31,10 +31,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pretrain.shuffle import Shuffle, shuffled
+
+if TYPE_CHECKING:  # token_cache builds on this module
+    from pretrain.token_cache import TokenCache
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 256  # texts per tokenizer call, within PIECE_CHARS: the fast tokenizer parallelises a call
@@ -475,7 +479,7 @@ class TrainStream:
         skip: SkipCounter | None = None,
         min_blocks: int | None = None,
         shuffle: Shuffle | None = None,
-        cache=None,
+        cache: TokenCache | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -488,7 +492,7 @@ class TrainStream:
         self.eos_id = _eos_id(tokenizer)
         self.skip = skip
         self.shuffle = shuffle  # None: documents in file order
-        self.cache = cache  # a pretrain.token_cache.TokenCache holding these files' ids; None: tokenize
+        self.cache = cache  # holding these files' ids; None: tokenize the text
         self._skipped = 0  # bad records counted into skip: the first ones any pass meets
         self._pos = _Position()
         self._check_size(min_blocks)

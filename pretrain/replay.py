@@ -24,6 +24,7 @@ import torch
 from pretrain.config import RunConfig
 from pretrain.data import DataError, SkipCounter, TrainStream
 from pretrain.shuffle import Shuffle
+from pretrain.token_cache import TokenCache
 
 MAX_DENOMINATOR = 10**6  # the share as a fraction: 0.01 is 1/100 exactly, not a binary float
 
@@ -96,7 +97,7 @@ class ReplayStream:
         world_size,
         micro_batch_size,
         shuffle: Shuffle | None = None,
-        cache=None,
+        cache: TokenCache | None = None,
     ):
         if not 0 < share < 1:
             raise ValueError(f"replay share must be in (0, 1), got {share}")
