@@ -43,7 +43,9 @@ from method_cost import REPO, VARIANTS, environment, run_config
 PHASE1_STEPS = 5
 METHODS = ("none", "migu", "random", "replay 5%", "ewc")
 # on request only: `none` without the read-ahead thread, to tell its cost on a host-bound GPU step
-EXTRA = {"none no-prefetch": ({"train": {"prefetch": 0}}, "no")}
+# and `none` reading its files pre-tokenized (train.token_cache, filled before the rounds): its data then
+# costs what the references' does, nearly nothing
+EXTRA = {"none no-prefetch": ({"train": {"prefetch": 0}}, "no"), "none pre-tokenized": ({}, "no")}
 STACKS = {"hf_trainer": "HF Trainer + DeepSpeed", "deepspeed_loop": "bare DeepSpeed loop"}
 # Llama shapes from scratch (the tokenizer is trained on the demo corpora, so the vocabulary is smaller
 # than the originals': the layers are the originals')
@@ -123,6 +125,8 @@ def config(args: argparse.Namespace, data: Path, work: Path, name: str, stage: i
     cfg["train"].update(train)
     if args.model != "demo":
         cfg["tokenizer"]["vocab_size"] = 8192
+    if name == "none pre-tokenized":
+        cfg["train"]["token_cache"] = str(work / "token_cache")
     ds = json.loads(Path(cfg["deepspeed"]["config"]).read_text())
     ds["bf16"] = {"enabled": args.bf16}
     cfg["deepspeed"]["config"] = str(work / f"zero{stage}.json")
@@ -135,6 +139,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
 
     from pretrain.config import validate
     from pretrain.demo_corpora import build_demo_corpora
+    from pretrain.token_cache import pretokenize
 
     data = args.data or work / "data"
     if not args.data:
@@ -147,6 +152,10 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         out = work / f"blocks{stage}.pt"
         steps = PHASE1_STEPS + args.steps  # the references' untimed warm-up, then the timed steps
         blocks[stage] = write_blocks(validate(cfg), "docs", steps, args.ranks, out)
+    if "none pre-tokenized" in args.methods:  # untimed, once: the files are the same at every stage
+        cfg = validate(config(args, data, work, "none pre-tokenized", args.stages[0], work / "pre"))
+        for path, meta in pretokenize(cfg):
+            print(f"pre-tokenized {path}: {meta['tokens']:,} tokens", flush=True)
     # `none` and the reference stacks first, then the other methods: a run cut short by a time limit
     # (gpu_cost.sh) keeps the comparison of stacks at every stage; the rounds rotate this order anyway
     first = [name for name in (*args.methods, *args.stacks) if name == "none" or name in STACKS]
