@@ -36,7 +36,7 @@ import numpy as np
 
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data import PIECE_CHARS, DataError, SkipCounter, _token_pieces, read_documents
-from pretrain.tokenizer import resolve_tokenizer
+from pretrain.tokenizer import fingerprint, resolve_tokenizer
 
 FORMAT = 1
 READ_TOKENS = 1 << 16  # the most ids handed to the packer at once: a huge document is not held whole
@@ -101,9 +101,10 @@ class TokenCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         state = _file_state(path)  # before reading: a file written meanwhile is stale at the next check
-        bad = _BadRecords() if skip_bad else None
+        chars: list[int] = []  # per document read so far
+        bad = _BadRecords(chars) if skip_bad else None
         try:
-            docs = _write_ids(_counted(read_documents([path], text_field, bad), bad), self.tokenizer, tmp)
+            docs = _write_ids(read_documents([path], text_field, bad), chars, self.tokenizer, tmp)
         except BaseException:  # a bad record (on_bad_record: error), an interrupt: no half-written cache
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -146,10 +147,7 @@ class TokenCache:
 def tokenizer_hash(tokenizer) -> str:
     """A hash of everything that decides the ids (a fast tokenizer's whole definition), else its vocab."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])))
+    text = backend.to_str() if backend is not None else fingerprint(tokenizer)["sha256"]
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
 
 
@@ -159,26 +157,20 @@ def _file_state(path: str) -> list[int]:
 
 
 class _BadRecords:
-    """A SkipCounter for read_documents that keeps each bad record with the documents read before it."""
+    """A SkipCounter for read_documents that keeps each bad record with the documents read before it
+    (`chars` has one entry per document read: _write_ids appends them)."""
 
-    def __init__(self):
+    def __init__(self, chars: list[int]):
         self.records: list[list] = []
-        self.documents = 0
+        self.chars = chars
 
     def add(self, message: str) -> None:
-        self.records.append([self.documents, message])
+        self.records.append([len(self.chars), message])
 
 
-def _counted(texts: Iterable[str], bad: _BadRecords | None) -> Iterator[str]:
-    for text in texts:
-        yield text
-        if bad is not None:
-            bad.documents += 1
-
-
-def _write_ids(texts: Iterable[str], tokenizer, out: Path) -> np.ndarray:
-    """Tokenize `texts` as the stream does into out/ids.bin; [[end, characters], ...] per document."""
-    chars: list[int] = []
+def _write_ids(texts: Iterable[str], chars: list[int], tokenizer, out: Path) -> np.ndarray:
+    """Tokenize `texts` as the stream does into out/ids.bin, appending each text's length to `chars` as it
+    is read; [[end, characters], ...] per document."""
     ends: list[int] = []
     tokens = 0
 
