@@ -137,7 +137,7 @@ def shm_buffers_on_port(port: int | str) -> list[Path]:
 
 # DeepSpeed's node launcher, run as `python -m deepspeed.launcher.launch` runs it, after `import pretrain`
 # (pretrain.deepspeed_import): without it the launcher's own `import deepspeed` loads mlflow for the
-# autotuner, 1.7-3 s before any rank starts (`--help` took 3.6-4.6 s so against 6.5-8.0 s, 4 alternating
+# autotuner, 1.7-3 s before any rank starts (`--help` took 3.6-4.6 s against 6.5-8.0 s, 4 alternating
 # pairs on a loaded machine), in each of the suite's launches. Its exit skips the final garbage
 # collections, as `python -m pretrain` does (pretrain/__main__.py).
 _NODE_LAUNCHER = (
