@@ -58,6 +58,19 @@ def corpus_lines(name: str, n: int) -> list[str]:
     raise ValueError(f"demo corpus {name!r} has only {len(lines)} lines, {n} asked for")
 
 
+def write_jsonl(path: Path, records: list[dict | str]) -> str:
+    """A JSON Lines file, one record a line: a dict as JSON, a string as it is (a line that is no record)."""
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8"
+    )
+    return str(path)
+
+
+def texts_jsonl(path: Path, texts: list[str]) -> str:
+    """A JSON Lines file of {"text": t} records."""
+    return write_jsonl(path, [{"text": t} for t in texts])
+
+
 def instruction_corpus(out_dir: Path, train: int = 60, heldout: int = 20) -> tuple[str, str]:
     """(train, heldout) JSON Lines of labelled records {"text", "label"} for an instruction domain: lines of
     the plays, labelled "heading" (a title, act or scene), "question" (one that asks) or "speech"."""
@@ -66,9 +79,7 @@ def instruction_corpus(out_dir: Path, train: int = 60, heldout: int = 20) -> tup
     paths = []
     for name, part in (("train", lines[:train]), ("heldout", lines[train:])):
         records = [{"text": t, "label": _line_label(t)} for t in part]
-        path = out_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        paths.append(str(path))
+        paths.append(write_jsonl(out_dir / f"{name}.jsonl", records))
     return paths[0], paths[1]
 
 
@@ -174,6 +185,26 @@ def run_deepspeed(
     # the working directory first on the ranks' path, as the `deepspeed` command puts it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def single_process_env() -> dict[str, str]:
+    """The environment of a plain `python -m pretrain` process (world size 1, no launcher): CPU, offline, a
+    free master port for its one-rank process group, no progress bars whatever the caller's shell set."""
+    port = str(free_port())
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "MASTER_PORT": port,
+        "PRETRAIN_PROGRESS": "",
+    }
+
+
+def run_single(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pretrain ARGS` as one plain process: its exit status is the command's own."""
+    cmd = [sys.executable, "-m", "pretrain", *args]
+    env = single_process_env()
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -7,13 +7,12 @@ import json
 import logging
 import os
 import random
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import corpus_lines
+from conftest import corpus_lines, texts_jsonl
 
 from pretrain.data import (
     DataError,
@@ -32,22 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEQ_LEN = 16
 
 
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> str:
-    path.write_text("".join(json.dumps({field: t, "label": "x"}) + "\n" for t in texts), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
-    files = write_jsonl(src / "a.jsonl", corpus_lines("news", 200) + corpus_lines("plays", 200))
+    files = texts_jsonl(src / "a.jsonl", corpus_lines("news", 200) + corpus_lines("plays", 200))
     return train_tokenizer([([files], "text")], str(tmp_path_factory.mktemp("tok") / "tok"), 400, 400)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """60 lines of a play: about a hundred 16-token blocks, whose count is no multiple of 2, 3, 4 or 6."""
-    return write_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", corpus_lines("plays", 60))
+    return texts_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", corpus_lines("plays", 60))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +104,7 @@ def test_jsonl_reads_the_field_and_skips_empty_documents(tmp_path):
 def test_json_array_and_files_in_order(tmp_path):
     arr = tmp_path / "a.json"
     arr.write_text(json.dumps([{"text": "first"}, {"text": "second"}]))
-    lines = write_jsonl(tmp_path / "b.jsonl", ["third"])
+    lines = texts_jsonl(tmp_path / "b.jsonl", ["third"])
     assert list(read_documents([lines, str(arr)])) == ["third", "first", "second"]
 
 
@@ -274,7 +268,7 @@ def test_heldout_is_the_first_blocks_every_time(corpus, tokenizer, blocks):
 
 
 def test_heldout_smaller_than_one_block(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "tiny.jsonl", ["a few words"])
+    path = texts_jsonl(tmp_path / "tiny.jsonl", ["a few words"])
     with pytest.raises(DataError, match="held-out set smaller than one evaluation block") as err:
         heldout_blocks([path], "text", tokenizer, 512, max_blocks=4)
     assert path in str(err.value)

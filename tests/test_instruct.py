@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import INSTRUCTION, corpus_lines, instruction_corpus, tiny_run_config
+from conftest import INSTRUCTION, corpus_lines, instruction_corpus, tiny_run_config, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pretrain.config import ConfigError, InstructionConfig, MethodConfig, validate
@@ -46,11 +46,6 @@ def tokenizer(tmp_path_factory):
 def files(tmp_path_factory) -> tuple[str, str]:
     """61 train examples: no multiple of 2, 3 or 2 x 3, so epochs end inside a round."""
     return instruction_corpus(tmp_path_factory.mktemp("qa"), train=61, heldout=9)
-
-
-def write(path: Path, records: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
 
 
 def ids(tokenizer, text: str) -> list[int]:
@@ -122,7 +117,7 @@ def test_too_long_cuts_the_prompt_from_its_start_and_never_the_answer():
 
 def test_rows_on_a_real_tokenizer_are_exact(tmp_path, tokenizer):
     text = "Why, then the world's mine oyster, which I with sword will open."
-    path = write(tmp_path / "q.jsonl", [{"text": text, "label": "speech"}])
+    path = write_jsonl(tmp_path / "q.jsonl", [{"text": text, "label": "speech"}])
     prompt = ids(tokenizer, f"{text}\nKind:")
     answer = [*ids(tokenizer, " speech"), tokenizer.eos_token_id]
     seq_len, pad = len(prompt) + len(answer) + 5, 5
@@ -163,7 +158,7 @@ def test_model_inputs_text_blocks_train_every_token_examples_their_labels():
 )
 def test_bad_record_names_file_line_and_field(tmp_path, bad, why):
     good = {"text": "to be", "label": 3}
-    path = write(tmp_path / "q.jsonl", [good, bad, good])
+    path = write_jsonl(tmp_path / "q.jsonl", [good, bad, good])
     with pytest.raises(DataError) as err:
         list(read_examples([path], TEMPLATE))
     assert str(err.value).startswith(f"{path}: line 2: {why}")
@@ -173,13 +168,15 @@ def test_bad_record_names_file_line_and_field(tmp_path, bad, why):
 
 
 def test_a_prompt_that_renders_empty_is_a_bad_record(tmp_path):
-    path = write(tmp_path / "q.jsonl", [{"text": "a", "label": "b"}, {"text": " \n", "label": "b"}])
+    path = write_jsonl(tmp_path / "q.jsonl", [{"text": "a", "label": "b"}, {"text": " \n", "label": "b"}])
     with pytest.raises(DataError, match=r"q\.jsonl: line 2: the prompt is empty or only whitespace"):
         list(read_examples([path], InstructionConfig(prompt="{text}", answer=" {label}")))
 
 
 def test_a_too_long_answer_is_an_error_naming_the_record(tmp_path, tokenizer):
-    path = write(tmp_path / "q.jsonl", [{"text": "a", "label": "b"}, {"text": "a", "label": "word " * 30}])
+    path = write_jsonl(
+        tmp_path / "q.jsonl", [{"text": "a", "label": "b"}, {"text": "a", "label": "word " * 30}]
+    )
     with pytest.raises(DataError, match=rf"{tmp_path}/q\.jsonl: line 2: the answer is \d+ tokens"):
         heldout_examples([path], TEMPLATE, tokenizer, SEQ_LEN, 8)
 
@@ -187,7 +184,7 @@ def test_a_too_long_answer_is_an_error_naming_the_record(tmp_path, tokenizer):
 def test_skip_in_a_stream_equals_the_stream_without_the_bad_lines(tmp_path, files, tokenizer):
     lines = Path(files[0]).read_text().splitlines()
     dirty = lines[:5] + ['{"text": "no label"}', "not json"] + lines[5:]
-    dirty_path = write(tmp_path / "dirty.jsonl", dirty)
+    dirty_path = write_jsonl(tmp_path / "dirty.jsonl", dirty)
     skip = SkipCounter()
     dirty_stream = ExampleStream([dirty_path], TEMPLATE, tokenizer, SEQ_LEN, 0, 1, 2, skip, Shuffle(7, 16))
     got = rows_of([b for b, _ in zip(dirty_stream, range(70), strict=False)])

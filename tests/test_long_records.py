@@ -4,14 +4,12 @@ the same blocks, the same resume positions and the same held-out set as tokenizi
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import smollm2_gguf
+from conftest import smollm2_gguf, texts_jsonl
 
 import pretrain.data as data
 from pretrain.data import (
@@ -31,11 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SEQ_LEN = 128
 LONG_CHARS = 4 * PIECE_CHARS + 12_345  # five pieces, the last one short
-
-
-def write_jsonl(path: Path, texts: list[str]) -> str:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    return str(path)
 
 
 def mixed_text(chars: int) -> str:
@@ -59,7 +52,7 @@ def sentencepiece_tokenizer(tmp_path_factory):
     """The project's own kind of tokenizer: a sentencepiece BPE trained by pretrain.tokenizer."""
     src = tmp_path_factory.mktemp("src")
     texts = list(itertools.islice(code_documents(), 60)) + list(itertools.islice(docs_documents(), 60))
-    files = write_jsonl(src / "sample.jsonl", texts)
+    files = texts_jsonl(src / "sample.jsonl", texts)
     return train_tokenizer([([files], "text")], str(tmp_path_factory.mktemp("tok") / "tok"), 1000, 300)
 
 
@@ -78,7 +71,7 @@ TOKENIZERS = ["sentencepiece_tokenizer", "smollm2_tokenizer"]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """Short documents, one long record in the middle (document 6), short documents again."""
-    return write_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", [*SHORT[:6], LONG, *SHORT[6:]])
+    return texts_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", [*SHORT[:6], LONG, *SHORT[6:]])
 
 
 def whole_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -258,7 +251,7 @@ def test_heldout_with_one_huge_record_is_exact(corpus, name, request):
 
 
 def test_the_tokenizer_sample_takes_only_the_start_of_a_long_record(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [SHORT[0], LONG, SHORT[1]])
+    path = texts_jsonl(tmp_path / "a.jsonl", [SHORT[0], LONG, SHORT[1]])
     sample = list(_balanced_sentences([([path], "text")], 10))
     assert len(sample) == 3 and max(map(len, sample)) <= MAX_SENTENCE_CHARS
     assert LONG.startswith(sample[1]) and sample[0] == SHORT[0]

@@ -3,14 +3,13 @@ records is the position of the batches handed out, never the read-ahead."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 
 import pytest
 import torch
-from conftest import corpus_lines
+from conftest import corpus_lines, texts_jsonl
 
 from pretrain.data import DataError, TrainStream
 from pretrain.prefetch import Prefetched
@@ -23,10 +22,7 @@ SEQ_LEN = 16
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
-    lines = corpus_lines("plays", 60)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
-    return str(path)
+    return texts_jsonl(tmp_path_factory.mktemp("corpus") / "train.jsonl", corpus_lines("plays", 60))
 
 
 @pytest.fixture(scope="module")

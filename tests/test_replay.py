@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import corpus_lines, tiny_run_config
+from conftest import corpus_lines, texts_jsonl, tiny_run_config
 
 from pretrain.config import validate
 from pretrain.data import TrainStream
@@ -40,15 +40,12 @@ def test_replay_blocks_take_the_sources_in_turn_and_the_domain_keeps_its_order()
     assert [w[1] for w in where if w[0] is None] == list(range(12))
 
 
-def _jsonl(path, texts):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     d = tmp_path_factory.mktemp("replay")
-    files = {name: _jsonl(d / f"{name}.jsonl", corpus_lines(name, 60)) for name in ("news", "plays", "docs")}
+    files = {
+        name: texts_jsonl(d / f"{name}.jsonl", corpus_lines(name, 60)) for name in ("news", "plays", "docs")
+    }
     tok = train_tokenizer([([f], "text") for f in files.values()], str(d / "tok"), 400, 400)
     return files, tok
 

@@ -4,13 +4,10 @@ bad-record counts of tokenizing the text; a missing or stale cache is an error b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from itertools import islice
 
 import pytest
-from conftest import REPO, corpus, corpus_lines, free_port, tiny_run_config, write_config
+from conftest import corpus, corpus_lines, run_single, tiny_run_config, write_config, write_jsonl
 
 from pretrain import data, token_cache
 from pretrain.cli import main as cli
@@ -20,11 +17,6 @@ from pretrain.token_cache import TokenCache
 from pretrain.tokenizer import train_tokenizer
 
 SEQ_LEN = 16
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +85,7 @@ def test_cached_streams_give_the_text_streams_batches_over_epochs_and_a_resume(
 
 def test_bad_records_are_counted_where_reading_the_text_counts_them(tmp_path, tokenizer, pieces):
     lines = corpus_lines("plays", 40)  # short lines: about 25 blocks an epoch
-    bad = ["{not json\n", {"other": "no text"}, {"text": 3}]
+    bad = ["{not json", {"other": "no text"}, {"text": 3}]
     records = [{"text": t} for t in lines[:10]] + bad[:1] + [{"text": t} for t in lines[10:30]] + bad[1:]
     path = write_jsonl(tmp_path / "bad.jsonl", records + [{"text": t} for t in lines[30:]])
     cache = TokenCache(tmp_path / "cache", tokenizer)
@@ -151,12 +143,6 @@ def test_pretokenize_verb_builds_once_and_needs_the_key(tmp_path, capsys):
     assert exit_.value.code == 2 and "key `train.token_cache`" in capsys.readouterr().err
 
 
-def _train(cfg: dict, path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port()), "PRETRAIN_PROGRESS": ""}
-    cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(write_config(cfg, path))]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_a_run_from_the_cache_trains_on_the_same_blocks(tmp_path):
     """One process, two phases, the second replaying the first's domain: the same losses to the last bit
     with the cache as without (the same blocks in the same order, through TrainStream and ReplayStream);
@@ -166,11 +152,11 @@ def test_a_run_from_the_cache_trains_on_the_same_blocks(tmp_path):
     for name, train in (("text", {}), ("cached", {"token_cache": str(tmp_path / "cache")})):
         cfg = tiny_run_config(tmp_path / name, steps=4, train=train, tokenizer=tok, replay={"share": 0.25})
         if name == "cached":
-            missing = _train(cfg, tmp_path / "missing.yaml")
+            missing = run_single(["train", "--config", str(write_config(cfg, tmp_path / "missing.yaml"))])
             assert missing.returncode == 2 and "not pre-tokenized" in missing.stderr, missing.stderr[-2000:]
             assert not any((tmp_path / name / "run").iterdir())  # no config, checkpoint or metrics
             cli(["pretokenize", "--config", str(write_config(cfg, tmp_path / "pre.yaml"))])
-        proc = _train(cfg, tmp_path / f"{name}.yaml")
+        proc = run_single(["train", "--config", str(write_config(cfg, tmp_path / f"{name}.yaml"))])
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((tmp_path / name / "run" / "metrics.json").read_text())
         losses[name] = [phase["losses"] for phase in metrics["train"]]

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
     INSTRUCTION,
-    REPO,
     assert_ok,
-    free_port,
     instruction_corpus,
     run_deepspeed,
+    run_single,
     tiny_run_config,
     write_config,
 )
@@ -38,15 +35,7 @@ def _metrics(run):
 
 
 def _single(*args):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pretrain", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_single(list(args))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

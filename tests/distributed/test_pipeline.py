@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import yaml
-from conftest import REPO, assert_ok, run_deepspeed, shm_buffers_on_port, tiny_run_config, write_config
+from conftest import (
+    assert_ok,
+    run_deepspeed,
+    run_single,
+    shm_buffers_on_port,
+    tiny_run_config,
+    write_config,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -73,13 +78,7 @@ def test_export_loads_in_transformers(finished_run):
 def test_refuses_to_overwrite_a_finished_run(finished_run):
     run, _ = finished_run
     before = (run / "metrics.json").read_bytes()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pretrain", "train", "--config", str(run / "config.yaml")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_single(["train", "--config", str(run / "config.yaml")])
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
     assert (run / "metrics.json").read_bytes() == before
 

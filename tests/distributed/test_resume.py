@@ -20,7 +20,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, free_port, run_deepspeed, tiny_run_config, write_config
+from conftest import (
+    REPO,
+    assert_ok,
+    run_deepspeed,
+    single_process_env,
+    tiny_run_config,
+    write_config,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -229,11 +236,10 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     batch), and the phase ends with all its steps."""
     cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",), train={"grad_accum": 2})
     path = write_config(cfg, tmp_path / "run.yaml")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port()), "PRETRAIN_PROGRESS": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pretrain", "train", "--config", str(path)],
         cwd=REPO,
-        env=env,
+        env=single_process_env(),
         stderr=subprocess.PIPE,
         text=True,
     )
