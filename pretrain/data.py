@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pretrain.shuffle import Shuffle, shuffled
@@ -327,28 +328,42 @@ def _pack(
     return _pack_pieces(((ids, True) for ids in docs), seq_len, eos_id, doc, offset)
 
 
+def _join_lists(parts: list[Sequence[int]]) -> list[int]:
+    return list(chain.from_iterable(parts))
+
+
 def _pack_pieces(
-    pieces: Iterable[tuple[list[int], bool]], seq_len: int, eos_id: int, doc: int = 0, offset: int = 0
-) -> Iterator[tuple[list[int], int, int]]:
+    pieces: Iterable[tuple[Sequence[int], bool]],
+    seq_len: int,
+    eos_id: int,
+    doc: int = 0,
+    offset: int = 0,
+    join: Callable[[list], Sequence[int]] = _join_lists,
+) -> Iterator[tuple[Sequence[int], int, int]]:
     """_pack from documents that come in pieces: (token ids, whether the piece ends its document).
 
     A document's tokens are never gathered: each piece is packed as it comes. The position yielded is
     still the token offset in the whole document, and `offset` skips that many of its pieces' tokens.
+    `join` makes one sequence of a block's parts (slices of pieces): lists by default; the pre-tokenized
+    reader's pieces are numpy arrays, joined by np.concatenate without a Python int per token.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    buf: list[int] = []
+    parts: list[Sequence[int]] = []
+    have = 0  # tokens in parts
     d, before = doc, 0  # the document being packed, and its tokens in the pieces before this one
     for ids, last in pieces:
-        tokens = [*ids, eos_id] if last else ids
+        tokens = join([ids, [eos_id]]) if last else ids
         i = min(max(offset - before, 0), len(tokens)) if d == doc else 0
-        while len(buf) + len(tokens) - i >= seq_len:
-            take = seq_len - len(buf)
-            buf.extend(tokens[i : i + take])
+        while have + len(tokens) - i >= seq_len:
+            take = seq_len - have
+            parts.append(tokens[i : i + take])
             i += take
-            yield buf, *((d, before + i) if i < len(tokens) or not last else (d + 1, 0))
-            buf = []
-        buf.extend(tokens[i:])
+            yield join(parts), *((d, before + i) if i < len(tokens) or not last else (d + 1, 0))
+            parts, have = [], 0
+        if i < len(tokens):
+            parts.append(tokens[i:])
+            have += len(tokens) - i
         d, before = (d + 1, 0) if last else (d, before + len(ids))
 
 
@@ -407,6 +422,12 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+def ids_tensor(rows: list[list[int]]) -> torch.Tensor:
+    """Rows of token ids of one length (lists or arrays) as a long tensor [n, len]: through numpy, which
+    converts a list of Python ints several times faster than torch.tensor does."""
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
+
+
 def heldout_blocks(
     files: list[str],
     text_field: str,
@@ -427,7 +448,7 @@ def heldout_blocks(
             f"held-out set smaller than one evaluation block of {seq_len} tokens: "
             + ", ".join(map(str, files))
         )
-    return torch.tensor(blocks, dtype=torch.long)
+    return ids_tensor(blocks)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -519,8 +540,11 @@ class TrainStream:
         if self.shuffle is not None:  # documents count in shuffled order: pos.doc is the same either way
             docs = shuffled(docs, self.shuffle, pos.epoch)
         docs = islice(docs, pos.doc, None)
-        pieces = _token_pieces(docs, self.tokenizer) if self.cache is None else self.cache.pieces(docs)
-        packed = _pack_pieces(pieces, self.seq_len, self.eos_id, pos.doc, pos.offset)
+        if self.cache is None:
+            pieces, join = _token_pieces(docs, self.tokenizer), _join_lists
+        else:
+            pieces, join = self.cache.pieces(docs), np.concatenate
+        packed = _pack_pieces(pieces, self.seq_len, self.eos_id, pos.doc, pos.offset, join)
         for n, (block, doc, offset) in enumerate(packed, start=pos.block):
             yield n, block, doc, offset
 
@@ -535,7 +559,7 @@ class TrainStream:
                 if len(batch) == self.micro_batch_size:
                     # Recorded before the yield: the state names what the consumer has received.
                     self._pos = replace(pos, block=n + 1, doc=doc, offset=offset)
-                    yield torch.tensor(batch, dtype=torch.long)
+                    yield ids_tensor(batch)
                     batch = []
             pos = _Position(epoch=pos.epoch + 1, shift=(pos.shift + n + 1) % self.world_size)
             logging.getLogger(__name__).debug("rank %d: epoch %d of %s", self.rank, pos.epoch, self.files)

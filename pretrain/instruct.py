@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.data import DataError, SkipCounter, _NewSkips
+from pretrain.data import DataError, SkipCounter, _NewSkips, ids_tensor
 from pretrain.shuffle import Shuffle, shuffled
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class Examples:
     @classmethod
     def of(cls, rows: list[tuple[list[int], list[int], list[int]]]) -> Examples:
         ids, labels, mask = zip(*rows, strict=True)
-        return cls(*(torch.tensor(x, dtype=torch.long) for x in (ids, labels, mask)))
+        return cls(*map(ids_tensor, (ids, labels, mask)))
 
     def __len__(self) -> int:
         return len(self.input_ids)

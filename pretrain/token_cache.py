@@ -70,7 +70,8 @@ class TokenCache:
         for path in files:
             self._meta(path, text_field)
 
-    def _meta(self, path: str, text_field: str) -> dict:
+    def _meta(self, path: str, text_field: str) -> tuple[Path, dict]:
+        """The file's cache directory and its meta; DataError if missing or stale."""
         where = self.directory(path, text_field)
         try:
             meta = json.loads((where / "meta.json").read_text())
@@ -82,14 +83,14 @@ class TokenCache:
             raise DataError(f"{path}: not pre-tokenized for this tokenizer in {place}; {fix}")
         if meta["file"] != _file_state(path):
             raise DataError(f"{path}: changed since it was pre-tokenized into {where}; {fix} again")
-        return meta
+        return where, meta
 
     def build(self, files: Iterable[str], text_field: str, skip_bad: bool) -> list[dict]:
         """Tokenize the files whose cache is missing or stale; the meta of every file."""
         metas = []
         for path in files:
             try:
-                metas.append({**self._meta(path, text_field), "built_s": None})
+                metas.append({**self._meta(path, text_field)[1], "built_s": None})
             except DataError:
                 metas.append(self._build_file(path, text_field, skip_bad))
         return metas
@@ -120,8 +121,7 @@ class TokenCache:
     def documents(self, files: Iterable[str], text_field: str, skip) -> Iterator[CachedDocument]:
         """read_documents' documents as token ids, with its bad-record counts (or its DataError)."""
         for path in files:
-            meta = self._meta(path, text_field)
-            where = self.directory(path, text_field)
+            where, meta = self._meta(path, text_field)
             ids = _ids(where / "ids.bin", meta["tokens"])
             bad = iter(meta["bad"])
             due = next(bad, None)
@@ -136,12 +136,13 @@ class TokenCache:
                 _bad_record(skip, message)
 
     @staticmethod
-    def pieces(docs: Iterable[CachedDocument]) -> Iterator[tuple[list[int], bool]]:
-        """(ids, ends its document) as data._token_pieces gives them, at most READ_TOKENS ids at once."""
+    def pieces(docs: Iterable[CachedDocument]) -> Iterator[tuple[np.ndarray, bool]]:
+        """(ids, ends its document) as data._token_pieces gives them, at most READ_TOKENS ids at once, as
+        arrays (pack them with np.concatenate)."""
         for doc in docs:
             n = len(doc.ids)
             for a in range(0, max(n, 1), READ_TOKENS):
-                yield doc.ids[a : a + READ_TOKENS].tolist(), a + READ_TOKENS >= n
+                yield doc.ids[a : a + READ_TOKENS], a + READ_TOKENS >= n
 
 
 def tokenizer_hash(tokenizer) -> str:
