@@ -10,6 +10,7 @@ is the phase's seconds per step from metrics.json, the data waiting its `data_wa
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     values = [yaml.safe_load(v) for v in args.values]
     runs = measure(args.key, values, args.stages, args.rounds, args.steps)
     title = args.title or f"Training steps by {args.key} (CPU, 2 ranks, demo model, `none`)"
-    command = f"python benchmarks/{Path(sys.argv[0]).name} {' '.join(argv or [])}".strip()
+    command = f"python benchmarks/{Path(sys.argv[0]).name} {shlex.join(argv or [])}".strip()
     text = report(runs, args.key, command, title)
     out = args.out or Path(__file__).with_name(f"{args.key.replace('.', '_')}_effect.md")
     out.write_text(text)

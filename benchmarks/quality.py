@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import statistics
 import sys
@@ -322,7 +323,7 @@ def report(args, results: Results, minutes: float) -> str:
     lines = [
         "# Forgetting against learning, per method, over learning rates and seeds (CPU, 2 ranks, ZeRO-2)",
         "",
-        f"Command: `python benchmarks/quality.py {' '.join(args.argv)}` ({minutes:.0f} minutes of runs in "
+        f"Command: `python benchmarks/quality.py {shlex.join(args.argv)}` ({minutes:.0f} minutes of runs in "
         "this invocation; every run's own minutes are in quality_results.json). Settings, methods and "
         "how the best lr is chosen: the docstring of benchmarks/quality.py. Metrics: docs/metrics.md "
         "(losses: avg_forgetting + = forgot, bwt - = forgot, plasticity + = learned, untrained change + = "

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -225,7 +226,7 @@ def report(results, args: argparse.Namespace, load: tuple[float, float], minutes
         f"{'GPU' if args.gpu else 'CPU rank'}{'s' if args.ranks > 1 else ''}, model {args.model}"
         f"{', bf16' if args.bf16 else ''})",
         "",
-        f"Command: `python benchmarks/stack_cost.py {' '.join(args.argv)}` ({args.rounds} round(s), "
+        f"Command: `python benchmarks/stack_cost.py {shlex.join(args.argv)}` ({args.rounds} round(s), "
         f"{args.steps} measured steps, {minutes:.0f} minutes). What each variant is and how its time is "
         "taken: the docstring of benchmarks/stack_cost.py.",
         f"Machine: {machine(args.gpu)}; load average {load[0]:.2f} before, {load[1]:.2f} after.",
