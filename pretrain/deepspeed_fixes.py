@@ -11,9 +11,19 @@ trace and the next step has recorded the full forward + backward one, the memo s
 after its forward and all-gathered again in backward: on 2 CPU ranks, backward took 48% longer (13.3 s
 against 9.0 s over 60 steps) and the step 37% (benchmarks/zero3_eval_effect.md). Clearing the memo with
 the trace makes releases follow the trace in use.
+
+DeepSpeed's Muon kernels are wrapped in `torch.compile` when their module is imported, and that import
+comes with every engine whatever its optimizer (deepspeed 0.19.8: ZeRO's optimizer check, ZeRO-1/2's
+gradient reduction, ZeRO-3's and bf16's optimizer set-up import the Muon optimizer to ask whether it is
+one). The first `torch.compile` call of a process imports torch's inductor: 2.2 s of every engine's start
+on a CPU here, in each rank of each launch, for kernels only a Muon run calls. DeepSpeed's decorator
+(`runtime.compiler.compile`, used by those kernels only) is replaced by one that calls `torch.compile` at
+a kernel's first call: the same compiled function for a Muon run, no inductor for any other.
 """
 
 from __future__ import annotations
+
+import functools
 
 from pretrain.logs import log
 
@@ -25,6 +35,7 @@ def apply() -> None:
     global _applied
     if not _applied:
         _clear_release_memo_with_trace()
+        _compile_muon_kernels_at_first_call()
         _applied = True
 
 
@@ -56,3 +67,28 @@ def _lru_cache(fn, depth: int = 3):
         c.cell_contents for c in getattr(fn, "__closure__", None) or ()
     ]
     return next((found for f in inner if callable(f) and (found := _lru_cache(f, depth - 1))), None)
+
+
+def _compile_muon_kernels_at_first_call() -> None:
+    import torch
+    from deepspeed.runtime import compiler
+
+    if getattr(compiler, "compile", None) is None or not hasattr(torch, "compile"):
+        log.debug("deepspeed_fixes: this DeepSpeed compiles no kernel at import")
+        return
+    compiler.compile = lambda: _compiled_at_first_call
+
+
+def _compiled_at_first_call(fn):
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            import torch
+
+            compiled = torch.compile(fn)
+        return compiled(*args, **kwargs)
+
+    return call

@@ -108,6 +108,7 @@ def build_eval_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int):
     """An engine for evaluation only: no optimizer state is allocated (ZeRO-3 still shards the weights)."""
     import deepspeed
 
+    deepspeed_fixes.apply()
     engine, _, _, _ = deepspeed.initialize(model=model, config=eval_deepspeed_config(cfg, world_size))
     return engine
 
