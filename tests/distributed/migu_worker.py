@@ -144,8 +144,10 @@ def run_case(name: str, stage: int, out: Path) -> None:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from pretrain import deepspeed_fixes
     from pretrain.methods import build_methods
 
+    deepspeed_fixes.apply()  # as pretrain.engine builds a run's engines
     case = CASES[name]
     opt_name, grad_accum, bf16, clip, fp32_grad_accum, reg = case[:6]
     rank = dist.get_rank()
