@@ -76,10 +76,15 @@ def _compile_muon_kernels_at_first_call() -> None:
     if getattr(compiler, "compile", None) is None or not hasattr(torch, "compile"):
         log.debug("deepspeed_fixes: this DeepSpeed compiles no kernel at import")
         return
-    compiler.compile = lambda: _compiled_at_first_call
+    compiler.compile = _compile_at_first_call
 
 
-def _compiled_at_first_call(fn):
+def _compile_at_first_call(**options):
+    """DeepSpeed's `compiler.compile()`: a decorator, here one that compiles at the first call."""
+    return functools.partial(_compiled_at_first_call, **options)
+
+
+def _compiled_at_first_call(fn, **options):
     compiled = None
 
     @functools.wraps(fn)
@@ -88,7 +93,7 @@ def _compiled_at_first_call(fn):
         if compiled is None:
             import torch
 
-            compiled = torch.compile(fn)
+            compiled = torch.compile(fn, **options)
         return compiled(*args, **kwargs)
 
     return call

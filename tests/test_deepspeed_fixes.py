@@ -11,14 +11,14 @@ import sys
 import torch
 from conftest import REPO
 
-from pretrain.deepspeed_fixes import _compiled_at_first_call
+from pretrain.deepspeed_fixes import _compile_at_first_call
 
 
 def test_a_kernel_compiles_once_at_its_first_call(monkeypatch):
     compiled = []
 
-    def fake_compile(fn):
-        compiled.append(fn)
+    def fake_compile(fn, **options):
+        compiled.append((fn, options))
         return lambda *args, **kwargs: 2 * fn(*args, **kwargs)  # tells a compiled call from a plain one
 
     def kernel(x, scale=1.0):
@@ -26,11 +26,11 @@ def test_a_kernel_compiles_once_at_its_first_call(monkeypatch):
         return x * scale
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    wrapped = _compiled_at_first_call(kernel)
+    wrapped = _compile_at_first_call(dynamic=False)(kernel)  # as @compiler.compile(...) does
     assert compiled == [] and wrapped.__doc__ == kernel.__doc__ and wrapped.__wrapped__ is kernel
     assert wrapped(torch.tensor(3.0), scale=2.0).item() == 12.0
     assert wrapped(torch.tensor(1.0)).item() == 2.0
-    assert compiled == [kernel]
+    assert compiled == [(kernel, {"dynamic": False})]
 
 
 def test_the_muon_module_an_engine_imports_leaves_the_inductor_unloaded():
