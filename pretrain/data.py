@@ -533,7 +533,7 @@ class TrainStream:
                 f"(fewer than {need} blocks of {self.seq_len} tokens): {', '.join(self.files)}"
             )
 
-    def _blocks(self, pos: _Position) -> Iterator[tuple[int, list[int], int, int]]:
+    def _blocks(self, pos: _Position) -> Iterator[tuple[int, Sequence[int], int, int]]:
         """(block number in the epoch, block, next doc, next offset) from `pos` to the end of the epoch."""
         skip = None if self.skip is None else _NewSkips(self)
         if self.cache is None:
