@@ -52,9 +52,9 @@ MODELS = {
 }  # fmt: skip
 # tokens/s of one core through TrainStream, slowest and fastest (tokenizer, domain) pair measured by
 # benchmarks/tokenize_rate.py (benchmarks/tokenize_rate.md)
-TOKENIZE_RATES = (228_000, 748_715)
+TOKENIZE_RATES = (208_123, 606_577)
 # the same, the stream reading the files pre-tokenized (train.token_cache), same file
-CACHED_RATES = (4_203_537, 8_079_016)
+CACHED_RATES = (22_696_718, 59_624_706)
 # for the reader table only, assumed: an H100's dense bf16 peak and a typical model flops utilisation
 GPU_FLOPS, MFU = 989e12, 0.4
 # the demo's model (configs/demo.yaml), whose step-time costs were measured (benchmarks/method_cost.md)
