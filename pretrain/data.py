@@ -425,7 +425,7 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def ids_tensor(rows: list[list[int]]) -> torch.Tensor:
+def ids_tensor(rows: Sequence[Sequence[int]]) -> torch.Tensor:
     """Rows of token ids of one length (lists or arrays) as a long tensor [n, len]: through numpy, which
     converts a list of Python ints several times faster than torch.tensor does."""
     return torch.from_numpy(np.array(rows, dtype=np.int64))

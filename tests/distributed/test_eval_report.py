@@ -35,7 +35,7 @@ def _metrics(run):
 
 
 def _single(*args):
-    proc = run_single(list(args))
+    proc = run_single(list(args), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -78,7 +78,7 @@ def test_export_loads_in_transformers(finished_run):
 def test_refuses_to_overwrite_a_finished_run(finished_run):
     run, _ = finished_run
     before = (run / "metrics.json").read_bytes()
-    proc = run_single(["train", "--config", str(run / "config.yaml")])
+    proc = run_single(["train", "--config", str(run / "config.yaml")], timeout=300)
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
     assert (run / "metrics.json").read_bytes() == before
 
