@@ -31,7 +31,8 @@ test: install lint
 
 # the full suite (hours on two CPU cores: benchmarks/quality.py is most of it) writes benchmarks/*.md
 bench: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/migu_overhead.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \
+		$(PY) -m deepspeed.launcher.runner --num_gpus 2 benchmarks/migu_overhead.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/method_cost.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/stack_cost.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/zero3_eval_effect.py --rounds 2

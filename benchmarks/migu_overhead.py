@@ -2,10 +2,13 @@
 
 Run with 2 CPU ranks (writes benchmarks/migu_overhead.md):
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 benchmarks/migu_overhead.py
+or on one GPU in bf16, with the models of stack_cost.py (`--out` names the table):
+    deepspeed --num_gpus 1 benchmarks/migu_overhead.py --gpu --bf16 --model 1b --out gpu_migu_overhead.md
 
-Model: Llama, hidden 256, intermediate 1024, 4 layers, 4 heads, vocab 2048, seq 256, micro-batch 4 per rank,
-grad accumulation 1, AdamW, fp32. Per stage, one engine; rounds alternate `none` and `migu` blocks of steps
-(the order flips every round) so drift of the machine hits both alike. A `none` block has no hook installed.
+Model (default): Llama, hidden 256, intermediate 1024, 4 layers, 4 heads, vocab 2048, seq 256, micro-batch 4
+per rank, grad accumulation 1, AdamW, fp32. Per stage, one engine; rounds alternate `none` and `migu` blocks
+of steps (the order flips every round) so drift of the machine hits both alike. A `none` block has no hook
+installed.
 """
 
 from __future__ import annotations
@@ -20,13 +23,21 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if "--gpu" not in sys.argv:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = {
     "medium": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=2048, seq=256, micro_batch=4),
     # the model and batch of configs/demo.yaml
     "demo": dict(hidden=128, intermediate=384, layers=4, heads=4, vocab=2048, seq=128, micro_batch=8),
+    # stack_cost.py's GPU models, with its 8,192-token vocabulary
+    "135m": dict(
+        hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=8192, seq=1024, micro_batch=8
+    ),
+    "1b": dict(
+        hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=8192, seq=1024, micro_batch=4
+    ),
 }
 MODEL = dict(MODELS["medium"])
 
@@ -41,6 +52,7 @@ def build_model():
         intermediate_size=MODEL["intermediate"],
         num_hidden_layers=MODEL["layers"],
         num_attention_heads=MODEL["heads"],
+        num_key_value_heads=MODEL.get("kv_heads", MODEL["heads"]),
         max_position_embeddings=MODEL["seq"],
         tie_word_embeddings=False,
     )
@@ -72,7 +84,11 @@ def time_the_hooks() -> None:
 
 
 def timed_steps(engine, method, batches, steps: int) -> tuple[list[float], list[tuple[float, float, float]]]:
-    """Wall time per step, and the parts spent in the method: (hooks, before_backward, after_backward)."""
+    """Wall time per step, and the parts spent in the method: (hooks, before_backward, after_backward).
+
+    On a GPU the parts are host time (the kernels they queue run later, inside the step's wall time)."""
+    from deepspeed.accelerator import get_accelerator
+
     times, own = [], []
     for i in range(steps):
         batch = batches[i % len(batches)]
@@ -87,19 +103,22 @@ def timed_steps(engine, method, batches, steps: int) -> tuple[list[float], list[
         method.after_backward(engine)
         t3 = time.perf_counter()
         engine.step()
+        get_accelerator().synchronize()  # a GPU step ends when its kernels do, not when they are queued
         times.append(time.perf_counter() - start)
         own.append((HOOK_SECONDS[0], t1 - t0, t3 - t2))
     return times, own
 
 
-def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, list[list[float]]]:
+def bench_stage(stage: int, args: argparse.Namespace) -> dict[str, list[list[float]]]:
     """Per method, the step times of each round's block; `migu_own`: MIGU's own seconds per step."""
     import deepspeed
     import torch.distributed as dist
 
+    from pretrain import deepspeed_fixes
     from pretrain.config import MethodConfig
     from pretrain.methods import build_method
 
+    deepspeed_fixes.apply()  # as pretrain.engine builds a run's engines
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ds = {
@@ -109,6 +128,7 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
         "zero_optimization": {"stage": stage, "overlap_comm": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "bf16": {"enabled": args.bf16},
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     methods = {
@@ -117,7 +137,8 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
     }
     g = torch.Generator().manual_seed(dist.get_rank())
     shape = (MODEL["micro_batch"], MODEL["seq"])
-    batches = [torch.randint(0, MODEL["vocab"], shape, generator=g) for _ in range(4)]
+    device = engine.device
+    batches = [torch.randint(0, MODEL["vocab"], shape, generator=g).to(device) for _ in range(4)]
     times: dict[str, list[list[float]]] = {"none": [], "migu": [], "migu_own": []}
 
     def run(name: str, steps: int, keep: bool) -> None:
@@ -132,32 +153,48 @@ def bench_stage(stage: int, warmup: int, rounds: int, block: int) -> dict[str, l
                 times["migu_own"].append(own)
 
     for name in ("none", "migu"):
-        run(name, warmup, keep=False)
-    for r in range(rounds):
+        run(name, args.warmup, keep=False)
+    for r in range(args.rounds):
         for name in ("none", "migu") if r % 2 == 0 else ("migu", "none"):
-            run(name, block, keep=True)
+            run(name, args.block, keep=True)
     engine.destroy()
     return times
 
 
+CPU_LAUNCH = "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus"
+
+
+def device_name() -> str:
+    return f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+
+
 def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Namespace) -> str:
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size()
+    where = f"{ranks} GPU rank{'s' * (ranks > 1)}" if args.gpu else f"CPU, {ranks} ranks"
+    launch = f"deepspeed --num_gpus {ranks}" if args.gpu else f"{CPU_LAUNCH} {ranks}"
+    options = f" --model {args.model} --warmup {args.warmup} --rounds {args.rounds} --block {args.block}"
+    options += f" --stages {args.stages}" + " --gpu" * args.gpu + " --bf16" * args.bf16
     lines = [
-        "# MIGU step-time overhead (CPU, 2 ranks)",
+        f"# MIGU step-time overhead ({where})",
         "",
         "Command:",
         "",
         "```",
-        "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 benchmarks/migu_overhead.py"
-        + (f" --model {args.model} --warmup {args.warmup} --rounds {args.rounds} --block {args.block}"),
+        f"{launch} benchmarks/migu_overhead.py{options}" + (f" --out {args.out.name}" if args.gpu else ""),
         "```",
         "",
-        f"Model: Llama {MODEL}; AdamW, fp32, grad accumulation 1, gradient clipping 1.0; MIGU T=0.7 on all",
+        f"Model: Llama {MODEL}; AdamW, {'bf16' if args.bf16 else 'fp32'}, grad accumulation 1, gradient",
+        "clipping 1.0; MIGU T=0.7 on all",
         f"linear layers of the blocks. Each stage: one engine, {args.warmup} warm-up steps per method, then",
         f"{args.rounds} rounds of {args.block} steps per method, alternating order. Times are rank 0's wall",
-        "time per optimizer step (forward, backward, step).",
+        "time per optimizer step (forward, backward, step"
+        + (", then a wait for the GPU)." if args.gpu else ")."),
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
-        f"{args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other jobs share the cores: ratios",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}{device_name()};",
+        f"load average {args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other jobs share the",
+        "cores: ratios",
         "within a few percent of 1 are noise; the per-round ratio pairs blocks run back to back). MIGU's own",
         "time (its forward hooks, before_backward with the all_reduce and top-k, after_backward with the",
         "masking) is clocked inside each step (medians); before_backward includes waiting in the all_reduce",
@@ -194,6 +231,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("migu_overhead.md"))
     parser.add_argument("--model", choices=sorted(MODELS), default="medium")
+    parser.add_argument("--gpu", action="store_true", help="GPU ranks (else CPU ranks, DS_ACCELERATOR=cpu)")
+    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     MODEL.update(MODELS[args.model])
@@ -204,7 +243,7 @@ def main() -> None:
     time_the_hooks()
     deepspeed.init_distributed(auto_mpi_discovery=False)
     stages = [int(s) for s in args.stages.split(",")]
-    results = {s: bench_stage(s, args.warmup, args.rounds, args.block) for s in stages}
+    results = {s: bench_stage(s, args) for s in stages}
     if dist.get_rank() == 0:
         text = report(results, args)
         args.out.write_text(text)
