@@ -31,14 +31,27 @@ MODELS = {
     "medium": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=2048, seq=256, micro_batch=4),
     # the model and batch of configs/demo.yaml
     "demo": dict(hidden=128, intermediate=384, layers=4, heads=4, vocab=2048, seq=128, micro_batch=8),
-    # stack_cost.py's GPU models, with its 8,192-token vocabulary
-    "135m": dict(
-        hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=8192, seq=1024, micro_batch=8
-    ),
-    "1b": dict(
-        hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=8192, seq=1024, micro_batch=4
-    ),
 }
+
+
+def _stack_cost_model(name: str) -> dict:
+    """stack_cost.py's model `name` (its GPU models), with the 8,192-token vocabulary it trains them with."""
+    from stack_cost import MODELS as STACK_COST_MODELS
+
+    model, train = STACK_COST_MODELS[name]
+    return dict(
+        hidden=model["hidden_size"],
+        intermediate=model["intermediate_size"],
+        layers=model["num_layers"],
+        heads=model["num_heads"],
+        kv_heads=model["num_kv_heads"],
+        vocab=8192,
+        seq=train["seq_len"],
+        micro_batch=train["micro_batch_size"],
+    )
+
+
+MODELS |= {name: _stack_cost_model(name) for name in ("135m", "1b")}
 MODEL = dict(MODELS["medium"])
 
 
@@ -161,9 +174,6 @@ def bench_stage(stage: int, args: argparse.Namespace) -> dict[str, list[list[flo
     return times
 
 
-CPU_LAUNCH = "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus"
-
-
 def device_name() -> str:
     return f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
 
@@ -173,7 +183,7 @@ def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Name
 
     ranks = dist.get_world_size()
     where = f"{ranks} GPU rank{'s' * (ranks > 1)}" if args.gpu else f"CPU, {ranks} ranks"
-    launch = f"deepspeed --num_gpus {ranks}" if args.gpu else f"{CPU_LAUNCH} {ranks}"
+    launch = ("" if args.gpu else "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 ") + f"deepspeed --num_gpus {ranks}"
     options = f" --model {args.model} --warmup {args.warmup} --rounds {args.rounds} --block {args.block}"
     options += f" --stages {args.stages}" + " --gpu" * args.gpu + " --bf16" * args.bf16
     lines = [
@@ -185,20 +195,18 @@ def report(results: dict[int, dict[str, list[list[float]]]], args: argparse.Name
         f"{launch} benchmarks/migu_overhead.py{options}" + (f" --out {args.out.name}" if args.gpu else ""),
         "```",
         "",
-        f"Model: Llama {MODEL}; AdamW, {'bf16' if args.bf16 else 'fp32'}, grad accumulation 1, gradient",
-        "clipping 1.0; MIGU T=0.7 on all",
-        f"linear layers of the blocks. Each stage: one engine, {args.warmup} warm-up steps per method, then",
-        f"{args.rounds} rounds of {args.block} steps per method, alternating order. Times are rank 0's wall",
-        "time per optimizer step (forward, backward, step"
+        f"Model: Llama {MODEL}; AdamW, {'bf16' if args.bf16 else 'fp32'}, grad accumulation 1,",
+        "gradient clipping 1.0; MIGU T=0.7 on all linear layers of the blocks. Each stage: one engine,",
+        f"{args.warmup} warm-up steps per method, then {args.rounds} rounds of {args.block} steps per",
+        "method, alternating order. Times are rank 0's wall time per optimizer step (forward, backward, step"
         + (", then a wait for the GPU)." if args.gpu else ")."),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}{device_name()};",
         f"load average {args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after (other jobs share the",
-        "cores: ratios",
-        "within a few percent of 1 are noise; the per-round ratio pairs blocks run back to back). MIGU's own",
-        "time (its forward hooks, before_backward with the all_reduce and top-k, after_backward with the",
-        "masking) is clocked inside each step (medians); before_backward includes waiting in the all_reduce",
-        "for the slower rank, which `none` spends in backward's reduction instead.",
+        "cores: ratios within a few percent of 1 are noise; the per-round ratio pairs blocks run back to",
+        "back). MIGU's own time (its forward hooks, before_backward with the all_reduce and top-k,",
+        "after_backward with the masking) is clocked inside each step (medians); before_backward includes",
+        "waiting in the all_reduce for the slower rank, which `none` spends in backward's reduction instead.",
         "",
         "| ZeRO | none median (s) | migu median (s) | ratio of medians | ratio of means "
         "| median of per-round ratios | MIGU's own s/step: hooks, before_backward, after_backward "
