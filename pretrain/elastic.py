@@ -47,7 +47,7 @@ class Elastic:
 
     def changes(self, world: int) -> list[dict[str, Any]]:
         """What the resume changed, as metrics.json's `config_changes` records it."""
-        out = [{"key": "world_size", "from": self.old_world, "to": world}]
+        out = [{"key": "world_size", "from": self.old_world, "to": world}] if self.old_world != world else []
         if self.old_accum != self.cfg.train.grad_accum:
             out.append({"key": "train.grad_accum", "from": self.old_accum, "to": self.cfg.train.grad_accum})
         return out
@@ -58,15 +58,20 @@ def saved_world_size(run_dir: Path, tag: str) -> int:
 
 
 def plan_elastic(cfg: RunConfig, run_dir: Path, tag: str, dist: DistInfo) -> Elastic | None:
-    """None when `tag` was written by this many ranks; else the resume's plan, the universal checkpoint
-    made (once, by rank 0) if ZeRO partitions need one."""
+    """None when `tag` was written by this many ranks with the config's global batch; else the resume's
+    plan, the universal checkpoint made (once, by rank 0) if ZeRO partitions need one.
+
+    The same number of ranks can need a plan too: a run resumed on fewer ranks trains (and checkpoints)
+    with a scaled grad_accum that config.yaml does not hold, so its next resume on those ranks must scale
+    it again, or the global batch would silently go back to the config's."""
     old = saved_world_size(run_dir, tag)
-    if old == dist.world_size:
-        return None
     global_batch = _global_batch(cfg, run_dir, tag, old)
+    if old == dist.world_size and global_batch == cfg.train.micro_batch_size * cfg.train.grad_accum * old:
+        return None
     run_cfg = _keep_global_batch(cfg, global_batch, tag, old, dist.world_size)
     tag_dir = checkpoint_dir(run_dir) / tag
-    universal = any(tag_dir.glob("*optim_states.pt"))  # ZeRO 1-3: partitioned optimizer state
+    # ZeRO 1-3 partition the optimizer state by rank: another number of ranks loads it converted
+    universal = old != dist.world_size and any(tag_dir.glob("*optim_states.pt"))
     if universal:
         failure = from_main(lambda: _convert(tag_dir))
         if failure:

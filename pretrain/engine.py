@@ -12,16 +12,20 @@ from typing import Any
 import torch
 
 from pretrain import deepspeed_fixes
-from pretrain.config import RUN_OWNED_DEEPSPEED_KEYS, ConfigError, RunConfig, run_owned_conflicts
+from pretrain.config import RUN_OWNED_DEEPSPEED_KEYS, ConfigError, RunConfig, TrainConfig, run_owned_conflicts
 from pretrain.schedule import phase_schedule
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON with the run's batch keys; ConfigError if it contradicts the run config."""
+def deepspeed_config(cfg: RunConfig, world_size: int, written: TrainConfig | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON with the run's batch keys; ConfigError if it contradicts the run config.
+
+    `written`: the train section as the user wrote it, which the JSON's repeated keys are checked
+    against when the run trains with another grad_accum (an elastic resume scales it).
+    """
     with open(cfg.deepspeed.config) as f:
         ds = json.load(f)
     t = cfg.train
-    problems = run_owned_conflicts(ds, t, cfg.deepspeed.config)
+    problems = run_owned_conflicts(ds, written or t, cfg.deepspeed.config)
     global_batch = t.micro_batch_size * t.grad_accum * world_size
     if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
         problems.append(
@@ -83,10 +87,12 @@ def build_engine(
     phase_steps: list[int],
     world_size: int,
     load_universal: bool = False,
+    written: TrainConfig | None = None,
 ):
     """The DeepSpeed engine with the run's optimizer and per-phase re-warming schedule.
 
     `load_universal`: its checkpoint will be loaded from DeepSpeed's universal format (pretrain/elastic.py).
+    `written`: the train section as the user wrote it (see `deepspeed_config`).
     """
     import deepspeed
 
@@ -95,7 +101,7 @@ def build_engine(
     t = cfg.train
     shape = dict(kind=t.schedule, decay_fraction=t.decay_fraction, constant_ratio=t.constant_ratio)
     scheduler = phase_schedule(optimizer, phase_steps, t.warmup_steps, t.min_lr_ratio, **shape)
-    ds = deepspeed_config(cfg, world_size)
+    ds = deepspeed_config(cfg, world_size, written)
     if load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(

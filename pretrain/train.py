@@ -435,8 +435,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     """Every part from the config, in dependency order; then the newest checkpoint if resuming.
 
     The run's config.yaml is written last: a start that fails on the way leaves the directory as it was.
-    It keeps the config as the user wrote it; a resume on another number of ranks runs with grad_accum
-    scaled to keep the global batch (pretrain/elastic.py).
+    It keeps the config as the user wrote it; a resume whose ranks and grad_accum would not make the
+    checkpoint's global batch runs with grad_accum scaled to keep it (pretrain/elastic.py).
     """
     deepspeed_config(cfg, dist.world_size)  # a batch-size conflict is an error before anything is touched
     require_trackers(cfg.logging)  # so is a tracker whose package is missing
@@ -448,7 +448,12 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     phase_steps = [steps_for_phase(p, run_cfg.train, dist.world_size) for p in cfg.phases]
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     engine = build_engine(
-        run_cfg, model, phase_steps, dist.world_size, load_universal=bool(elastic and elastic.universal)
+        run_cfg,
+        model,
+        phase_steps,
+        dist.world_size,
+        load_universal=bool(elastic and elastic.universal),
+        written=cfg.train,
     )
     method = build_methods(
         cfg.method, cfg.regularisation, engine.module, engine, phase_steps, seed=cfg.train.seed
@@ -488,12 +493,14 @@ def _plan_resume(cfg: RunConfig, plan: RunDirPlan, dist: DistInfo) -> Elastic | 
     elastic = plan_elastic(cfg, plan.path, latest_tag(plan.path), dist)
     if elastic:
         log.warning(
-            "resuming checkpoint %s of %d ranks on %d: train.grad_accum %d -> %d keeps the global batch",
+            "resuming checkpoint %s of %d ranks on %d: train.grad_accum %d -> %d keeps the global batch "
+            "(the config says %d)",
             elastic.tag,
             elastic.old_world,
             dist.world_size,
             elastic.old_accum,
             elastic.cfg.train.grad_accum,
+            cfg.train.grad_accum,
         )
     return elastic
 

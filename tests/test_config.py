@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -133,6 +134,15 @@ def test_deepspeed_auto_values_take_the_run_config(tmp_path):
     merged = deepspeed_config(cfg, world_size=2)
     assert (merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) == (2, 1)
     assert "train_batch_size" not in merged
+
+
+def test_an_elastic_resume_runs_with_its_scaled_accumulation_over_a_json_that_repeats_the_configs(tmp_path):
+    # the JSON repeats the config's grad_accum (1); a resume on half the ranks trains with 2
+    cfg = _with_deepspeed(tmp_path, {"gradient_accumulation_steps": 1})()
+    scaled = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=2))
+    with pytest.raises(ConfigError, match=r"`gradient_accumulation_steps` is 1 but the run config gives"):
+        deepspeed_config(scaled, world_size=1)  # checked against the scaled value: the user never wrote 2
+    assert deepspeed_config(scaled, world_size=1, written=cfg.train)["gradient_accumulation_steps"] == 2
 
 
 def test_deepspeed_global_batch_must_match_the_world(tmp_path):

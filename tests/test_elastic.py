@@ -5,12 +5,16 @@ The resumed runs themselves (2 -> 1 and 1 -> 2 ranks) are in tests/distributed/t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_run_config
 
+from pretrain.checkpoint import COMPLETE, checkpoint_dir
 from pretrain.config import validate
-from pretrain.elastic import _keep_global_batch, universal_checkpoint
+from pretrain.distributed import DistInfo
+from pretrain.elastic import _keep_global_batch, plan_elastic, universal_checkpoint
 from pretrain.methods.regularisation import recut
 from pretrain.rundir import RunDirError
 
@@ -44,6 +48,29 @@ def test_fewer_ranks_that_need_accumulation_are_refused_under_the_skip_policy(tm
         _keep_global_batch(validate(raw), 8, "step-6", 4, 2)
     raw["train"]["on_nonfinite"] = "stop"  # what the message offers
     assert _keep_global_batch(validate(raw), 8, "step-6", 4, 2).train.grad_accum == 2
+
+
+def _checkpoint(run_dir, tag: str, ranks: int, global_batch: int) -> None:
+    """A checkpoint's files as plan_elastic reads them: one state per rank, the mark with its batch."""
+    tag_dir = checkpoint_dir(run_dir) / tag
+    tag_dir.mkdir(parents=True)
+    for r in range(ranks):
+        (tag_dir / f"rank{r}_state.pt").write_bytes(b"")
+    (tag_dir / COMPLETE).write_text(json.dumps({"global_step": 6, "global_batch": global_batch}))
+
+
+def test_a_second_resume_on_the_same_fewer_ranks_keeps_the_checkpoints_global_batch(tmp_path):
+    """2 ranks x accumulation 1 resumed on 1 rank train with accumulation 2, which config.yaml does not
+    hold: the checkpoints that 1-rank run writes must resume on 1 rank with accumulation 2 again."""
+    cfg = _cfg(tmp_path, micro=2, accum=1)
+    one_rank = DistInfo(rank=0, world_size=1, local_rank=0)
+    _checkpoint(tmp_path, "step-8", ranks=1, global_batch=4)  # written by the 1-rank resume
+    plan = plan_elastic(cfg, tmp_path, "step-8", one_rank)
+    assert plan is not None and plan.cfg.train.grad_accum == 2
+    assert not plan.universal  # same ranks: ZeRO's partitions load as they were written
+    assert plan.changes(1) == []  # nothing changed against the checkpoint
+    _checkpoint(tmp_path, "step-10", ranks=1, global_batch=2)  # the config's own global batch
+    assert plan_elastic(cfg, tmp_path, "step-10", one_rank) is None
 
 
 @pytest.mark.parametrize(("old", "new"), [(3, 2), (2, 3), (1, 2), (2, 1)])

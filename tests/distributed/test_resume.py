@@ -233,7 +233,8 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     """A plain single process, so the exit status is the trainer's own (75), stopped mid-phase; its
     requeued job gets 2 ranks: the stop checkpoint is converted to DeepSpeed's universal format, the
     stream continues from the same global block on the new ranks (accumulation 2 -> 1 keeps the global
-    batch), and the phase ends with all its steps."""
+    batch), and the phase ends with all its steps. Requeued again on 2 ranks (after a stop at step 20), it
+    keeps that accumulation: the checkpoint's global batch, not the config's (2 ranks x 2 would double it)."""
     cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",), train={"grad_accum": 2})
     path = write_config(cfg, tmp_path / "run.yaml")
     proc = subprocess.Popen(
@@ -254,12 +255,19 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     run = tmp_path / "run"
     tag = (run / "checkpoints" / "latest").read_text()
     assert tag.endswith("-stop")
+    stopped = _train(path, "--resume", ranks=2, env={"PRETRAIN_FAULT": "nan_loss:20"})
+    assert stopped.returncode != 0
+    log = stopped.stdout + stopped.stderr
+    assert f"resuming checkpoint {tag} of 1 ranks on 2" in log and "train.grad_accum 2 -> 1" in log
+    assert (run / "checkpoints" / tag / "universal").is_dir()
+    assert (run / "checkpoints" / "latest").read_text() == "step-19-stop"
     resumed = _train(path, "--resume", ranks=2)
     assert_ok(resumed)
     log = resumed.stdout + resumed.stderr
-    assert f"resuming checkpoint {tag} of 1 ranks on 2" in log and "train.grad_accum 2 -> 1" in log
-    assert (run / "checkpoints" / tag / "universal").is_dir()
+    assert "resuming checkpoint step-19-stop of 2 ranks on 2: train.grad_accum 1 -> 1" in log
+    assert not (run / "checkpoints" / "step-19-stop" / "universal").exists()  # same ranks: no conversion
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["eval_loss"]) == 2 and len(metrics["train"][0]["losses"]) == 40
+    assert metrics["train"][0]["tokens"] == 40 * 4 * cfg["train"]["seq_len"]  # 4 sequences a step throughout
     changes = {c["key"]: (c["from"], c["to"]) for c in metrics["config_changes"]}
     assert changes == {"world_size": (1, 2), "train.grad_accum": (2, 1)}
