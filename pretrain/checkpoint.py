@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from pretrain.atomic import write_text_atomic
 from pretrain.distributed import DistInfo, barrier, broadcast_object
 from pretrain.methods.lora import export_state
 
@@ -52,8 +53,8 @@ def save_checkpoint(
     barrier()
     if dist.is_main:
         mark = {"tag": tag, "world_size": dist.world_size, **(meta or {})}
-        _write_atomic(root / tag / COMPLETE, json.dumps(mark, indent=2))
-        _write_atomic(root / LATEST, tag)
+        write_text_atomic(root / tag / COMPLETE, json.dumps(mark, indent=2))
+        write_text_atomic(root / LATEST, tag)
         prune(root, keep)
     barrier()
     return tag
@@ -105,12 +106,6 @@ def load_checkpoint(engine, run_dir: Path, dist: DistInfo) -> tuple[dict[str, An
     rank_state = torch.load(root / tag / f"rank{dist.rank}_state.pt", weights_only=False)
     torch.set_rng_state(rank_state.pop("torch_rng"))
     return client_state, rank_state
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prune(root: Path, keep: int) -> None:

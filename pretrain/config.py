@@ -17,6 +17,8 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
+from pretrain.atomic import write_text_atomic
+
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -613,4 +615,5 @@ def steps_for_phase(phase: PhaseConfig, train: TrainConfig, world_size: int) -> 
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # rewritten at every (re)start: a torn config.yaml would stop the next resume and every eval job
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

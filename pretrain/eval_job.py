@@ -11,13 +11,14 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+from pretrain.atomic import write_json_atomic
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import from_main, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
 from pretrain.model import model_for_row
-from pretrain.results import RunResults, metrics_lock, write_json_atomic
+from pretrain.results import RunResults, metrics_lock
 
 
 def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.atomic import write_json_atomic
 from pretrain.config import RunConfig
 from pretrain.data import SKIP_EXAMPLES, SkipCounter
 
@@ -208,10 +208,3 @@ def domain_order(cfg: RunConfig) -> list[str]:
     """Domains in the order phases first train them, then the evaluated-only ones."""
     trained = list(dict.fromkeys(p.domain for p in cfg.phases))
     return trained + [d.name for d in cfg.domains if d.name not in trained]
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

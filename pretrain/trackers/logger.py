@@ -13,10 +13,10 @@ one rising step). TensorBoard writes a new event file per attempt, as it always 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from pretrain.atomic import write_json_atomic
 from pretrain.config import LoggingConfig
 
 STATE_FILE = "trackers.json"
@@ -83,9 +83,7 @@ def open_trackers(
     backends = [_open(name, cfg, Path(run_dir), config, saved.get(name)) for name in cfg.trackers]
     ids = {b.name: b.run_id() for b in backends if b.run_id() is not None}
     if ids:  # before anything is logged: a kill from now on still resumes the same runs
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**saved, **ids}, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(path, {**saved, **ids}, indent=1)
     return MetricsLogger(backends)
 
 

@@ -1,0 +1,24 @@
+"""Files written whole or not at all: a kill or a full disk mid-write leaves the old file, not a torn one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` beside `path`, then rename it over `path` (atomic on one filesystem)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent))
