@@ -370,8 +370,7 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     if cfg.model.source == "scratch":
         if cfg.model.path is not None:
             problems.append("key `model.path`: a scratch model takes no path (use source: hf or gguf)")
-        if cfg.model.hidden_size % cfg.model.num_heads:
-            problems.append("key `model.hidden_size`: must be a multiple of `model.num_heads`")
+        problems += _head_problems(cfg.model)
         if cfg.train.seq_len > cfg.model.max_position_embeddings:
             problems.append("key `train.seq_len`: longer than `model.max_position_embeddings`")
         if cfg.tokenizer.source == "model":
@@ -612,6 +611,24 @@ def steps_for_phase(phase: PhaseConfig, train: TrainConfig, world_size: int) -> 
         return phase.steps
     tokens_per_step = train.micro_batch_size * train.grad_accum * train.seq_len * world_size
     return max(1, math.ceil(phase.tokens / tokens_per_step))
+
+
+def _head_problems(model: ModelConfig) -> list[str]:
+    """Attention shapes a scratch Llama cannot take, found here rather than at its first forward."""
+    if model.hidden_size % model.num_heads:
+        return ["key `model.hidden_size`: must be a multiple of `model.num_heads`"]
+    problems = []
+    if (model.hidden_size // model.num_heads) % 2:  # rotary embeddings turn pairs of dimensions
+        problems.append(
+            f"key `model.hidden_size`: {model.hidden_size} / {model.num_heads} heads gives an odd head "
+            "size; rotary embeddings need an even one"
+        )
+    if model.num_kv_heads is not None and model.num_heads % model.num_kv_heads:
+        problems.append(  # each key/value head serves num_heads / num_kv_heads query heads
+            f"key `model.num_kv_heads`: {model.num_kv_heads} does not divide `model.num_heads` "
+            f"({model.num_heads})"
+        )
+    return problems
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -43,6 +43,9 @@ def test_overrides_reach_nested_and_list_keys(cfg_file):
         ("phases.0.domain=law", "key `phases.0.domain`: 'law' is not one of the domains"),
         ("train.seq_len=4096", "key `train.seq_len`: longer than `model.max_position_embeddings`"),
         ("model.source=hf", "key `model.path`: required for source 'hf'"),
+        ("model.num_kv_heads=3", "key `model.num_kv_heads`: 3 does not divide `model.num_heads` (2)"),
+        ("model.hidden_size=18", "key `model.hidden_size`: 18 / 2 heads gives an odd head size"),
+        ("model.hidden_size=33", "key `model.hidden_size`: must be a multiple of `model.num_heads`"),
         (
             "deepspeed.config=/nonexistent/ds.json",
             "key `deepspeed.config`: file /nonexistent/ds.json does not exist",
@@ -58,6 +61,10 @@ def test_bad_values_name_the_key(cfg_file, override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(cfg_file, [override])
     assert expected in str(err.value)
+
+
+def test_grouped_query_heads_that_divide_the_heads_are_taken(cfg_file):
+    assert load_config(cfg_file, ["model.num_kv_heads=1"]).model.num_kv_heads == 1
 
 
 def test_lora_is_off_by_default_and_a_section_turns_it_on(cfg_file):
