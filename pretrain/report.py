@@ -786,6 +786,13 @@ def _verdict(runs: list[RunMetrics]) -> str:
     ]
     if len({tuple(r.data["phases"]) for r in runs}) > 1:
         notes.append("The runs did not train the same phases, so their numbers are not directly comparable.")
+    done = {r.label: r.data["phases_done"] for r in usable}
+    if len(set(done.values())) > 1:  # a run still training: its metrics cover fewer phases
+        counts = ", ".join(f"{label} {n}" for label, n in done.items())
+        notes.append(
+            f"The runs have evaluated different numbers of phases ({counts}): their metrics cover "
+            "different phases, so compare them once each has finished the same ones."
+        )
     if not usable:
         return " ".join(["No run can be judged yet."] + notes)
     best = min(usable, key=lambda r: r.data["avg_forgetting"])

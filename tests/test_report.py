@@ -344,6 +344,14 @@ def test_compare_labels_and_unusable_runs(tmp_path):
     assert "migu (dup) #3 has no forgetting metrics (fewer than two phases evaluated)." in text
 
 
+def test_compare_says_when_the_runs_have_evaluated_different_numbers_of_phases(tmp_path):
+    done = write_run(tmp_path / "done", method="none")
+    partway = write_run(tmp_path / "partway", loss=LOSS[:3], method="migu")  # phase 3 still training
+    text = format_comparison([done, partway])
+    assert "evaluated different numbers of phases (none 3, migu 2)" in text
+    assert "evaluated different numbers" not in format_comparison([done, write_run(tmp_path / "b")])
+
+
 # Accuracy on downstream tasks (eval.tasks): t_code linked to the code domain, general evaluated only;
 # in eighths as in tests/test_metrics.py, so the printed values are exact
 ACCURACY = {
