@@ -44,6 +44,24 @@ def trained_tasks(data: dict[str, Any]) -> list[str | None]:
     return [linked.get(d) for d in data["phases"]]
 
 
+# resumable keys (pretrain/rundir.py) that change what the later rows of a matrix are scored on
+ACCURACY_SCORING_KEYS = ("eval.tasks", "eval.task_limit", "eval.task_metric")
+
+
+def scoring_changed_note(data: dict[str, Any], keys: Sequence[str], matrix: str) -> list[str]:
+    """A warning when a resume changed one of `keys`: the matrix's rows before and after were scored
+    differently, and metrics across them (forgetting, bwt, ...) mix the two."""
+    changes = [c for c in data.get("config_changes") or [] if c["key"] in keys]
+    if not changes:
+        return []
+    what = "; ".join(f"{c['key']} {c['from']} -> {c['to']} from phase {c['phase']}" for c in changes)
+    return [
+        f"**Read with care:** a resume changed how the {matrix} is scored ({what}): its rows before and "
+        "after were scored differently, and the metrics above compare the two.",
+        "",
+    ]
+
+
 def accuracy_section(data: dict[str, Any]) -> list[str]:
     """report.md's section on downstream accuracy; nothing for a run without eval.tasks."""
     tasks = data.get("tasks") or []
@@ -59,6 +77,7 @@ def accuracy_section(data: dict[str, Any]) -> list[str]:
         lines += ["| metric | value | meaning |", "|---|---|---|"]
         lines += [f"| `{m}` | {metric_text(m, summary.get(m))} | {text} |" for m, text in DEFINITIONS.items()]
         lines += [""] + _untrained_table(summary.get("untrained") or {})
+        lines += scoring_changed_note(data, ACCURACY_SCORING_KEYS, "accuracy matrix")
     return lines + ["![accuracy matrix](accuracy_heatmap.png)", ""]
 
 

@@ -24,6 +24,7 @@ from pretrain.accuracy_report import (
     accuracy_summary,
     accuracy_verdict,
     comparison_section,
+    scoring_changed_note,
     trained_tasks,
 )
 from pretrain.curves import PICTURE as CURVE_PICTURE
@@ -200,7 +201,7 @@ def _metrics_section(data: dict[str, Any]) -> list[str]:
         for d, u in untrained.items():
             lines.append(f"| {d} | {u['initial']:.4f} | {u['final']:.4f} | {u['change']:+.4f} |")
         lines.append("")
-    return lines
+    return lines + scoring_changed_note(data, ("eval.max_blocks",), "held-out loss matrix")
 
 
 def _replay_section(data: dict[str, Any]) -> list[str]:

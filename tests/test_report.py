@@ -141,6 +141,18 @@ def test_report_lists_the_keys_a_resume_changed(tmp_path):
     assert "## Changed on resume" in text and "- train.lr: 0.01 -> 0.001 (phase 2, from step 6)" in text
     write_report(write_run(tmp_path / "plain"))
     assert "## Changed on resume" not in (tmp_path / "plain" / "report.md").read_text()
+    assert "Read with care" not in text  # the lr changes training, not how the rows are scored
+
+
+def test_report_warns_when_a_resume_changed_how_a_matrix_is_scored(tmp_path):
+    blocks = {"key": "eval.max_blocks", "from": 64, "to": 16, "phase": 2, "step": 0, "global_step": 4}
+    metric = {"key": "eval.task_metric", "from": "acc", "to": "acc_norm", "phase": 3, "step": 0}
+    write_report(write_run(tmp_path / "run", config_changes=[blocks, metric], **ACCURACY))
+    text = (tmp_path / "run" / "report.md").read_text()
+    loss_note = "changed how the held-out loss matrix is scored (eval.max_blocks 64 -> 16 from phase 2)"
+    accuracy_note = "accuracy matrix is scored (eval.task_metric acc -> acc_norm from phase 3)"
+    assert loss_note in text and accuracy_note in text
+    assert text.index(loss_note) < text.index("## Accuracy on downstream tasks") < text.index(accuracy_note)
 
 
 def test_method_statistics_generic(tmp_path):
