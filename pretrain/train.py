@@ -186,6 +186,8 @@ class Trainer:
             self.method.after_backward(self.engine)
             self.engine.step()
             total += mean_loss
+        if not self.engine.was_step_applied():  # an fp16 overflow (or non-finite gradients): DeepSpeed
+            self.engine.lr_scheduler.step()  # skipped the update and its scheduler; phases keep length
         return total / self.cfg.train.grad_accum
 
     def evaluate(self, row: int) -> None:

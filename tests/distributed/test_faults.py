@@ -158,3 +158,42 @@ def _tokenizer(tmp_path, vocab_size: int = 512) -> str:
     files = [(d["train"], "text") for d in cfg["domains"]]
     train_tokenizer(files, str(tmp_path / "tok"), vocab_size=vocab_size, max_sentences=500)
     return str(tmp_path / "tok")
+
+
+def _cpu_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().is_fp16_supported()
+
+
+@pytest.mark.skipif(not _cpu_fp16(), reason="DeepSpeed trains fp16 on this accelerator only with oneDNN fp16")
+def test_fp16_overflow_steps_leave_the_fisher_finite_and_the_schedule_whole(tmp_path):
+    """fp16 with a loss scale far too high: DeepSpeed skips the first steps as overflows (their gradients
+    are inf, grad_norm logged as inf). EWC's Fisher window must leave those steps out (one inf there made
+    the Fisher NaN and zero), and the per-phase schedule must count them as steps (DeepSpeed does not step
+    its scheduler on an overflow), so each step's lr is the schedule's for that step and phase 2 re-warms
+    at its first step."""
+    fp16 = {"enabled": True, "initial_scale_power": 20, "hysteresis": 1}
+    ds = {"zero_optimization": {"stage": 2}, "fp16": fp16}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = tiny_run_config(
+        tmp_path,
+        steps=6,
+        deepspeed={"config": str(tmp_path / "ds.json")},
+        regularisation={"kind": "ewc", "weight": 1.0, "fisher_steps": 6},
+        train={"warmup_steps": 0, "min_lr_ratio": 0.1},
+    )
+    proc = run_deepspeed(["pretrain", "train", "--config", str(write_config(cfg, tmp_path / "run.yaml"))])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    logged = re.findall(r"phase (\d) \w+ \| step (\d)/6 \| .* \| lr (\S+) \| grad_norm (\S+)", out)
+    assert len(logged) == 12
+    lrs = [float(lr) for _, _, lr, _ in logged]
+    factors = [phase_lr_factor(s, [0, 6], [6, 6], warmup=0, min_ratio=0.1) for s in range(12)]
+    assert lrs == pytest.approx([1e-2 * f for f in factors], rel=1e-2)  # logged with 3 digits
+    overflowed = [(int(p), int(k)) for p, k, _, norm in logged if norm == "inf"]
+    assert (1, 1) in overflowed and len(overflowed) < 12  # some steps skipped, not all (loss scale 2^20)
+    fisher, pull = json.loads((tmp_path / "run" / "metrics.json").read_text())["migu"]
+    # the Fisher of phase 1: its steps whose loss gradient was finite (the pull starts in phase 2)
+    assert fisher["fisher_steps"] == 6 - sum(p == 1 for p, _ in overflowed)
+    assert math.isfinite(pull["reg_penalty_mean"]) and pull["reg_penalty_mean"] > 0
