@@ -39,7 +39,7 @@ def phase_lr_factor(
         if local < warm:
             return (local + 1) / (warm + 1)
         if kind == "wsd":
-            return _linear_tail(1.0, min_ratio, local, length, decay_fraction)
+            return _linear_tail(1.0, min_ratio, local, length, decay_fraction, earliest=warm)
         return _cosine(1.0, min_ratio, local - warm, length - warm)
     once = min(warmup, max(phase_steps[0] - 1, 0))  # constant and infinite warm up in phase 1 only
     if step < once:
@@ -52,11 +52,12 @@ def phase_lr_factor(
 def _infinite(phase, local, phase_steps, once, min_ratio, decay_fraction, constant_ratio) -> float:
     """Past the warm-up: cool down in phase 1, hold the plateau, anneal at the end of the last phase."""
     length = phase_steps[phase]
-    tail = _tail(length, decay_fraction) if phase == len(phase_steps) - 1 else 0
-    if local >= length - tail:
-        return _linear_tail(constant_ratio, min_ratio, local, length, decay_fraction)
+    warm = once if phase == 0 else 0
+    start = _tail_start(length, decay_fraction, warm) if phase == len(phase_steps) - 1 else length
+    if local >= start:
+        return _linear_tail(constant_ratio, min_ratio, local, length, decay_fraction, earliest=warm)
     if phase == 0:
-        return _cosine(1.0, constant_ratio, local - once, length - tail - once)
+        return _cosine(1.0, constant_ratio, local - once, start - once)
     return constant_ratio
 
 
@@ -65,17 +66,20 @@ def _cosine(high: float, low: float, done: int, length: int) -> float:
     return low + (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _tail(length: int, fraction: float) -> int:
-    return max(1, round(length * fraction))
+def _tail_start(length: int, fraction: float, earliest: int) -> int:
+    """The first step of a phase's decay tail (its last `fraction`, at least one step), not before
+    `earliest`: a tail reaching back into the warm-up would cut the ramp short with a drop."""
+    return min(max(length - max(1, round(length * fraction)), earliest), length - 1)
 
 
-def _linear_tail(level: float, low: float, local: int, length: int, fraction: float) -> float:
-    """`level`, then a linear decay to `low` over the last `fraction` of the phase (its last step: low)."""
-    tail = _tail(length, fraction)
-    start = length - tail
+def _linear_tail(
+    level: float, low: float, local: int, length: int, fraction: float, earliest: int = 0
+) -> float:
+    """`level`, then a linear decay to `low` over the phase's tail (`_tail_start`; its last step: low)."""
+    start = _tail_start(length, fraction, earliest)
     if local < start:
         return level
-    return level + (low - level) * (local - start + 1) / tail
+    return level + (low - level) * (local - start + 1) / (length - start)
 
 
 def phase_schedule(

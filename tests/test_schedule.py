@@ -56,7 +56,7 @@ def test_a_new_peak_lr_takes_effect_at_the_resumed_step():
 
 def _shape(kind, steps=(10, 10, 10), **kw):
     starts = [sum(steps[:i]) for i in range(len(steps))]
-    args = dict(warmup=2, min_ratio=0.1, decay_fraction=0.3, constant_ratio=0.5, **kw)
+    args = dict(warmup=2, min_ratio=0.1, decay_fraction=0.3, constant_ratio=0.5) | kw
     return [phase_lr_factor(s, starts, list(steps), kind=kind, **args) for s in range(sum(steps))]
 
 
@@ -71,6 +71,16 @@ def test_wsd_warms_holds_and_cools_down_in_every_phase():
         assert f[p : p + 2] == pytest.approx([1 / 3, 2 / 3])
         assert f[p + 2 : p + 7] == [1.0] * 5  # stable
         assert f[p + 7 : p + 10] == pytest.approx([0.7, 0.4, 0.1])  # the last 30% decays to min_ratio
+
+
+def test_wsd_whose_decay_would_reach_into_the_warm_up_decays_after_it():
+    # 20-step phases, 10 warm-up steps, decay over the last 80%: the tail starts where the ramp ends,
+    # rather than cutting it off with a drop (it went 0.909 -> 0.606)
+    f = _shape("wsd", steps=(20, 20), warmup=10, decay_fraction=0.8)
+    for p in (0, 20):
+        assert f[p : p + 10] == pytest.approx([(k + 1) / 11 for k in range(10)])
+        assert f[p + 10 : p + 20] == pytest.approx([1 - 0.9 * (k + 1) / 10 for k in range(10)])
+        assert all(a > b for a, b in zip(f[p + 10 : p + 20], f[p + 11 : p + 20], strict=False))
 
 
 def test_infinite_cools_once_holds_the_plateau_and_anneals_at_the_end():
