@@ -71,10 +71,11 @@ class Regularisation(MethodBase):
         self.step += 1
         scale = _loss_scale(engine)  # fp16 gradients are still multiplied by the loss scale here
         window_start = self.phase_steps[self.phase - 1] - self.cfg.fisher_steps
-        parts = list(self._weights_and_grads())
-        collect = self.cfg.kind == "ewc" and self.step > window_start and self._collect_fisher(parts, scale)
+        collect = self.cfg.kind == "ewc" and self.step > window_start and self._collect_fisher(scale)
         terms = []  # (w - anchor) . pull of each part, on its device (a GPU one: no host sync per part)
-        for name, param, weight, grad in parts:
+        # one part at a time, as the loop always took them: listing every part first made this in-place
+        # add fail at ZeRO-3 with offload ("a leaf Variable that requires grad"), cause not traced
+        for name, param, weight, grad in self._weights_and_grads():
             # ewc without a Fisher yet (every step of the last phase was skipped) has nothing to protect
             if name in self.anchors and (self.cfg.kind == "l2" or name in self.fisher):
                 diff = weight.float() - self.anchors[name]
@@ -87,10 +88,10 @@ class Regularisation(MethodBase):
             penalty = torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64)
             self._record_penalty(0.5 * self.cfg.weight * penalty)
 
-    def _collect_fisher(self, parts: list, scale: float) -> bool:
+    def _collect_fisher(self, scale: float) -> bool:
         """Add this step's g^2 to the phase's Fisher sum, unless some rank's gradient is not finite (an
         fp16 overflow, which DeepSpeed skips): one inf would make the whole Fisher NaN and zero."""
-        squares = {name: (grad.float() / scale).square() for name, _, _, grad in parts}
+        squares = {name: (grad.float() / scale).square() for name, _, _, grad in self._weights_and_grads()}
         flags = [(~g2.isfinite()).any() for g2 in squares.values()]  # on the parts' device: one sync below
         bad = (torch.stack(flags).any() if flags else torch.tensor(False)).double().reshape(1)
         if self.partitioned:
