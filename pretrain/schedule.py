@@ -35,7 +35,8 @@ def phase_lr_factor(
     phase = max(0, bisect.bisect_right(phase_starts, step) - 1)
     local, length = step - phase_starts[phase], phase_steps[phase]
     if kind in ("rewarm_cosine", "wsd"):  # every phase warms up again
-        warm = min(warmup, max(length - 1, 0))
+        # the ramp leaves the phase two steps at least, so that a short phase still ends at the floor
+        warm = min(warmup, max(length - 2, 0))
         if local < warm:
             return (local + 1) / (warm + 1)
         if kind == "wsd":

@@ -19,6 +19,14 @@ def test_each_phase_rewarms_and_decays():
         assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
 
 
+@pytest.mark.parametrize("kind", ["rewarm_cosine", "wsd"])
+def test_a_phase_shorter_than_the_warm_up_still_ends_at_the_floor(kind):
+    # 3-step phases, 6 warm-up steps: the ramp is cut to leave the decay its steps (the phase ended at the
+    # peak before, and the next one began there)
+    f = [phase_lr_factor(s, [0, 3], [3, 3], warmup=6, min_ratio=0.1, kind=kind) for s in range(6)]
+    assert f == pytest.approx([0.5, 1.0, 0.1] * 2)
+
+
 def test_scheduler_drives_optimizer_lr():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = phase_schedule(opt, [4, 4], warmup=1, min_ratio=0.0)
