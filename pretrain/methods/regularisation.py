@@ -91,14 +91,16 @@ class Regularisation(MethodBase):
     def _collect_fisher(self, scale: float) -> bool:
         """Add this step's g^2 to the phase's Fisher sum, unless some rank's gradient is not finite (an
         fp16 overflow, which DeepSpeed skips): one inf would make the whole Fisher NaN and zero."""
-        squares = {name: (grad.float() / scale).square() for name, _, _, grad in self._weights_and_grads()}
-        flags = [(~g2.isfinite()).any() for g2 in squares.values()]  # on the parts' device: one sync below
+        # the check first, on the gradients themselves: squaring them all before it held a second fp32
+        # copy of this rank's gradient partition at once
+        flags = [(~grad.isfinite()).any() for *_, grad in self._weights_and_grads()]  # one sync below
         bad = (torch.stack(flags).any() if flags else torch.tensor(False)).double().reshape(1)
         if self.partitioned:
             all_reduce_sum(bad, self.group)
         if bad.item():
             return False
-        for name, g2 in squares.items():
+        for name, _, _, grad in self._weights_and_grads():
+            g2 = (grad.float() / scale).square()
             self.fisher_sum[name] = self.fisher_sum[name].add_(g2) if name in self.fisher_sum else g2
         return True
 
