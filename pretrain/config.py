@@ -111,6 +111,10 @@ class TrainConfig:
     # skip it and count it in the log and metrics.json (`skipped_records`)
     on_bad_record: Literal["error", "skip"] = "error"
 
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step on `world_size` ranks."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
 
 @dataclass(config=_STRICT)
 class EvalConfig:
@@ -623,7 +627,7 @@ def steps_for_phase(phase: PhaseConfig, train: TrainConfig, world_size: int) -> 
     """Optimizer steps of a phase; a token budget becomes whole steps of the global batch."""
     if phase.steps is not None:
         return phase.steps
-    tokens_per_step = train.micro_batch_size * train.grad_accum * train.seq_len * world_size
+    tokens_per_step = train.global_batch(world_size) * train.seq_len
     return max(1, math.ceil(phase.tokens / tokens_per_step))
 
 

@@ -66,7 +66,7 @@ def plan_elastic(cfg: RunConfig, run_dir: Path, tag: str, dist: DistInfo) -> Ela
     it again, or the global batch would silently go back to the config's."""
     old = saved_world_size(run_dir, tag)
     global_batch = _global_batch(cfg, run_dir, tag, old)
-    if old == dist.world_size and global_batch == cfg.train.micro_batch_size * cfg.train.grad_accum * old:
+    if old == dist.world_size and global_batch == cfg.train.global_batch(old):
         return None
     run_cfg = _keep_global_batch(cfg, global_batch, tag, old, dist.world_size)
     tag_dir = checkpoint_dir(run_dir) / tag
@@ -92,7 +92,7 @@ def _convert(tag_dir: Path) -> str | None:
 def _global_batch(cfg: RunConfig, run_dir: Path, tag: str, old_world: int) -> int:
     """Sequences per optimizer step when `tag` was written (before marks held it: the config's, unscaled)."""
     saved = checkpoint_meta(run_dir, tag).get("global_batch")
-    return saved or cfg.train.micro_batch_size * cfg.train.grad_accum * old_world
+    return saved or cfg.train.global_batch(old_world)
 
 
 def _keep_global_batch(cfg: RunConfig, global_batch: int, tag: str, old: int, new: int) -> RunConfig:

@@ -26,7 +26,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, written: TrainConfig | Non
         ds = json.load(f)
     t = cfg.train
     problems = run_owned_conflicts(ds, written or t, cfg.deepspeed.config)
-    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    global_batch = t.global_batch(world_size)
     if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
         problems.append(
             f"{cfg.deepspeed.config}: `train_batch_size` is {ds['train_batch_size']} but "

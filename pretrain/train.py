@@ -257,7 +257,7 @@ class Trainer:
             "phase_losses": self.phase_losses,
             "config": config_tree(self.cfg),  # what a resume compares its resumable keys against
         }
-        global_batch = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * self.dist.world_size
+        global_batch = self.cfg.train.global_batch(self.dist.world_size)
         meta = {
             "global_step": self.pos.global_step,
             "tokenizer": self.tokenizer_id,
@@ -271,8 +271,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum * t.seq_len * self.dist.world_size
+        return self.cfg.train.global_batch(self.dist.world_size) * self.cfg.train.seq_len
 
     def _curve_due(self, steps: int) -> bool:
         every = self.cfg.eval.every
