@@ -106,7 +106,25 @@ def _set_aside(metrics: Path) -> Path:
 
 def _changed_keys(cfg: RunConfig, saved: Path) -> dict[str, tuple]:
     """{key: (saved value, new value)} where the config differs from the run's config.yaml."""
-    return config_diff(yaml.safe_load(saved.read_text()), cfg) if saved.is_file() else {}
+    if not saved.is_file():
+        return {}
+    try:
+        tree = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError as err:
+        tree = err
+    if not isinstance(tree, dict):
+        # pretrain writes it whole (atomically); an emptied or hand-edited one cannot say what changed
+        raise RunDirError(
+            f"{saved} does not hold a run config ({_what_it_holds(tree)}); put back the config this run "
+            "was started with: --resume compares the new config against it"
+        )
+    return config_diff(tree, cfg)
+
+
+def _what_it_holds(tree: object) -> str:
+    if isinstance(tree, yaml.YAMLError):
+        return f"not valid YAML: {str(tree).splitlines()[0]}"
+    return "empty" if tree is None else f"a {type(tree).__name__}, not a mapping"
 
 
 def config_diff(old: dict, cfg: RunConfig) -> dict[str, tuple]:

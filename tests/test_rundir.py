@@ -73,6 +73,18 @@ def test_resume_refuses_other_changes_naming_them(started):
         prepare_run_dir(cfg, ONE, resume=True)
 
 
+@pytest.mark.parametrize(
+    ("text", "held"), [("", "empty"), ("- a\n- b\n", "a list"), ("train: {lr: [\n", "not valid YAML")]
+)
+def test_resume_names_a_config_yaml_that_holds_no_config(started, text, held):
+    cfg, run = started
+    _checkpointed(run)
+    (run / "config.yaml").write_text(text)
+    with pytest.raises(RunDirError, match=rf"config.yaml does not hold a run config \({held}.*put back"):
+        prepare_run_dir(cfg, ONE, resume=True)
+    assert (run / "config.yaml").read_text() == text  # left for the user to mend
+
+
 def test_resume_refuses_turning_lora_on(started):
     """A checkpoint of full training cannot go on as a LoRA run, nor the other way round."""
     cfg, run = started
