@@ -16,18 +16,22 @@ from pretrain.config import RUN_OWNED_DEEPSPEED_KEYS, ConfigError, RunConfig, Tr
 from pretrain.schedule import phase_schedule
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, written: TrainConfig | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: RunConfig, world_size: int, written: TrainConfig | None = None, check_global_batch: bool = True
+) -> dict[str, Any]:
     """The DeepSpeed JSON with the run's batch keys; ConfigError if it contradicts the run config.
 
     `written`: the train section as the user wrote it, which the JSON's repeated keys are checked
     against when the run trains with another grad_accum (an elastic resume scales it).
+    `check_global_batch`: False where this many ranks need not make the JSON's `train_batch_size` (an
+    evaluation; a resume on other ranks, which keeps the checkpoint's global batch).
     """
     with open(cfg.deepspeed.config) as f:
         ds = json.load(f)
     t = cfg.train
     problems = run_owned_conflicts(ds, written or t, cfg.deepspeed.config)
     global_batch = t.global_batch(world_size)
-    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
+    if check_global_batch and ds.get("train_batch_size", "auto") not in ("auto", global_batch):
         problems.append(
             f"{cfg.deepspeed.config}: `train_batch_size` is {ds['train_batch_size']} but "
             f"train.micro_batch_size x train.grad_accum x {world_size} ranks = {global_batch}; "
@@ -126,7 +130,7 @@ def eval_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     optimizer at those stages); their weights are whole on every rank, as at stage 0, which evaluates
     the same. Stage 3 stays: it shards the weights themselves.
     """
-    ds = deepspeed_config(cfg, world_size)
+    ds = deepspeed_config(cfg, world_size, check_global_batch=False)  # evaluation takes no optimizer step
     zero = ds.get("zero_optimization") or {}
     if zero.get("stage", 0) in (1, 2):
         ds["zero_optimization"] = {"stage": 0}

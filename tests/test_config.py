@@ -10,7 +10,7 @@ import yaml
 from conftest import tiny_run_config, write_config
 
 from pretrain.config import ConfigError, load_config, steps_for_phase
-from pretrain.engine import deepspeed_config
+from pretrain.engine import deepspeed_config, eval_deepspeed_config
 
 
 @pytest.fixture
@@ -157,6 +157,7 @@ def test_deepspeed_global_batch_must_match_the_world(tmp_path):
     assert "train_batch_size" not in deepspeed_config(cfg, world_size=2)  # 2 x 1 x 2 ranks = 4
     with pytest.raises(ConfigError, match=r"`train_batch_size` is 4 but .* x 3 ranks = 6"):
         deepspeed_config(cfg, world_size=3)
+    assert eval_deepspeed_config(cfg, world_size=3)  # an eval job on other ranks takes no optimizer step
 
 
 @pytest.mark.parametrize(

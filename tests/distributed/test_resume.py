@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,8 +235,13 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     requeued job gets 2 ranks: the stop checkpoint is converted to DeepSpeed's universal format, the
     stream continues from the same global block on the new ranks (accumulation 2 -> 1 keeps the global
     batch), and the phase ends with all its steps. Requeued again on 2 ranks (after a stop at step 20), it
-    keeps that accumulation: the checkpoint's global batch, not the config's (2 ranks x 2 would double it)."""
+    keeps that accumulation: the checkpoint's global batch, not the config's (2 ranks x 2 would double it).
+    The DeepSpeed JSON pins that global batch (`train_batch_size`), which the resumes keep."""
     cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",), train={"grad_accum": 2})
+    zero2 = json.loads(Path(cfg["deepspeed"]["config"]).read_text())
+    pinned = tmp_path / "zero2_pinned.json"
+    pinned.write_text(json.dumps({**zero2, "train_batch_size": 2 * cfg["train"]["micro_batch_size"]}))
+    cfg["deepspeed"]["config"] = str(pinned)
     path = write_config(cfg, tmp_path / "run.yaml")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pretrain", "train", "--config", str(path)],
