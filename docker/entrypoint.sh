@@ -176,7 +176,12 @@ main() {
     printf '\n'
     exit 0
   fi
-  exec "${cmd[@]}"
+  if [[ "$verb" != train ]]; then
+    exec "${cmd[@]}"
+  fi
+  # shellcheck source=launch/stop_on_signal.bash
+  source "$(dirname "${BASH_SOURCE[0]}")/../launch/stop_on_signal.bash"
+  run_stoppable "${cmd[@]}" # a SIGTERM to the container reaches the ranks through any launcher
 }
 
 main "$@"

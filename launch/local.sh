@@ -19,5 +19,7 @@ else
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   gpus=1
 fi
-exec deepspeed --num_gpus "${NUM_GPUS:-$gpus}" --master_port "${MASTER_PORT:-29500}" \
+# shellcheck source=launch/stop_on_signal.bash
+source launch/stop_on_signal.bash
+run_stoppable deepspeed --num_gpus "${NUM_GPUS:-$gpus}" --master_port "${MASTER_PORT:-29500}" \
   --module pretrain train --config "$config" --resume "$@"

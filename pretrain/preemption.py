@@ -2,20 +2,35 @@
 
 Schedulers (SLURM, Kubernetes) send SIGTERM before they kill a job. A signal may reach the ranks at
 different steps, so the trainer all-reduces the flag once per step and all ranks stop at the same one.
+
+A launcher may stand between the signal and the ranks (the deepspeed launcher on one machine does not
+pass SIGTERM on; torchrun's agent kills its workers 30 s later). The launch scripts
+(launch/stop_on_signal.bash) therefore also hand a stop over as a file, named by PRETRAIN_STOP_FILE, that
+every rank looks for at each micro-step.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the job's requeue logic resumes with --resume
 EXIT_NONFINITE = 76  # a NaN/inf loss with policy `stop`: the last good state is checkpointed
+STOP_FILE_ENV = "PRETRAIN_STOP_FILE"
 
 
 class StopRequest:
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
+    def __init__(self, stop_file: str | None = None) -> None:
+        self.signal_name = ""  # what asked for the stop; empty: nothing yet
+        stop_file = stop_file if stop_file is not None else os.environ.get(STOP_FILE_ENV)
+        self.stop_file = Path(stop_file) if stop_file else None
+
+    @property
+    def requested(self) -> bool:
+        if not self.signal_name and self.stop_file is not None and self.stop_file.exists():
+            self.signal_name = f"the launch script's stop file {self.stop_file}"
+        return bool(self.signal_name)
 
     def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -23,5 +38,4 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
         self.signal_name = signal.Signals(signum).name

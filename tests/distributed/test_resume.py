@@ -24,6 +24,7 @@ import torch
 from conftest import (
     REPO,
     assert_ok,
+    free_port,
     run_deepspeed,
     single_process_env,
     tiny_run_config,
@@ -277,3 +278,35 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     assert metrics["train"][0]["tokens"] == 40 * 4 * cfg["train"]["seq_len"]  # 4 sequences a step throughout
     changes = {c["key"]: (c["from"], c["to"]) for c in metrics["config_changes"]}
     assert changes == {"world_size": (1, 2), "train.grad_accum": (2, 1)}
+
+
+def test_sigterm_to_the_launch_script_stops_both_ranks_of_the_deepspeed_launcher_with_a_checkpoint(tmp_path):
+    """launch/local.sh under the real `deepspeed` command (2 CPU ranks). The launcher on one node does not
+    pass SIGTERM on to its ranks; the script hands the stop over as a file: both ranks stop at the same
+    step, the stop checkpoint is complete, and the script exits 75 (the launcher itself says 1)."""
+    cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",))
+    path = write_config(cfg, tmp_path / "run.yaml")
+    venv_bin = os.path.dirname(sys.executable)
+    env = {**single_process_env(), "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "TMPDIR": str(tmp_path)}
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env['PATH']}"
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "launch" / "local.sh"), str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "| step 3/40" in line:
+            proc.send_signal(signal.SIGTERM)  # to the script only, as `docker stop` signals PID 1
+            break
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(lines) + rest
+    assert proc.returncode == 75, log
+    assert "stopped by the launch script's stop file" in log
+    checkpoints = tmp_path / "run" / "checkpoints"
+    tag = (checkpoints / "latest").read_text()
+    assert tag.endswith("-stop")
+    assert json.loads((checkpoints / tag / "complete.json").read_text())["world_size"] == 2
