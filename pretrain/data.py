@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,6 +76,13 @@ class SkipCounter:
             logging.getLogger("pretrain").warning("skipped bad record: %s%s", message, more)
 
 
+class _Refusal(SkipCounter):
+    """The 'error' policy as a counter: the first bad record raises DataError, naming it."""
+
+    def add(self, message: str) -> None:
+        raise DataError(message)
+
+
 def bad_record_counter(policy: str) -> SkipCounter | None:
     """A fresh counter if `train.on_bad_record` is 'skip'; None (the first bad record raises) if 'error'."""
     return SkipCounter() if policy == "skip" else None
@@ -92,21 +99,7 @@ def read_documents(
     Without `skip` the first bad record raises DataError; with it, each bad record read is counted there.
     """
     for path in files:
-        path = str(path)
-        if skip is None:
-            yield from _file_documents(path, text_field)
-        else:
-            yield from _file_documents_skipping(path, text_field, skip)
-
-
-def _file_documents(path: str, text_field: str) -> Iterator[str]:
-    builder = _builder(path)
-    for i, record in enumerate(_records(path, builder, text_field)):
-        text = _text(builder, record, text_field)
-        if text is None:
-            raise DataError(f"{path}: {_bad_record(path, i, text_field, record)}")
-        if text.strip():
-            yield text
+        yield from _file_documents(str(path), text_field, skip if skip is not None else _Refusal())
 
 
 def _text(builder: str, record: dict, text_field: str) -> str | None:
@@ -117,12 +110,13 @@ def _text(builder: str, record: dict, text_field: str) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def _file_documents_skipping(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
-    """_file_documents, bad records skipped and counted.
+def _file_documents(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
+    """A file's documents, each bad record handed to `skip` (which counts it, or raises naming it).
 
-    Clean files take the fast `datasets` path. Its JSON loader fails a whole chunk for one bad line, so a
-    JSON Lines or text file is read line by line from its first bad record on, which also names the
-    line without re-reading the file; records before it were delivered already and are passed over.
+    Clean files take the fast `datasets` path. Its JSON loader fails a whole chunk for one bad line (and
+    for a valid record whose keys or types differ from the first chunk's), so a JSON Lines or text file
+    is read line by line from the first record it fails on, which also names the line without re-reading
+    the file; records before it were delivered already and are passed over.
     """
     builder = _builder(path)
     by_line = builder == "text" or _is_json_lines(path)
@@ -139,16 +133,18 @@ def _file_documents_skipping(path: str, text_field: str, skip: SkipCounter) -> I
             n += 1
         else:
             return
-    except Exception as err:  # as in _records; only line-based files can go on past the bad line
-        if not by_line:
+    except DataError:  # a bad record under the 'error' policy
+        raise
+    except Exception as err:  # pyarrow, json, unicode and datasets errors alike; only line-based files
+        if not by_line:  # can go on past the bad line, the others are diagnosed here
             raise DataError(f"{path}: {_diagnose(path, builder) or f'cannot be read ({err})'}") from err
     if builder == "text":
-        yield from _paragraphs_skipping(path, skip, start=n)
+        yield from _paragraphs_by_line(path, skip, start=n)
     else:
-        yield from _json_lines_skipping(path, text_field, skip, start=n)
+        yield from _json_lines_by_line(path, text_field, skip, start=n)
 
 
-def _json_lines_skipping(path: str, text_field: str, skip: SkipCounter, start: int) -> Iterator[str]:
+def _json_lines_by_line(path: str, text_field: str, skip: SkipCounter, start: int) -> Iterator[str]:
     """The documents of a JSON Lines file from record `start` on (records are its non-blank lines, as
     datasets counts them), read with the json module, bad ones counted in `skip`."""
     record = -1
@@ -179,10 +175,24 @@ def _json_line_text(raw: bytes, text_field: str) -> tuple[str | None, str]:
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     text = obj.get(text_field, _MISSING)
-    return (text, "") if isinstance(text, str) else (None, _describe_value(text, text_field))
+    if not isinstance(text, str):
+        return None, _describe_value(text, text_field)
+    surrogate = lone_surrogate(text)
+    return (None, f"field {text_field!r} {surrogate}") if surrogate else (text, "")
 
 
-def _paragraphs_skipping(path: str, skip: SkipCounter, start: int) -> Iterator[str]:
+def lone_surrogate(text: str) -> str:
+    """Why `text` cannot be tokenized, if it holds a lone surrogate (JSON allows the escape: a truncated
+    emoji, "\\ud83d"); '' if it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        return f"holds a lone surrogate (\\u{code:04x} at character {err.start}), which is not text"
+    return ""
+
+
+def _paragraphs_by_line(path: str, skip: SkipCounter, start: int) -> Iterator[str]:
     """The documents of a text file from paragraph `start` on, split as datasets splits them (on blank
     lines, newlines translated), a paragraph with undecodable bytes counted in `skip`."""
     line, paragraph = 1, -1
@@ -226,22 +236,23 @@ def _builder(path: str) -> str:
     return _BUILDERS[suffix]
 
 
-def _records(path: str, builder: str, text_field: str) -> Iterator[dict]:
-    """Raw records from `datasets`; its parse errors become a DataError that points at the bad line."""
-    try:
-        yield from _dataset_records(path, builder, text_field)
-    except Exception as err:  # pyarrow, json, unicode and datasets errors alike: diagnose the file ourselves
-        raise DataError(f"{path}: {_diagnose(path, builder) or f'cannot be read ({err})'}") from err
-
-
 def _dataset_records(path: str, builder: str, text_field: str) -> Iterator[dict]:
     import datasets  # deferred: importing datasets costs about a second
 
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else _json_options() if builder == "json" else {}
     ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
     if builder != "text" and ds.features is not None and text_field in ds.features:
         ds = ds.select_columns([text_field])  # other columns are never read: faster
     yield from ds
+
+
+def _json_options() -> dict:
+    """Recent `datasets` turn a field whose type changes after the first 10 MiB chunk into JSON text from
+    there to the file's end (every later document quoted and escaped, the bad value a document); fail
+    instead, so the record is read line by line and named."""
+    from datasets.packaged_modules.json.json import JsonConfig
+
+    return {"on_mixed_types": None} if "on_mixed_types" in {f.name for f in fields(JsonConfig)} else {}
 
 
 def _diagnose(path: str, builder: str) -> str | None:
@@ -273,12 +284,7 @@ def _starts_with_bracket(path: str) -> bool:
 
 
 def _bad_record(path: str, index: int, field: str, record: dict) -> str:
-    """Why record `index` (0-based) has no usable text; JSON Lines re-read its line to tell exactly."""
-    if _is_json_lines(path):
-        number, obj = _jsonl_record(path, index)
-        if not isinstance(obj, dict):
-            return f"line {number} (record {index + 1}): expected a JSON object, got {type(obj).__name__}"
-        return f"line {number} (record {index + 1}): {_describe_value(obj.get(field, _MISSING), field)}"
+    """Why record `index` (0-based) of a JSON array or Parquet file has no usable text."""
     # datasets fills a JSON array's missing fields with null; a Parquet column is there or not at all
     null = "null" if path.lower().endswith(".parquet") else "missing or null"
     return f"record {index + 1}: {_describe_value(record.get(field, _MISSING), field, null)}"
@@ -295,14 +301,6 @@ def _describe_value(value: object, field: str, null: str = "null") -> str:
 def _is_json_lines(path: str) -> bool:
     suffix = Path(path).suffix.lower()
     return suffix == ".jsonl" or (suffix == ".json" and not _starts_with_bracket(path))
-
-
-def _jsonl_record(path: str, index: int) -> tuple[int, object]:
-    """(line number, parsed object) of the index-th non-blank line: datasets skips blank lines."""
-    with open(path, encoding="utf-8") as f:
-        lines = ((n, line) for n, line in enumerate(f, start=1) if line.strip())
-        number, line = next(islice(lines, index, None))
-    return number, json.loads(line)
 
 
 # ---------------------------------------------------------------------------------------------- packing

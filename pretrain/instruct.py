@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.data import DataError, SkipCounter, _NewSkips, ids_tensor
+from pretrain.data import DataError, SkipCounter, _NewSkips, ids_tensor, lone_surrogate
 from pretrain.shuffle import Shuffle, shuffled
 
 if TYPE_CHECKING:
@@ -139,6 +139,9 @@ def _example(raw: bytes, instruction: InstructionConfig, where: str) -> tuple[Ex
         return None, f"{why} (instruction.answer)"
     if not prompt.strip():
         return None, "the prompt is empty or only whitespace"
+    for part, text in (("prompt", prompt), ("answer", answer)):
+        if surrogate := lone_surrogate(text):
+            return None, f"the {part} {surrogate} (instruction.{part})"
     return Example(prompt, answer, where), ""
 
 

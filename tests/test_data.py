@@ -314,6 +314,48 @@ def test_skip_in_text_json_array_and_parquet(tmp_path):
     assert f"{par}: record 2" in skip.examples[2] and "null" in skip.examples[2]
 
 
+# datasets reads JSON in 10 MiB chunks and fixes the columns' types from the first
+PAST_THE_FIRST_CHUNK = 11 * 2**20
+
+
+def _big_jsonl(path, late_record: str):
+    """~11 MiB of ordinary records, then `late_record`, then two more (one with escapes)."""
+    line = json.dumps({"text": "ordinary words " * 60}) + "\n"
+    n = PAST_THE_FIRST_CHUNK // len(line)
+    tail = [late_record, json.dumps({"text": 'after\n"quoted" caf\u00e9'}), json.dumps({"text": "last"})]
+    path.write_text(line * n + "\n".join(tail) + "\n")
+    return str(path), n
+
+
+def test_a_bad_type_past_the_first_chunk_is_named_not_turned_into_json_text(tmp_path):
+    path, n = _big_jsonl(tmp_path / "big.jsonl", '{"text": 2024}')
+    with pytest.raises(
+        DataError, match=rf"big.jsonl: line {n + 1} \(record {n + 1}\): field 'text' has type int"
+    ):
+        list(read_documents([path]))
+    skip = SkipCounter()
+    docs = list(read_documents([path], skip=skip))
+    assert len(docs) == n + 2 and docs[-2:] == ['after\n"quoted" café', "last"]  # not JSON-encoded
+    assert skip.count == 1 and f"line {n + 1}" in skip.examples[0]
+
+
+def test_a_valid_record_with_new_keys_past_the_first_chunk_is_read(tmp_path):
+    path, n = _big_jsonl(tmp_path / "big.jsonl", json.dumps({"text": "fine", "url": "https://x"}))
+    docs = list(read_documents([path]))
+    assert len(docs) == n + 3 and docs[-3:] == ["fine", 'after\n"quoted" café', "last"]
+
+
+def test_a_lone_surrogate_escape_is_a_bad_record_named_by_its_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "cut emoji \\ud83d"}\n{"text": "c"}\n')
+    with pytest.raises(
+        DataError, match=r"line 2 \(record 2\): field 'text' holds a lone surrogate \(\\ud83d"
+    ):
+        list(read_documents([str(path)]))
+    skip = SkipCounter()
+    assert list(read_documents([str(path)], skip=skip)) == ["a", "c"] and skip.count == 1
+
+
 def test_skip_leaves_clean_files_as_they_are(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("Para one,\nstill one.\n\n\nPara two.\n\n   \n\nPara three\n")

@@ -154,6 +154,7 @@ def test_model_inputs_text_blocks_train_every_token_examples_their_labels():
         ({"text": ["a"], "label": "x"}, "field 'text' is of type list"),
         ('{"text": "a", ', "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
+        ({"text": "cut \ud83d", "label": "x"}, "the prompt holds a lone surrogate (\\ud83d at character 4)"),
     ],
 )
 def test_bad_record_names_file_line_and_field(tmp_path, bad, why):
