@@ -280,3 +280,6 @@ def test_combinations_that_cannot_work_name_both_keys(tmp_path):
         load_config(two_phases, ["regularisation.kind=l2", f"deepspeed.config={ds}"])
     assert load_config(two_phases, ["regularisation.kind=l2"]).regularisation.weight == 1.0
     assert load_config(two_phases, [f"deepspeed.config={ds}"]).regularisation.kind == "none"
+    with pytest.raises(ConfigError, match=r"eval.inline: false` with `checkpoint.export: false`"):
+        load_config(two_phases, ["eval.inline=false", "checkpoint.export=false"])
+    assert not load_config(two_phases, ["eval.inline=false"]).eval.inline  # the eval jobs read the exports
