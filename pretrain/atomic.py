@@ -13,7 +13,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a node crash must not leave an empty file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -28,9 +28,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pretrain.data import DataError
     from pretrain.model import ModelError
     from pretrain.report import ReportError
+    from pretrain.results import ResultsError
     from pretrain.rundir import RunDirError
 
-    return (ConfigError, DataError, ModelError, ReportError, RunDirError, TaskDataError)
+    return (ConfigError, DataError, ModelError, ReportError, ResultsError, RunDirError, TaskDataError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -446,8 +446,9 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
         )
     if not cfg.eval.inline and not cfg.checkpoint.export:
         problems.append(
-            "key `eval.inline: false` with `checkpoint.export: false`: `pretrain eval` jobs evaluate each "
-            "phase's export (export/phase-N), so no phase could ever be evaluated; set checkpoint.export: true"
+            "key `eval.inline: false` with `checkpoint.export: false`: `pretrain eval` jobs evaluate "
+            "each phase's export (export/phase-N), so no phase could ever be evaluated; set "
+            "checkpoint.export: true"
         )
     if cfg.replay.share > 0 and len(cfg.phases) < 2 and not cfg.replay.sources:
         problems.append(

@@ -59,7 +59,12 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise ReportError(f"{run_dir}: no metrics.json (has the run evaluated anything yet?)")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} holds a {type(data).__name__}, not a run's results")
     missing = [k for k in ("domains", "phases", "eval_loss", "perplexity") if k not in data]
     if missing:
         raise ReportError(f"{path}: missing {', '.join(missing)}")
@@ -132,7 +137,7 @@ def write_migu_pictures(data: dict[str, Any], run_dir: str | Path, title: str) -
 
 def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[str] = ()) -> str:
     domains, phases = data["domains"], data["phases"]
-    done = _rows_present(data["eval_loss"]) - 1
+    done = max(_rows_present(data["eval_loss"]) - 1, 0)  # row 0 is the model before phase 1
     lines = [f"# Run report: {title}", ""]
     method = data.get("method")
     if isinstance(method, dict) and method:
@@ -713,7 +718,7 @@ def comparison_markdown(runs: list[RunMetrics]) -> str:
     lines += ["", "Final held-out loss per domain:", ""]
     lines += ["| run | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     for r in runs:
-        last = r.data["eval_loss"][-1] or []
+        last = (r.data["eval_loss"] or [None])[-1] or []  # no row yet: an eval job has still to write one
         cells = {d: _cell_text(v, "{:.4f}") for d, v in zip(r.data["domains"], last, strict=False)}
         lines.append(f"| {r.label} | " + " | ".join(cells.get(d, "—") for d in domains) + " |")
     lines += [""] + comparison_section([(r.label, r.data) for r in runs])

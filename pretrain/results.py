@@ -19,6 +19,11 @@ from typing import Any
 from pretrain.atomic import write_json_atomic
 from pretrain.config import RunConfig
 from pretrain.data import SKIP_EXAMPLES, SkipCounter
+from pretrain.logs import log
+
+
+class ResultsError(ValueError):
+    """A run's metrics.json cannot be read."""
 
 
 @dataclass
@@ -176,13 +181,19 @@ class RunResults:
         """
         path = Path(path)
         with metrics_lock(path):
-            taken = self.adopt_eval_rows(RunResults.load(path)) if path.is_file() else []
+            taken = self.adopt_eval_rows(on_disk) if (on_disk := _readable(path)) else []
             write_json_atomic(path, self.to_dict())
         return taken
 
     @classmethod
     def load(cls, path: str | Path) -> RunResults:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ResultsError(f"{path} is not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ResultsError(f"{path} holds a {type(data).__name__}, not a run's results")
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
@@ -191,6 +202,22 @@ class RunResults:
         results.summary = results._forgetting() if results.eval_loss else {}
         results.accuracy_metrics = results._accuracy_metrics()
         return results
+
+
+def _readable(path: Path) -> RunResults | None:
+    """The results on disk; None if there are none, or none readable: the writer's own rows are whole, so
+    an unreadable file (emptied or edited by hand) is set aside, kept, rather than stopping every save."""
+    if not path.is_file():
+        return None
+    try:
+        return RunResults.load(path)
+    except ResultsError as err:
+        n = 1
+        while (kept := path.with_name(f"{path.stem}.unreadable-{n}{path.suffix}")).exists():
+            n += 1
+        path.rename(kept)
+        log.warning("%s: kept as %s; written again from this run's rows", err, kept.name)
+        return None
 
 
 @contextmanager

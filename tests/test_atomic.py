@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import tiny_run_config
 
@@ -14,13 +12,11 @@ def test_a_write_that_fails_midway_leaves_the_old_config_whole(tmp_path, monkeyp
     path = tmp_path / "config.yaml"
     save_config(validate(tiny_run_config(tmp_path)), path)
     before = path.read_text()
-    real_write = Path.write_text
 
-    def disk_full(self, text, *args, **kwargs):  # half the text reaches the disk, then ENOSPC
-        real_write(self, text[: len(text) // 2], *args, **kwargs)
+    def disk_full(fd):  # the text is written, then the disk cannot take it: ENOSPC when it is flushed
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr("pretrain.atomic.os.fsync", disk_full)
     changed = validate(tiny_run_config(tmp_path, train={"lr": 0.5}))
     with pytest.raises(OSError, match="No space left"):
         save_config(changed, path)

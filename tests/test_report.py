@@ -292,6 +292,25 @@ def test_missing_metrics_json(tmp_path):
         write_report(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("", "is not valid JSON"), ('{"eval_loss": [', "is not valid JSON"), ("[]", "holds a list")],
+)
+def test_an_unreadable_metrics_json_is_named(tmp_path, text, why):
+    (tmp_path / "metrics.json").write_text(text)
+    with pytest.raises(ReportError, match=f"metrics.json {why}"):
+        write_report(tmp_path)
+
+
+def test_a_run_with_no_row_yet_is_reported_and_compared(tmp_path):
+    # eval.inline false: the trainer writes the file before any eval job has filled row 0
+    empty = write_run(tmp_path / "empty", loss=[], method="migu")
+    write_report(empty)
+    assert "0 of 3 phases evaluated" in (empty / "report.md").read_text()
+    text = compare_runs([write_run(tmp_path / "done"), empty], tmp_path / "cmp").read_text()
+    assert "| migu | — | — | — | — |" in text  # its final losses: none yet
+
+
 def three_runs(tmp_path):
     none = write_run(tmp_path / "a", method="none")  # avg_forgetting 0.55, plasticity 1.8667
     rand = [list(r) for r in LOSS]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from pretrain.results import RunResults
+import pytest
+
+from pretrain.results import ResultsError, RunResults
 
 
 def _ev(loss: float) -> dict:
@@ -90,3 +92,19 @@ def test_accuracy_cells_an_eval_job_wrote_are_kept(tmp_path):
     assert on_disk["tasks"] == ["t_a", "t_new"]
     assert on_disk["accuracy"] == [[0.25, 0.75], [0.5, 0.75]]  # the trainer's own cell wins
     assert on_disk["accuracy_metrics"]["avg_final_accuracy"] == 0.625
+
+
+def test_a_save_over_an_unreadable_file_keeps_it_aside_and_writes_its_own_rows(tmp_path):
+    """A metrics.json emptied or torn outside pretrain must not stop every save (and so every resume)."""
+    path = tmp_path / "metrics.json"
+    path.write_text('{"eval_loss": [[5.0')
+    with pytest.raises(ResultsError, match=r"metrics.json is not valid JSON"):
+        RunResults.load(path)
+    trainer = _results()
+    trainer.set_eval(0, _ev(3.0))
+    assert trainer.save(path) == []
+    assert json.loads(path.read_text())["eval_loss"] == [[3.0, 4.0]]
+    assert (tmp_path / "metrics.unreadable-1.json").read_text() == '{"eval_loss": [[5.0'  # kept as it was
+    path.write_text("[]")
+    trainer.save(path)
+    assert (tmp_path / "metrics.unreadable-2.json").read_text() == "[]"
