@@ -130,6 +130,11 @@ class ReplayStream:
                 yield torch.stack(batch)
                 batch = []
 
+    def source_skips(self) -> dict[str, SkipCounter]:
+        """Each replay source's bad records met so far (the policy 'skip'; none under 'error')."""
+        readers = (self.readers[n] for n in range(len(self.names)))
+        return {name: r.skip for name, r in zip(self.names, readers, strict=True) if r.skip is not None}
+
     def state_dict(self) -> dict:
         return {
             "replay": {

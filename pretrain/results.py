@@ -140,11 +140,13 @@ class RunResults:
 
     def count_skipped(self, split: str, domain: str, skip: SkipCounter | None) -> None:
         """Record the bad records skipped reading a domain's split. A held-out set is read whole every
-        time, so its count is set; training counts add up over the phases that train the domain."""
+        time, so its count is set. Every pass over a domain's training files (each phase that trains it,
+        each replay of it) reads them from the first record, so the bad records met are the most any pass
+        met, not their sum."""
         if skip is None:
             return
         counts = self.skipped_records.setdefault(split, {})
-        counts[domain] = skip.count + (counts.get(domain, 0) if split == "train" else 0)
+        counts[domain] = max(skip.count, counts.get(domain, 0)) if split == "train" else skip.count
         examples = self.skipped_records.setdefault("examples", [])
         examples.extend(m for m in skip.examples if m not in examples)
         del examples[SKIP_EXAMPLES:]

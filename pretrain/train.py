@@ -159,6 +159,9 @@ class Trainer:
             row["skipped_records"] = skip.count
             self.results.count_skipped("train", domain, skip)
             log.info("phase %d %s: %d bad records skipped", phase, domain, skip.count)
+        if isinstance(self.stream, ReplayStream):
+            for name, source_skip in self.stream.source_skips().items():
+                self.results.count_skipped("train", name, source_skip)
         self.results.train.append(row)
         self.phase_losses = []
 

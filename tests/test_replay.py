@@ -10,7 +10,7 @@ import torch
 from conftest import corpus_lines, texts_jsonl, tiny_run_config
 
 from pretrain.config import validate
-from pretrain.data import TrainStream
+from pretrain.data import SkipCounter, TrainStream
 from pretrain.replay import (
     ReplayStream,
     locate,
@@ -20,6 +20,7 @@ from pretrain.replay import (
     replay_summary,
     reshard_replay_state,
 )
+from pretrain.results import RunResults
 from pretrain.tokenizer import train_tokenizer
 
 SEQ_LEN = 16
@@ -152,3 +153,22 @@ def test_summary_counts_the_replayed_tokens_per_source():
     assert summary["tokens"] == {"news": 5 * 32, "general": 5 * 32}
     odd = replay_summary(Fraction(1, 20), ["a", "b", "c"], blocks=100, seq_len=8)
     assert odd["tokens"] == {"a": 16, "b": 16, "c": 8}
+
+
+def test_bad_records_of_a_replay_source_are_counted_under_its_name(corpora, tmp_path):
+    files, tok = corpora
+    lines = open(files["news"], encoding="utf-8").read().splitlines()
+    news = tmp_path / "news.jsonl"
+    news.write_text("\n".join(lines[:3] + ['{"text": 7}'] + lines[3:]) + "\n")
+    sources = {"news": ([str(news)], "text", SkipCounter()), "docs": ([files["docs"]], "text", SkipCounter())}
+    own = ([files["plays"]], "text", SkipCounter())
+    stream = ReplayStream(own, sources, Fraction(1, 2), tok, SEQ_LEN, 0, 1, 2)
+    it = iter(stream)
+    for _ in range(20):
+        next(it)
+    assert {name: s.count for name, s in stream.source_skips().items()} == {"news": 1, "docs": 0}
+    results = RunResults(domains=["news", "docs", "plays"], phases=["news", "docs", "plays"], method={})
+    results.count_skipped("train", "news", SkipCounter(count=1))  # phase 1 met the same record
+    for name, skip in stream.source_skips().items():
+        results.count_skipped("train", name, skip)
+    assert results.skipped_records["train"] == {"news": 1, "docs": 0}  # one bad record, met twice
