@@ -72,8 +72,11 @@ class RunResults:
     def add_curve_point(
         self, phase: int, step: int, global_step: int, ev: dict[str, dict[str, float]]
     ) -> None:
-        """A point of the forgetting curves: every domain's held-out loss at `global_step`."""
+        """A point of the forgetting curves: every domain's held-out loss at `global_step`. A point at a step
+        already there replaces it: a run stopped before its first step evaluates its initial model again."""
         loss = [ev["loss"][d] for d in self.domains]
+        at = (phase, global_step)
+        self.eval_curve = [p for p in self.eval_curve if (p["phase"], p["global_step"]) != at]
         self.eval_curve.append({"phase": phase, "step": step, "global_step": global_step, "loss": loss})
 
     def _put_row(self, row: int, losses: list[float], perplexities: list[float]) -> None:

@@ -108,3 +108,15 @@ def test_a_save_over_an_unreadable_file_keeps_it_aside_and_writes_its_own_rows(t
     path.write_text("[]")
     trainer.save(path)
     assert (tmp_path / "metrics.unreadable-2.json").read_text() == "[]"
+
+
+def test_a_curve_point_evaluated_again_replaces_the_first():
+    # a stop before the first step checkpoints at global step 0; the resumed run evaluates row 0 again
+    results = _results()
+    results.add_curve_point(0, 0, 0, _ev(5.0))
+    results.add_curve_point(0, 0, 0, _ev(5.0))
+    results.add_curve_point(1, 2, 2, _ev(4.0))
+    assert [(p["phase"], p["global_step"], p["loss"]) for p in results.eval_curve] == [
+        (0, 0, [5.0, 6.0]),
+        (1, 2, [4.0, 5.0]),
+    ]
