@@ -53,6 +53,12 @@ class RunResults:
     summary: dict[str, Any] = field(default_factory=dict)
     accuracy_metrics: dict[str, Any] = field(default_factory=dict)  # computed from `accuracy`, never loaded
 
+    def __post_init__(self) -> None:
+        # rows this process evaluated (or scored) since its last save: they win over the file's; every
+        # other row is taken from the file, where an eval job may have re-evaluated it since
+        self._fresh_loss: set[int] = set()
+        self._fresh_accuracy: set[int] = set()
+
     @classmethod
     def for_run(cls, cfg: RunConfig) -> RunResults:
         return cls(
@@ -66,6 +72,7 @@ class RunResults:
         """Store the evaluation of the model after phase `row` (0 = initial); rows fill in order."""
         losses = [ev["loss"][d] for d in self.domains]
         self._put_row(row, losses, [ev["perplexity"][d] for d in self.domains])
+        self._fresh_loss.add(row)
         self.eval_tokens = dict(ev["tokens"])
         self.summary = self._forgetting()
 
@@ -96,21 +103,24 @@ class RunResults:
             self.accuracy.append(None)
         old = self.accuracy[row] or [None] * len(self.tasks)
         self.accuracy[row] = [scores["accuracy"].get(t, old[j]) for j, t in enumerate(self.tasks)]
+        self._fresh_accuracy.add(row)
         self.task_docs.update(scores.get("docs", {}))
         self.harness = scores.get("harness", self.harness)
         self.task_metric = scores.get("metric", self.task_metric)
         self.accuracy_metrics = self._accuracy_metrics()
 
     def _adopt_accuracy(self, other: RunResults) -> list[int]:
-        """Take over the accuracy cells `other` has and this lacks; return their rows."""
+        """Take over the accuracy cells `other` has and this lacks or did not score itself; return their
+        rows."""
         taken = []
         for row, values in enumerate(other.accuracy):
             own = self.accuracy[row] if row < len(self.accuracy) else None
             mine = dict(zip(self.tasks, own, strict=True)) if own else {}
+            fresh = row in self._fresh_accuracy
             new = {
                 t: v
                 for t, v in zip(other.tasks, values or [], strict=False)
-                if v is not None and mine.get(t) is None
+                if v is not None and (mine.get(t) is None or (not fresh and v != mine[t]))
             }
             if new:
                 docs = {t: n for t, n in other.task_docs.items() if t in new}
@@ -121,18 +131,23 @@ class RunResults:
                     "metric": other.task_metric,
                 }
                 self.set_accuracy(row, scores)
+                if not fresh:  # taken over, not scored here
+                    self._fresh_accuracy.discard(row)
                 taken.append(row)
         return taken
 
     def adopt_eval_rows(self, other: RunResults) -> list[int]:
-        """Take over the evaluation rows `other` has and this lacks (rows an eval job wrote to disk)."""
+        """Take over the evaluation rows `other` has (an eval job wrote them to disk) where this has none,
+        or has one it did not evaluate itself since its last save (an eval job re-evaluated it)."""
         if other.domains != self.domains:
             return []
         accuracy_rows = self._adopt_accuracy(other)
+        mine = self.eval_loss + [None] * max(len(other.eval_loss) - len(self.eval_loss), 0)
+        replaceable = [row is None or i not in self._fresh_loss for i, row in enumerate(mine)]
         taken = [
             row
             for row, losses in enumerate(other.eval_loss)
-            if losses is not None and (row >= len(self.eval_loss) or self.eval_loss[row] is None)
+            if losses is not None and replaceable[row] and losses != mine[row]
         ]
         for row in taken:
             self._put_row(row, other.eval_loss[row], other.perplexity[row])
@@ -188,6 +203,8 @@ class RunResults:
         with metrics_lock(path):
             taken = self.adopt_eval_rows(on_disk) if (on_disk := _readable(path)) else []
             write_json_atomic(path, self.to_dict())
+        self._fresh_loss.clear()
+        self._fresh_accuracy.clear()
         return taken
 
     @classmethod

@@ -87,11 +87,33 @@ def test_accuracy_cells_an_eval_job_wrote_are_kept(tmp_path):
     job.set_accuracy(0, _scores(t_a=0.5, t_new=0.75))  # the job scores a task the run added later
     job.set_accuracy(1, _scores(t_a=0.5, t_new=0.75))
     job.save(path)
+    trainer.set_accuracy(0, _scores(t_a=0.125))  # scored in line again meanwhile (not saved yet)
     assert trainer.save(path) == [0, 1]
     on_disk = json.loads(path.read_text())
     assert on_disk["tasks"] == ["t_a", "t_new"]
-    assert on_disk["accuracy"] == [[0.25, 0.75], [0.5, 0.75]]  # the trainer's own cell wins
+    assert on_disk["accuracy"] == [[0.125, 0.75], [0.5, 0.75]]  # the trainer's unsaved cell wins
     assert on_disk["accuracy_metrics"]["avg_final_accuracy"] == 0.625
+
+
+def test_rows_an_eval_job_evaluated_again_are_not_reverted_by_the_trainer(tmp_path):
+    """A resume changed eval.max_blocks; the user re-ran `pretrain eval` on the earlier rows: the
+    trainer's next save keeps the job's rows, not the copies it holds from before (or its checkpoint)."""
+    path = tmp_path / "metrics.json"
+    trainer = _results()
+    trainer.set_eval(0, _ev(5.0))
+    trainer.set_eval(1, _ev(3.0))
+    trainer.set_accuracy(1, _scores(t_a=0.25))
+    trainer.save(path)
+    job = RunResults.load(path)
+    job.set_eval(0, _ev(5.5))
+    job.set_eval(1, _ev(3.5))
+    job.set_accuracy(1, _scores(t_a=0.375))
+    job.save(path)
+    trainer.set_eval(2, _ev(2.0))  # the trainer goes on: its new row is its own
+    assert trainer.save(path) == [0, 1]
+    on_disk = json.loads(path.read_text())
+    assert on_disk["eval_loss"] == [[5.5, 6.5], [3.5, 4.5], [2.0, 3.0]] == trainer.eval_loss
+    assert on_disk["accuracy"] == [None, [0.375]]
 
 
 def test_a_save_over_an_unreadable_file_keeps_it_aside_and_writes_its_own_rows(tmp_path):
