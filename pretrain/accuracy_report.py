@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from pretrain.metrics import MetricsError, accuracy_metrics, row_label
+from pretrain.metrics import MetricsError, row_label, scored_accuracy_metrics
 
 DEFINITIONS = {
     "avg_final_accuracy": "mean accuracy after the last phase over all tasks (higher is better)",
@@ -33,7 +33,7 @@ def accuracy_summary(data: dict[str, Any]) -> dict[str, Any]:
     if not rows or any(row is None for row in rows):
         return {}
     try:
-        return accuracy_metrics(data["tasks"], data["phases"], data.get("task_domains") or {}, rows)
+        return scored_accuracy_metrics(data["tasks"], data["phases"], data.get("task_domains") or {}, rows)
     except MetricsError as err:
         return {"error": str(err)}
 
@@ -62,6 +62,17 @@ def scoring_changed_note(data: dict[str, Any], keys: Sequence[str], matrix: str)
     ]
 
 
+def _left_out_note(left_out: dict[str, list[int]]) -> list[str]:
+    if not left_out:
+        return []
+    what = "; ".join(f"{t} (rows {', '.join(map(str, rows))})" for t, rows in left_out.items())
+    return [
+        f"Left out of the metrics above, not scored in every row: {what}. A task added on a resume is "
+        "scored on the earlier rows by `pretrain eval --run DIR`; one removed is not scored again.",
+        "",
+    ]
+
+
 def accuracy_section(data: dict[str, Any]) -> list[str]:
     """report.md's section on downstream accuracy; nothing for a run without eval.tasks."""
     tasks = data.get("tasks") or []
@@ -76,7 +87,8 @@ def accuracy_section(data: dict[str, Any]) -> list[str]:
     if summary:
         lines += ["| metric | value | meaning |", "|---|---|---|"]
         lines += [f"| `{m}` | {metric_text(m, summary.get(m))} | {text} |" for m, text in DEFINITIONS.items()]
-        lines += [""] + _untrained_table(summary.get("untrained") or {})
+        lines += [""] + _left_out_note(summary.get("left_out") or {})
+        lines += _untrained_table(summary.get("untrained") or {})
         lines += scoring_changed_note(data, ACCURACY_SCORING_KEYS, "accuracy matrix")
     return lines + ["![accuracy matrix](accuracy_heatmap.png)", ""]
 

@@ -86,6 +86,30 @@ def accuracy_metrics(
     }
 
 
+def scored_accuracy_metrics(
+    tasks: Sequence[str],
+    phases: Sequence[str],
+    task_domains: dict[str, str],
+    accuracy: Sequence[Sequence[float | None]],
+) -> dict[str, Any]:
+    """accuracy_metrics over the tasks scored in every row so far; the others are named in `left_out`
+    ({task: rows without a score}). A task removed from eval.tasks on a resume is never scored again,
+    and one added is scored on the earlier rows only by a `pretrain eval` job: neither holds back the
+    metrics of the rest. MetricsError if no task is scored in every row."""
+    tasks = list(tasks)
+    missing = {t: [i for i, row in enumerate(accuracy) if row[j] is None] for j, t in enumerate(tasks)}
+    left_out = {t: rows for t, rows in missing.items() if rows}
+    if not left_out:
+        return accuracy_metrics(tasks, phases, task_domains, accuracy)
+    kept = [j for j, t in enumerate(tasks) if t not in left_out]
+    if not kept:
+        first = next(iter(left_out.items()))
+        raise MetricsError(f"no task is scored in every row yet (task {first[0]!r}: rows {first[1]} missing)")
+    rows = [[row[j] for j in kept] for row in accuracy]
+    links = {t: d for t, d in task_domains.items() if t not in left_out}
+    return {**accuracy_metrics([tasks[j] for j in kept], phases, links, rows), "left_out": left_out}
+
+
 def _signed_metrics(columns: list[str], trained: list[str | None], loss: list[list[float]]) -> dict[str, Any]:
     """forgetting, bwt, plasticity and fwt of a lower-is-better matrix; trained[k-1]: phase k's column."""
     last = len(loss) - 1

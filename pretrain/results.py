@@ -180,12 +180,12 @@ class RunResults:
             return {"error": str(err)}
 
     def _accuracy_metrics(self) -> dict[str, Any]:
-        from pretrain.metrics import accuracy_metrics
+        from pretrain.metrics import scored_accuracy_metrics
 
         if not self.accuracy or any(row is None for row in self.accuracy):
             return {}
         try:
-            return accuracy_metrics(self.tasks, self.phases, self.task_domains, self.accuracy)
+            return scored_accuracy_metrics(self.tasks, self.phases, self.task_domains, self.accuracy)
         except ValueError as err:  # a cell not scored yet (a task added on resume): said, not made up
             return {"error": str(err)}
 

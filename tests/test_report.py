@@ -431,9 +431,11 @@ def test_report_accuracy_partway_and_with_a_missing_cell(tmp_path):
     missing = {**ACCURACY, "accuracy": [[0.5, 0.625], [0.75, None]]}  # a task added on a resume
     text = write_report(write_run(tmp_path / "b", **missing)).read_text()
     assert "| after phase 1 (code) | **0.7500** | — |" in text
-    assert (
-        "**Metrics not computed:** accuracy of task 'general' after phase 1 (code) (row 1) is missing" in text
-    )
+    assert "| `plasticity` | +0.2500 |" in text  # of t_code alone: 6/8 - 4/8
+    assert "Left out of the metrics above, not scored in every row: general (rows 1)." in text
+    none_whole = {**ACCURACY, "accuracy": [[0.5, None], [None, 0.5]]}
+    text = write_report(write_run(tmp_path / "d", **none_whole)).read_text()
+    assert "**Metrics not computed:** no task is scored in every row yet (task 't_code': rows [1]" in text
     assert "## Accuracy" not in write_report(write_run(tmp_path / "c")).read_text()  # no eval.tasks
 
 
