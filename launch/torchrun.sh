@@ -17,6 +17,8 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
-exec torchrun --nnodes="$nnodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
+# shellcheck source=launch/stop_on_signal.bash
+source launch/stop_on_signal.bash
+run_stoppable torchrun --nnodes="$nnodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
   --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="${RDZV_ID:-pretrain}" \
   -m pretrain train --config "$config" --resume "$@"

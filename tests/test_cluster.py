@@ -481,3 +481,48 @@ def test_the_entry_points_train_verb_stops_on_sigterm_and_exits_75(tmp_path, con
     _when_ready(tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 75
+
+
+def _stand_in(path: Path, body: str) -> None:
+    path.write_text(f"#!{sys.executable}\nimport json, os, pathlib, subprocess, sys, time\n{body}")
+    path.chmod(0o755)
+
+
+def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
+    """USR1 (--signal=B:USR1@300) to the batch shell: the ranks are asked to stop through the stop file
+    (torchrun, signalled, would SIGKILL them 30 s later), and only once srun has ended is the job
+    requeued. Stand-ins: srun runs its command here; torchrun waits for the stop file and exits 1, as
+    torchrun does when its ranks exit 75; scontrol records what it is asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.log"
+    _stand_in(bin_dir / "srun", "os.execvp(sys.argv[3], sys.argv[3:])\n")  # drop the two srun options
+    _stand_in(
+        bin_dir / "torchrun",
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+        "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\nsys.exit(1)\n",
+    )
+    _stand_in(
+        bin_dir / "scontrol",
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "print('node-a') if sys.argv[1:3] == ['show', 'hostnames'] else None\n",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in SCHEDULER_VARS and not k.startswith("SLURM_")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        SLURM_JOB_ID="123",
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_NODELIST="node-a",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+    )
+    script = ["bash", str(REPO / "launch" / "slurm.sbatch"), "cfg.yaml"]
+    proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, text=True)
+    _when_ready(tmp_path)
+    assert calls.read_text() == "show hostnames node-a\n"  # not requeued yet: the ranks are still running
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "the ranks stopped (srun status 1), requeueing" in out
+    assert calls.read_text().splitlines()[-1] == "requeue 123"
+    assert not (tmp_path / ".pretrain-stop-123").exists()  # a requeued job starts without a stop request
