@@ -244,21 +244,9 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     pinned.write_text(json.dumps({**zero2, "train_batch_size": 2 * cfg["train"]["micro_batch_size"]}))
     cfg["deepspeed"]["config"] = str(pinned)
     path = write_config(cfg, tmp_path / "run.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pretrain", "train", "--config", str(path)],
-        cwd=REPO,
-        env=single_process_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "| step 3/40" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, "".join(lines) + rest
+    cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(path)]
+    returncode, log = _sigterm_at_step_3(cmd, single_process_env())
+    assert returncode == 75, log
     run = tmp_path / "run"
     tag = (run / "checkpoints" / "latest").read_text()
     assert tag.endswith("-stop")
@@ -289,24 +277,26 @@ def test_sigterm_to_the_launch_script_stops_both_ranks_of_the_deepspeed_launcher
     venv_bin = os.path.dirname(sys.executable)
     env = {**single_process_env(), "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "TMPDIR": str(tmp_path)}
     env["PATH"] = f"{venv_bin}{os.pathsep}{env['PATH']}"
-    proc = subprocess.Popen(
-        ["bash", str(REPO / "launch" / "local.sh"), str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "| step 3/40" in line:
-            proc.send_signal(signal.SIGTERM)  # to the script only, as `docker stop` signals PID 1
-            break
-    rest, _ = proc.communicate(timeout=300)
-    log = "".join(lines) + rest
-    assert proc.returncode == 75, log
+    # to the script only, as `docker stop` signals PID 1
+    returncode, log = _sigterm_at_step_3(["bash", str(REPO / "launch" / "local.sh"), str(path)], env)
+    assert returncode == 75, log
     assert "stopped by the launch script's stop file" in log
     checkpoints = tmp_path / "run" / "checkpoints"
     tag = (checkpoints / "latest").read_text()
     assert tag.endswith("-stop")
     assert json.loads((checkpoints / tag / "complete.json").read_text())["world_size"] == 2
+
+
+def _sigterm_at_step_3(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `cmd` (a 40-step phase), SIGTERM it once step 3 is logged; its exit status and output."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "| step 3/40" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + rest
