@@ -488,11 +488,14 @@ def _stand_in(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
-    """USR1 (--signal=B:USR1@300) to the batch shell: the ranks are asked to stop through the stop file
-    (torchrun, signalled, would SIGKILL them 30 s later), and only once srun has ended is the job
-    requeued. Stand-ins: srun runs its command here; torchrun waits for the stop file and exits 1, as
-    torchrun does when its ranks exit 75; scontrol records what it is asked."""
+# the stand-in torchrun once the stop file is there: its ranks stopped (torchrun reports them as 1), the
+# run ended by itself first (0), or the ranks are busy elsewhere (an evaluation) and never look
+TORCHRUN_AFTER_THE_STOP = {"stopped": "sys.exit(1)", "finished": "sys.exit(0)", "busy": "time.sleep(60)"}
+
+
+def _slurm_job(tmp_path, ranks: str) -> tuple[subprocess.Popen, Path]:
+    """slurm.sbatch with stand-ins: srun runs its command here, torchrun waits for the stop file and then
+    does what `ranks` says, scontrol records what it is asked (and its log's path comes back)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.log"
@@ -500,7 +503,8 @@ def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
     _stand_in(
         bin_dir / "torchrun",
         f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
-        "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\nsys.exit(1)\n",
+        "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\n"
+        f"{TORCHRUN_AFTER_THE_STOP[ranks]}\n",
     )
     _stand_in(
         bin_dir / "scontrol",
@@ -515,14 +519,49 @@ def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
         SLURM_NODEID="0",
         SLURM_JOB_NODELIST="node-a",
         SLURM_SUBMIT_DIR=str(tmp_path),
+        REQUEUE_AFTER="1",
     )
     script = ["bash", str(REPO / "launch" / "slurm.sbatch"), "cfg.yaml"]
-    proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(script, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     _when_ready(tmp_path)
     assert calls.read_text() == "show hostnames node-a\n"  # not requeued yet: the ranks are still running
     proc.send_signal(signal.SIGUSR1)
+    return proc, calls
+
+
+def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
+    """USR1 (--signal=B:USR1@300) to the batch shell: the ranks are asked to stop through the stop file
+    (torchrun, signalled, would SIGKILL them 30 s later), and only once srun has ended is the job
+    requeued, once."""
+    proc, calls = _slurm_job(tmp_path, "stopped")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "the ranks stopped (srun status 1), requeueing" in out
-    assert calls.read_text().splitlines()[-1] == "requeue 123"
+    time.sleep(1.5)  # past REQUEUE_AFTER: the fallback was called off
+    assert calls.read_text().splitlines()[1:] == ["requeue 123"]
     assert not (tmp_path / ".pretrain-stop-123").exists()  # a requeued job starts without a stop request
+
+
+def test_slurm_a_run_that_ends_after_the_warning_is_not_requeued(tmp_path):
+    proc, calls = _slurm_job(tmp_path, "finished")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    time.sleep(1.5)
+    assert calls.read_text().splitlines()[1:] == []
+    assert not (tmp_path / ".pretrain-stop-123").exists()
+
+
+def test_slurm_ranks_that_do_not_stop_in_time_are_requeued_anyway(tmp_path):
+    """Ranks in an evaluation see the stop file only at their next step: REQUEUE_AFTER seconds after the
+    warning the job is requeued as it is (SLURM stops it), so the time limit never ends it for good."""
+    proc, calls = _slurm_job(tmp_path, "busy")
+    try:
+        for _ in range(100):
+            if "requeue 123" in calls.read_text():
+                break
+            time.sleep(0.05)
+        assert calls.read_text().splitlines()[1:] == ["requeue 123"]
+        assert proc.poll() is None  # srun still running: SLURM itself stops it on the requeue
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
