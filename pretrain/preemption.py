@@ -32,6 +32,12 @@ class StopRequest:
             self.signal_name = f"the launch script's stop file {self.stop_file}"
         return bool(self.signal_name)
 
+    def acknowledge(self) -> None:
+        """Say in the stop file that this rank stopped (checkpointed, exiting 75): the launch script of a
+        node whose own signal or file asked nothing (another node's did) then exits 75 too."""
+        if self.stop_file is not None and self.stop_file.parent.is_dir():
+            self.stop_file.touch()
+
     def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)

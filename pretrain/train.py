@@ -305,6 +305,8 @@ class Trainer:
         # The resumed run forwards this step again: what the method recorded in it must not travel along.
         self.method.discard_step()
         self.checkpoint(f"step-{self.pos.global_step}-stop", stream_state=step_start)
+        if code == EXIT_PREEMPTED and self.stop is not None:
+            self.stop.acknowledge()  # every node's launch script then exits 75, not the launcher's 1
         raise SystemExit(code)
 
     def _stream(self, phase: int) -> TrainStream | ReplayStream | ExampleStream:

@@ -29,3 +29,15 @@ def test_without_the_variable_only_a_signal_stops(monkeypatch):
         assert stop.requested and stop.signal_name == "SIGTERM"
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_rank_that_stopped_leaves_the_stop_file_for_its_launch_script(tmp_path, monkeypatch):
+    """Another node's signal stopped every rank (one all-reduce): this node's script, asked nothing
+    itself, learns from the file that its ranks' exit was a stop, not a failure."""
+    stop_file = tmp_path / "stop"
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop_file))
+    StopRequest().acknowledge()
+    assert stop_file.exists()
+    monkeypatch.setenv(STOP_FILE_ENV, str(tmp_path / "gone" / "stop"))  # the script has ended: no trace
+    StopRequest().acknowledge()
+    assert not (tmp_path / "gone").exists()

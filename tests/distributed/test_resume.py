@@ -245,8 +245,10 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     cfg["deepspeed"]["config"] = str(pinned)
     path = write_config(cfg, tmp_path / "run.yaml")
     cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(path)]
-    returncode, log = _sigterm_at_step_3(cmd, single_process_env())
+    stop_file = tmp_path / "stop"  # as a launch script names it: the stopped rank leaves it for the script
+    returncode, log = _sigterm_at_step_3(cmd, {**single_process_env(), "PRETRAIN_STOP_FILE": str(stop_file)})
     assert returncode == 75, log
+    assert stop_file.exists()  # a signal, not the file, stopped it; the file says the exit was a stop
     run = tmp_path / "run"
     tag = (run / "checkpoints" / "latest").read_text()
     assert tag.endswith("-stop")
