@@ -12,7 +12,7 @@ import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ class RunResults:
             new = {
                 t: v
                 for t, v in zip(other.tasks, values or [], strict=False)
-                if v is not None and (mine.get(t) is None or (not fresh and v != mine[t]))
+                if v is not None and (mine.get(t) is None or (not fresh and not _same(v, mine[t])))
             }
             if new:
                 docs = {t: n for t, n in other.task_docs.items() if t in new}
@@ -147,7 +147,7 @@ class RunResults:
         taken = [
             row
             for row, losses in enumerate(other.eval_loss)
-            if losses is not None and replaceable[row] and losses != mine[row]
+            if losses is not None and replaceable[row] and not _same(losses, mine[row])
         ]
         for row in taken:
             self._put_row(row, other.eval_loss[row], other.perplexity[row])
@@ -215,7 +215,19 @@ class RunResults:
             raise ResultsError(f"{path} is not valid JSON ({err})") from err
         if not isinstance(data, dict):
             raise ResultsError(f"{path} holds a {type(data).__name__}, not a run's results")
-        return cls.from_dict(data)
+        wrong = [
+            f"`{f.name}` is {type(data[f.name]).__name__}"
+            for f in fields(cls)
+            if f.name in data
+            and f.default_factory is not MISSING
+            and not isinstance(data[f.name], type(f.default_factory()))
+        ]
+        try:
+            if wrong:
+                raise TypeError(", ".join(wrong))
+            return cls.from_dict(data)
+        except (TypeError, KeyError, AttributeError) as err:  # a key missing, or of another type
+            raise ResultsError(f"{path} does not hold a run's results ({err})") from err
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
@@ -224,6 +236,11 @@ class RunResults:
         results.summary = results._forgetting() if results.eval_loss else {}
         results.accuracy_metrics = results._accuracy_metrics()
         return results
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values as metrics.json holds them (NaN equals NaN: a NaN loss read back is no new row)."""
+    return json.dumps(a) == json.dumps(b)
 
 
 def _readable(path: Path) -> RunResults | None:

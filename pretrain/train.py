@@ -444,9 +444,10 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     It keeps the config as the user wrote it; a resume whose ranks and grad_accum would not make the
     checkpoint's global batch runs with grad_accum scaled to keep it (pretrain/elastic.py).
     """
-    # a batch-size conflict is an error before anything is touched; a resume's global batch is the
+    # a batch-size conflict is an error before anything is touched; a resume's global batch is its
     # checkpoint's, on any ranks (elastic), and build_engine checks it against the batch the run trains with
-    deepspeed_config(cfg, dist.world_size, check_global_batch=not resume)
+    continuing = resume and latest_tag(Path(cfg.output_dir)) is not None
+    deepspeed_config(cfg, dist.world_size, check_global_batch=not continuing)
     require_trackers(cfg.logging)  # so is a tracker whose package is missing
     plan = prepare_run_dir(cfg, dist, resume)
     elastic = _plan_resume(cfg, plan, dist)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import pytest
 import yaml
@@ -150,6 +151,18 @@ def test_an_elastic_resume_runs_with_its_scaled_accumulation_over_a_json_that_re
     with pytest.raises(ConfigError, match=r"`gradient_accumulation_steps` is 1 but the run config gives"):
         deepspeed_config(scaled, world_size=1)  # checked against the scaled value: the user never wrote 2
     assert deepspeed_config(scaled, world_size=1, written=cfg.train)["gradient_accumulation_steps"] == 2
+
+
+def test_a_first_start_with_resume_finds_a_global_batch_conflict_before_anything_is_written(tmp_path):
+    """The launch scripts always pass --resume: with no checkpoint yet there is no other global batch to
+    keep, so the JSON's train_batch_size is checked before the run directory or tokenizer is made."""
+    from pretrain.distributed import DistInfo
+    from pretrain.train import build_trainer
+
+    cfg = _with_deepspeed(tmp_path, {"train_batch_size": 4})()  # 2 x 1 x 2 ranks; this start has 1
+    with pytest.raises(ConfigError, match=r"`train_batch_size` is 4 but .* x 1 ranks = 2"):
+        build_trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0), resume=True)
+    assert not pathlib.Path(cfg.output_dir).exists() and not (tmp_path / "tokenizer").exists()
 
 
 def test_deepspeed_global_batch_must_match_the_world(tmp_path):

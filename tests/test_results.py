@@ -144,3 +144,26 @@ def test_a_curve_point_evaluated_again_replaces_the_first():
         (0, 0, [5.0, 6.0]),
         (1, 2, [4.0, 5.0]),
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("{}", "missing 3 required positional arguments"),
+        ('{"domains": [], "phases": [], "method": {}, "eval_loss": null}', "`eval_loss` is NoneType"),
+    ],
+)
+def test_a_file_of_the_wrong_shape_is_unreadable_too(tmp_path, text, why):
+    path = tmp_path / "metrics.json"
+    path.write_text(text)
+    with pytest.raises(ResultsError, match=why):
+        RunResults.load(path)
+    _results().save(path)  # kept aside as any unreadable file
+    assert (tmp_path / "metrics.unreadable-1.json").read_text() == text
+
+
+def test_a_nan_row_read_back_is_not_taken_for_an_eval_jobs(tmp_path):
+    path = tmp_path / "metrics.json"
+    trainer = _results()
+    trainer.set_eval(0, _ev(float("nan")))
+    assert [trainer.save(path) for _ in range(3)] == [[], [], []]
