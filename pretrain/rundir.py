@@ -74,13 +74,7 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
             "to continue it (or start it again, if it has no complete checkpoint)"
         )
     changed = _changed_keys(cfg, run_dir / "config.yaml") if resume else {}
-    frozen = sorted(k for k in changed if not resumable(k))
-    if frozen:
-        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in frozen)
-        raise RunDirError(
-            f"{run_dir}: --resume with a different config ({diff}); set them back (None: the run had no such "
-            f"section); a resumed run may change only {', '.join(RESUMABLE_KEYS)}"
-        )
+    _refuse_frozen(changed, f"{run_dir}: --resume with a different config")
     run_dir.mkdir(parents=True, exist_ok=True)
     if latest_tag(run_dir) is None:
         if metrics.exists():
@@ -89,6 +83,17 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
         return RunDirPlan(run_dir)
     changes = [{"key": k, "from": old, "to": new} for k, (old, new) in sorted(changed.items())]
     return RunDirPlan(run_dir, resuming=True, changes=changes)
+
+
+def _refuse_frozen(changed: dict[str, tuple], what: str, scaled: tuple[str, ...] = ()) -> None:
+    """RunDirError if `changed` holds a key a resume may not change (`scaled`: ones the run itself set)."""
+    frozen = sorted(k for k in changed if not resumable(k) and k not in scaled)
+    if frozen:
+        diff = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in frozen)
+        raise RunDirError(
+            f"{what} ({diff}); set them back (None: the run had no such section); a resumed run may "
+            f"change only {', '.join(RESUMABLE_KEYS)}"
+        )
 
 
 def resumable(key: str) -> bool:
@@ -156,9 +161,12 @@ def config_tree(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
-def resumable_changes(old: dict, cfg: RunConfig) -> list[dict]:
-    """The resumable keys `cfg` changes against the config a checkpoint was trained with."""
+def resumable_changes(old: dict, cfg: RunConfig, tag: str) -> list[dict]:
+    """The resumable keys `cfg` changes against the config checkpoint `tag` was trained with; RunDirError
+    for any other key (config.yaml, checked first, may be gone or replaced by hand). train.grad_accum is
+    the run's own to scale on another number of ranks (pretrain/elastic.py)."""
     changed = config_diff(old, cfg)
+    _refuse_frozen(changed, f"checkpoint {tag} was trained with another config", scaled=("train.grad_accum",))
     return [{"key": k, "from": a, "to": b} for k, (a, b) in changed.items() if resumable(k)]
 
 

@@ -537,7 +537,7 @@ def _restore(trainer: Trainer, plan: RunDirPlan, elastic: Elastic | None) -> dic
     # Against the checkpoint's own config: config.yaml already holds a change made by a resume that
     # died before its first checkpoint, whose change must be applied (and recorded) again.
     saved = client.get("config")
-    changes = plan.changes if saved is None else resumable_changes(saved, trainer.cfg)
+    changes = plan.changes if saved is None else resumable_changes(saved, trainer.cfg, tag)
     _apply_changes(trainer, (elastic.changes(trainer.dist.world_size) if elastic else []) + changes)
     return stream_state
 

@@ -11,7 +11,7 @@ from conftest import tiny_run_config, write_config
 from pretrain.checkpoint import COMPLETE, LATEST
 from pretrain.config import LoraConfig, load_config, save_config
 from pretrain.distributed import DistInfo
-from pretrain.rundir import RunDirError, prepare_run_dir, resumable
+from pretrain.rundir import RunDirError, config_tree, prepare_run_dir, resumable, resumable_changes
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 
@@ -124,3 +124,19 @@ def test_a_run_started_before_new_keys_existed_resumes_as_it_ran(started):
         prepare_run_dir(cfg, ONE, resume=True)
     cfg.train.shuffle_buffer = 0  # the order the run was trained in
     assert prepare_run_dir(cfg, ONE, resume=True).changes == []
+
+
+def test_the_checkpoints_own_config_refuses_what_config_yaml_can_no_longer_say(started):
+    """config.yaml gone (or replaced by hand): the checkpoint's config still refuses a frozen change,
+    passes the resumable ones, and leaves train.grad_accum, which an elastic resume scales, to the run."""
+    cfg, run = started
+    saved = config_tree(cfg)
+    (run / "config.yaml").unlink()
+    _checkpointed(run)
+    cfg.train.seq_len, cfg.train.lr = 16, 1e-4
+    assert prepare_run_dir(cfg, ONE, resume=True).changes == []  # nothing left to compare against here
+    refused = r"checkpoint step-2 was trained with another config \(train.seq_len 32 -> 16\)"
+    with pytest.raises(RunDirError, match=refused):
+        resumable_changes(saved, cfg, "step-2")
+    cfg.train.seq_len, cfg.train.grad_accum = 32, 2
+    assert resumable_changes(saved, cfg, "step-2") == [{"key": "train.lr", "from": 1e-2, "to": 1e-4}]
