@@ -25,3 +25,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def set_aside(path: Path, label: str) -> Path:
+    """Rename `path` to STEM.LABEL-N.SUFFIX with the first free N (nothing is overwritten); the new path."""
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{label}-{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(kept)
+    return kept

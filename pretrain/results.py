@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pretrain.atomic import write_json_atomic
+from pretrain.atomic import set_aside, write_json_atomic
 from pretrain.config import RunConfig
 from pretrain.data import SKIP_EXAMPLES, SkipCounter
 from pretrain.logs import log
@@ -251,10 +251,7 @@ def _readable(path: Path) -> RunResults | None:
     try:
         return RunResults.load(path)
     except ResultsError as err:
-        n = 1
-        while (kept := path.with_name(f"{path.stem}.unreadable-{n}{path.suffix}")).exists():
-            n += 1
-        path.rename(kept)
+        kept = set_aside(path, "unreadable")
         log.warning("%s: kept as %s; written again from this run's rows", err, kept.name)
         return None
 

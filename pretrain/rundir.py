@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.atomic import set_aside
 from pretrain.checkpoint import latest_tag
 from pretrain.config import RunConfig
 from pretrain.distributed import DistInfo, broadcast_object
@@ -78,7 +79,7 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
     run_dir.mkdir(parents=True, exist_ok=True)
     if latest_tag(run_dir) is None:
         if metrics.exists():
-            kept = _set_aside(metrics)
+            kept = set_aside(metrics, "attempt")  # an abandoned attempt's: metrics.attempt-N.json
             log.warning("%s has no complete checkpoint: starting the run again (old: %s)", run_dir, kept)
         return RunDirPlan(run_dir)
     changes = [{"key": k, "from": old, "to": new} for k, (old, new) in sorted(changed.items())]
@@ -98,15 +99,6 @@ def _refuse_frozen(changed: dict[str, tuple], what: str, scaled: tuple[str, ...]
 
 def resumable(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)
-
-
-def _set_aside(metrics: Path) -> Path:
-    """Rename an abandoned attempt's metrics.json to metrics.attempt-N.json (the first free N)."""
-    n = 1
-    while (kept := metrics.with_name(f"metrics.attempt-{n}.json")).exists():
-        n += 1
-    metrics.rename(kept)
-    return kept
 
 
 def _changed_keys(cfg: RunConfig, saved: Path) -> dict[str, tuple]:
