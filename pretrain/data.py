@@ -113,13 +113,17 @@ def _text(builder: str, record: dict, text_field: str) -> str | None:
 def _file_documents(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
     """A file's documents, each bad record handed to `skip` (which counts it, or raises naming it).
 
-    Clean files take the fast `datasets` path. Its JSON loader fails a whole chunk for one bad line (and
-    for a valid record whose keys or types differ from the first chunk's), so a JSON Lines or text file
-    is read line by line from the first record it fails on, which also names the line without re-reading
-    the file; records before it were delivered already and are passed over.
+    JSON arrays are read whole with `json`; other files take the fast `datasets` path. Its JSON loader
+    fails a whole chunk for one bad line (and for a valid record whose keys or types differ from the first
+    chunk's), so a JSON Lines or text file is read line by line from the first record it fails on, which
+    also names the line without re-reading the file; records before it were delivered already and are
+    passed over.
     """
     builder = _builder(path)
     by_line = builder == "text" or _is_json_lines(path)
+    if builder == "json" and not by_line:
+        yield from _json_array_documents(path, text_field, skip)
+        return
     n = 0  # records read through datasets
     try:
         for record in _dataset_records(path, builder, text_field):
@@ -127,7 +131,7 @@ def _file_documents(path: str, text_field: str, skip: SkipCounter) -> Iterator[s
             if text is None:
                 if by_line:
                     break
-                skip.add(f"{path}: {_bad_record(path, n, text_field, record)}")
+                skip.add(f"{path}: {_bad_record(n, text_field, record)}")
             elif text.strip():
                 yield text
             n += 1
@@ -164,6 +168,22 @@ def _json_lines_by_line(path: str, text_field: str, skip: SkipCounter, start: in
                 yield text
 
 
+def _json_array_documents(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
+    """A JSON array's documents, read with `json`: datasets (which loads an array whole too) drops a lone
+    surrogate escape without a word, where a JSON Lines file names the record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: {_diagnose(path, 'json') or f'cannot be read ({err})'}") from err
+    for n, record in enumerate(records, start=1):
+        text, why = _record_text(record, text_field)
+        if text is None:
+            skip.add(f"{path}: record {n}: {why}")
+        elif text.strip():
+            yield text
+
+
 def _json_line_text(raw: bytes, text_field: str) -> tuple[str | None, str]:
     """(document, '') of one JSON line, or (None, why it has none)."""
     try:
@@ -172,6 +192,11 @@ def _json_line_text(raw: bytes, text_field: str) -> tuple[str | None, str]:
         return None, f"not valid UTF-8 ({err.reason} at byte {err.start} of the line)"
     except json.JSONDecodeError as err:
         return None, f"not valid JSON ({err.msg} at column {err.colno})"
+    return _record_text(obj, text_field)
+
+
+def _record_text(obj: object, text_field: str) -> tuple[str | None, str]:
+    """(document, '') of one parsed JSON record, or (None, why it has none)."""
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     text = obj.get(text_field, _MISSING)
@@ -283,18 +308,16 @@ def _starts_with_bracket(path: str) -> bool:
         return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
-def _bad_record(path: str, index: int, field: str, record: dict) -> str:
-    """Why record `index` (0-based) of a JSON array or Parquet file has no usable text."""
-    # datasets fills a JSON array's missing fields with null; a Parquet column is there or not at all
-    null = "null" if path.lower().endswith(".parquet") else "missing or null"
-    return f"record {index + 1}: {_describe_value(record.get(field, _MISSING), field, null)}"
+def _bad_record(index: int, field: str, record: dict) -> str:
+    """Why row `index` (0-based) of a Parquet file has no usable text."""
+    return f"record {index + 1}: {_describe_value(record.get(field, _MISSING), field)}"
 
 
-def _describe_value(value: object, field: str, null: str = "null") -> str:
+def _describe_value(value: object, field: str) -> str:
     if value is _MISSING:
         return f"field {field!r} is missing"
     if value is None:
-        return f"field {field!r} is {null}"
+        return f"field {field!r} is null"
     return f"field {field!r} has type {type(value).__name__}, expected a string"
 
 

@@ -356,6 +356,17 @@ def test_a_lone_surrogate_escape_is_a_bad_record_named_by_its_line(tmp_path):
     assert list(read_documents([str(path)], skip=skip)) == ["a", "c"] and skip.count == 1
 
 
+def test_a_json_array_names_a_lone_surrogate_and_a_record_that_is_not_an_object(tmp_path):
+    """datasets read an array dropping a lone surrogate silently ("cut emoji "): it is a bad record."""
+    path = tmp_path / "a.json"
+    path.write_text('[{"text": "a"}, {"text": "cut emoji \\ud83d"}, "b", {"text": "ok \\ud83d\\ude00"}]')
+    with pytest.raises(DataError, match=r"a\.json: record 2: field 'text' holds a lone surrogate \(\\ud83d"):
+        list(read_documents([str(path)]))
+    skip = SkipCounter()
+    assert list(read_documents([str(path)], skip=skip)) == ["a", "ok \U0001f600"]
+    assert skip.count == 2 and "record 3: expected a JSON object, got str" in skip.examples[1]
+
+
 def test_skip_leaves_clean_files_as_they_are(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("Para one,\nstill one.\n\n\nPara two.\n\n   \n\nPara three\n")
