@@ -69,9 +69,10 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> RunDirPlan:
 def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
     run_dir = Path(cfg.output_dir)
     metrics = run_dir / "metrics.json"
-    if metrics.exists() and not resume:
+    held = "metrics.json" if metrics.exists() else "a checkpoint" if latest_tag(run_dir) else None
+    if held and not resume:  # a checkpoint alone (metrics.json moved away) is a run too: never continue it
         raise RunDirError(
-            f"{run_dir} already holds a run (metrics.json); choose another output_dir, or pass --resume "
+            f"{run_dir} already holds a run ({held}); choose another output_dir, or pass --resume "
             "to continue it (or start it again, if it has no complete checkpoint)"
         )
     changed = _changed_keys(cfg, run_dir / "config.yaml") if resume else {}

@@ -52,6 +52,15 @@ def test_a_new_run_never_takes_over_a_started_one(started):
     assert (run / "metrics.json").exists()
 
 
+def test_a_new_run_never_continues_a_checkpoint_whose_metrics_were_moved_away(started):
+    cfg, run = started
+    _checkpointed(run)
+    (run / "metrics.json").unlink()
+    with pytest.raises(RunDirError, match=r"already holds a run \(a checkpoint\).*pass --resume"):
+        prepare_run_dir(cfg, ONE, resume=False)
+    assert prepare_run_dir(cfg, ONE, resume=True).resuming
+
+
 def test_resume_may_change_the_listed_keys_and_reports_them(started):
     cfg, run = started
     _checkpointed(run)
