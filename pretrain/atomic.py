@@ -18,9 +18,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a node crash must not leave an empty file
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself, on disk
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, and the directories naming them, to disk: what is marked complete
+    after this (a checkpoint, a token cache) must not come back empty or cut short after a node crash."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, data: Any, indent: int = 2) -> None:

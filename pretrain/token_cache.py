@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.atomic import fsync_dir, fsync_tree
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data import PIECE_CHARS, DataError, SkipCounter, _token_pieces, read_documents
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
@@ -73,14 +74,16 @@ class TokenCache:
     def _meta(self, path: str, text_field: str) -> tuple[Path, dict]:
         """The file's cache directory and its meta; DataError if missing or stale."""
         where = self.directory(path, text_field)
+        fix = "run `python -m pretrain pretokenize --config RUN.yaml`"
         try:
             meta = json.loads((where / "meta.json").read_text())
         except FileNotFoundError:
-            meta = None
-        fix = "run `python -m pretrain pretokenize --config RUN.yaml`"
-        if meta is None:
             place = f"`train.token_cache` {self.root}"
-            raise DataError(f"{path}: not pre-tokenized for this tokenizer in {place}; {fix}")
+            raise DataError(f"{path}: not pre-tokenized for this tokenizer in {place}; {fix}") from None
+        except ValueError as err:  # torn by a crash: pretokenize builds it again
+            raise DataError(f"{path}: its pre-tokenized cache {where} is unreadable ({err}); {fix}") from None
+        if not isinstance(meta, dict) or not {"file", "tokens", "bad"} <= meta.keys():
+            raise DataError(f"{path}: its pre-tokenized cache {where} is unreadable (meta.json); {fix}")
         if meta["file"] != _file_state(path):
             raise DataError(f"{path}: changed since it was pre-tokenized into {where}; {fix} again")
         return where, meta
@@ -113,9 +116,11 @@ class TokenCache:
         meta = {"format": FORMAT, "file": state, "text_field": text_field, "documents": len(docs)}
         meta |= {"tokens": int(docs[-1, 0]) if len(docs) else 0, "bad": bad.records if bad else []}
         (tmp / "meta.json").write_text(json.dumps(meta))
+        fsync_tree(tmp)  # a node crash must not leave a cache that looks built
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        fsync_dir(final.parent)
         return {**meta, "built_s": time.perf_counter() - start}
 
     def documents(self, files: Iterable[str], text_field: str, skip) -> Iterator[CachedDocument]:

@@ -127,6 +127,21 @@ def test_a_missing_or_stale_cache_names_the_file_and_the_command(tmp_path, files
         TokenCache(tmp_path / "cache", other).check(files, "text")
 
 
+@pytest.mark.parametrize("torn", ["", "[]", '{"format": 1}'])
+def test_a_torn_cache_is_named_and_built_again(tmp_path, files, tokenizer, torn):
+    """What a node crash can leave of meta.json: training names it, pretokenize builds it again."""
+    cache = TokenCache(tmp_path / "cache", tokenizer)
+    cache.build(files, "text", skip_bad=False)
+    meta = cache.directory(files[0], "text") / "meta.json"
+    whole = meta.read_text()
+    meta.write_text(torn)
+    with pytest.raises(DataError, match=r"a\.jsonl: its pre-tokenized cache .* is unreadable.*pretokenize"):
+        cache.check(files, "text")
+    assert [m["built_s"] is None for m in cache.build(files, "text", skip_bad=False)] == [False, True]
+    assert meta.read_text() == whole
+    cache.check(files, "text")
+
+
 def test_pretokenize_verb_builds_once_and_needs_the_key(tmp_path, capsys):
     cfg = tiny_run_config(tmp_path, train={"token_cache": str(tmp_path / "cache")})
     path = write_config(cfg, tmp_path / "run.yaml")
