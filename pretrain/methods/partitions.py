@@ -67,7 +67,9 @@ def local_weight(param: nn.Parameter) -> Part | None:
     """This rank's fp32 (master) weights of `param`: what the optimizer updates."""
     if hasattr(param, "ds_id"):
         start, numel = _zero3_range(param)
-        weight = param._z3_optimizer.get_local_fp32_param(param)
+        # where the optimizer keeps it, beside local_grad's gradient (the CPU under ZeRO-Offload):
+        # get_local_fp32_param copies it to the GPU, and the methods then mixed devices
+        weight = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)[0]
         return Part(weight.view(-1)[:numel], start) if numel else None
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is not None:
