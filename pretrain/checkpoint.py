@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pretrain.atomic import write_text_atomic
+from pretrain.atomic import fsync_tree, write_text_atomic
 from pretrain.distributed import DistInfo, barrier, broadcast_object
 from pretrain.methods.lora import export_state
 
@@ -47,9 +47,10 @@ def save_checkpoint(
     tag = broadcast_object(_fresh_tag(root, tag) if dist.is_main else None)
     barrier()  # rank 0 may have removed an unfinished directory of that name
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    rank_state = {**rank_state, "torch_rng": torch.get_rng_state()}
+    rank_state = {**rng_state(), **rank_state}  # a stop passes the state its step started with
     torch.save(rank_state, root / tag / f"rank{dist.rank}_state.pt")
     _fault_point(f"crash_saving:{tag}")
+    fsync_tree(root / tag)  # DeepSpeed does not: on disk before the mark that lets older ones be pruned
     barrier()
     if dist.is_main:
         mark = {"tag": tag, "world_size": dist.world_size, **(meta or {})}
@@ -103,9 +104,23 @@ def load_checkpoint(engine, run_dir: Path, dist: DistInfo) -> tuple[dict[str, An
     path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {root / tag} could not be loaded")
-    rank_state = torch.load(root / tag / f"rank{dist.rank}_state.pt", weights_only=False)
-    torch.set_rng_state(rank_state.pop("torch_rng"))
+    # on the host: the rank that saved it may have had another GPU index than this one
+    rank_state = torch.load(root / tag / f"rank{dist.rank}_state.pt", map_location="cpu", weights_only=False)
+    restore_rng(rank_state)
     return client_state, rank_state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state: the CPU generator's and, on a GPU, the device's (dropout on a GPU
+    draws from it, and DeepSpeed saves neither)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def restore_rng(rank_state: dict[str, Any]) -> None:
+    torch.set_rng_state(rank_state["torch_rng"])
+    if rank_state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rank_state["cuda_rng"])
 
 
 def prune(root: Path, keep: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import checkpoint_dir, checkpoint_meta
+from pretrain.checkpoint import checkpoint_dir, checkpoint_meta, restore_rng
 from pretrain.config import RunConfig
 from pretrain.data import reshard_stream_state
 from pretrain.distributed import DistInfo, from_main
@@ -150,7 +150,7 @@ def load_elastic(engine, run_dir: Path, plan: Elastic, dist: DistInfo) -> tuple[
         torch.load(tag_dir / f"rank{r}_state.pt", map_location="cpu", weights_only=False)
         for r in range(plan.old_world)
     ]
-    torch.set_rng_state(old[min(dist.rank, plan.old_world - 1)]["torch_rng"])
+    restore_rng(old[min(dist.rank, plan.old_world - 1)])
     return client, _reshard_stream([s["stream"] for s in old], dist), [s.get("method", {}) for s in old]
 
 

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import checkpoint_meta, export_phase, latest_tag, load_checkpoint, save_checkpoint
+from pretrain.checkpoint import (
+    checkpoint_meta,
+    export_phase,
+    latest_tag,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from pretrain.config import RunConfig, save_config, steps_for_phase
 from pretrain.data import TrainStream, bad_record_counter
 from pretrain.distributed import (
@@ -126,7 +133,8 @@ class Trainer:
     def _train_steps(self, phase: int, domain: str, steps: int, batches, meter: ThroughputMeter) -> None:
         bar = progress(steps - self.pos.step, f"phase {phase} {domain}", self.dist.rank)
         while self.pos.step < steps:
-            step_start = self.feed.state_dict()
+            # where a stop inside the step resumes: the step's batches and its random draws (dropout)
+            step_start = {"stream": self.feed.state_dict(), **rng_state()}
             loss = self.train_step(batches, step_start)
             self.pos.step += 1
             self.pos.global_step += 1
@@ -250,9 +258,10 @@ class Trainer:
         self.stream = self.feed = None
         self.checkpoint(f"phase-{phase}")
 
-    def checkpoint(self, tag: str, stream_state: dict | None = None) -> None:
-        if stream_state is None and self.feed is not None:
-            stream_state = self.feed.state_dict()  # the batches trained on, not those read ahead
+    def checkpoint(self, tag: str, step_start: dict | None = None) -> None:
+        """Save the state after the last step, or `step_start` (stream position and random state) for a
+        stop inside a step."""
+        stream_state = None if self.feed is None else self.feed.state_dict()  # trained on, not read ahead
         client = {
             "position": asdict(self.pos),
             "results": self.results.to_dict(),
@@ -266,7 +275,7 @@ class Trainer:
             "tokenizer": self.tokenizer_id,
             "global_batch": global_batch,
         }
-        rank_state = {"stream": stream_state, "method": self.method.rank_state_dict()}
+        rank_state = {"stream": stream_state, **(step_start or {}), "method": self.method.rank_state_dict()}
         tag = save_checkpoint(
             self.engine, self.run_dir, tag, client, rank_state, self.dist, self.cfg.checkpoint.keep, meta
         )
@@ -304,7 +313,7 @@ class Trainer:
         )
         # The resumed run forwards this step again: what the method recorded in it must not travel along.
         self.method.discard_step()
-        self.checkpoint(f"step-{self.pos.global_step}-stop", stream_state=step_start)
+        self.checkpoint(f"step-{self.pos.global_step}-stop", step_start)
         if code == EXIT_PREEMPTED and self.stop is not None:
             self.stop.acknowledge()  # every node's launch script then exits 75, not the launcher's 1
         raise SystemExit(code)

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
-from pretrain.checkpoint import COMPLETE, LATEST, _fresh_tag, is_complete, prune
+import torch
+
+from pretrain.checkpoint import (
+    COMPLETE,
+    LATEST,
+    _fresh_tag,
+    is_complete,
+    load_checkpoint,
+    prune,
+    rng_state,
+    save_checkpoint,
+)
+from pretrain.distributed import DistInfo
+
+ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 
 
 def _checkpoint(root, tag, when, complete=True):
@@ -66,3 +81,51 @@ def test_an_unfinished_directory_of_the_name_is_cleared_before_writing(tmp_path)
     _latest(tmp_path, "step-6")
     assert _fresh_tag(tmp_path, "phase-2") == "phase-2"
     assert not stale.exists()  # no stale shard of the crashed save can mix into the new one
+
+
+class _Engine:
+    """What save/load_checkpoint ask of DeepSpeed's engine: shards written into (and read from) the tag."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        shards = Path(root) / tag / "zero"
+        shards.mkdir(parents=True)
+        for rank in range(2):
+            (shards / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"shard" * 1000)
+
+    def load_checkpoint(self, root, tag):
+        return str(Path(root) / tag), {}
+
+
+def test_every_file_is_on_disk_before_the_checkpoint_is_marked_complete(tmp_path, monkeypatch):
+    """Pruning follows the mark: a node crash after it must not find shards that never reached the disk
+    (DeepSpeed's torch.save does not fsync)."""
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint(_Engine(), tmp_path, "step-2", {}, {"stream": None}, ONE, keep=1)
+    tag = tmp_path / "checkpoints" / "step-2"
+    marked = next(i for i, path in enumerate(synced) if path.endswith(f".{COMPLETE}.tmp"))
+    files = {str(p) for p in tag.rglob("*") if p.name != COMPLETE}  # shards, their folder, the rank file
+    assert len(files) == 4 and files <= set(synced[:marked])
+
+
+def test_a_rank_state_saved_on_another_device_loads_onto_the_host(tmp_path):
+    """Tensors saved by the rank on GPU 5 (EWC's anchors) load on a host without that GPU (or onto
+    another rank's device): the method moves them where its partition is."""
+    tagged = [True]
+    entry = (0, lambda storage: "cuda:5" if tagged[0] else None, lambda storage, location: None)
+    torch.serialization._package_registry.insert(0, entry)  # torch.save then names the storage cuda:5
+    try:
+        state = {"stream": None, "method": {"anchors": torch.ones(3)}, **rng_state()}
+        (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+        torch.save(state, tmp_path / "checkpoints" / "step-2" / "rank0_state.pt")
+    finally:
+        tagged[0] = False
+        torch.serialization._package_registry.remove(entry)
+    (tmp_path / "checkpoints" / LATEST).write_text("step-2")
+    _, loaded = load_checkpoint(_Engine(), tmp_path, ONE)
+    assert loaded["method"]["anchors"].device.type == "cpu" and loaded["method"]["anchors"].sum() == 3

@@ -160,9 +160,13 @@ class Regularisation(MethodBase):
         }
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """The state as saved; its tensors, loaded on the host (the saving rank's GPU may be another
+        one now, or absent), go where this rank's parts are."""
         self.phase, self.step = state["phase"], state["step"]
         self.fisher_steps_seen = state["fisher_steps_seen"]
-        self.anchors, self.fisher, self.fisher_sum = state["anchors"], state["fisher"], state["fisher_sum"]
+        device = {name: part.flat.device for name, part in self._weights()}
+        for key in ("anchors", "fisher", "fisher_sum"):
+            setattr(self, key, {name: t.to(device[name]) for name, t in state[key].items()})
         self.penalty, self.penalty_sum, self.penalty_steps = state["penalty"]
 
     def reshard_rank_state(self, states: list[dict[str, Any]]) -> None:
@@ -175,7 +179,7 @@ class Regularisation(MethodBase):
             target = getattr(self, key)
             for name, part in self._weights():
                 pieces = [(s["starts"][name], s[key][name]) for s in states if name in s[key]]
-                if pieces:  # loaded on the host (any old rank's GPU may be absent here): onto the part's
+                if pieces:
                     target[name] = recut(pieces, numels[name], part.start, part.numel).to(part.flat.device)
 
 
