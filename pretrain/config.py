@@ -524,6 +524,12 @@ _RUN_OWNED_DEEPSPEED_SECTIONS = {
 }
 
 
+def deepspeed_json(cfg: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed file's settings, without the keys the run config owns: what a resume compares."""
+    ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    return {k: v for k, v in ds.items() if k not in RUN_OWNED_DEEPSPEED_KEYS and k != "train_batch_size"}
+
+
 def run_owned_conflicts(ds: dict[str, Any], train: TrainConfig, source: str) -> list[str]:
     """The DeepSpeed keys in `ds` whose value contradicts the run config, described ("auto" agrees)."""
     return [

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from pretrain.atomic import set_aside
-from pretrain.checkpoint import latest_tag
-from pretrain.config import RunConfig
+from pretrain.checkpoint import checkpoint_meta, latest_tag
+from pretrain.config import RunConfig, deepspeed_json
 from pretrain.distributed import DistInfo, broadcast_object
 from pretrain.logs import log
 
@@ -30,6 +30,7 @@ RESUMABLE_KEYS = (
     "train.log_every",
     "train.prefetch",
     "train.token_cache",  # the same blocks read from pre-tokenized files
+    "deepspeed.config",  # where the file is: its settings are compared with the checkpoint's
     "checkpoint.*",
     "eval.*",
     "logging.*",
@@ -47,6 +48,9 @@ class RunDirPlan:
     path: Path
     resuming: bool = False  # a complete checkpoint is there to continue from
     changes: list[dict] = field(default_factory=list)  # {"key", "from", "to"} against config.yaml
+    deepspeed_changes: list[dict] = field(
+        default_factory=list
+    )  # the DeepSpeed file's, against the checkpoint
 
 
 def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> RunDirPlan:
@@ -84,7 +88,9 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
             log.warning("%s has no complete checkpoint: starting the run again (old: %s)", run_dir, kept)
         return RunDirPlan(run_dir)
     changes = [{"key": k, "from": old, "to": new} for k, (old, new) in sorted(changed.items())]
-    return RunDirPlan(run_dir, resuming=True, changes=changes)
+    tag = latest_tag(run_dir)
+    ds_changes = deepspeed_changes(checkpoint_meta(run_dir, tag).get("deepspeed"), deepspeed_json(cfg), tag)
+    return RunDirPlan(run_dir, resuming=True, changes=changes, deepspeed_changes=ds_changes)
 
 
 def _refuse_frozen(changed: dict[str, tuple], what: str, scaled: tuple[str, ...] = ()) -> None:
@@ -161,6 +167,35 @@ def resumable_changes(old: dict, cfg: RunConfig, tag: str) -> list[dict]:
     changed = config_diff(old, cfg)
     _refuse_frozen(changed, f"checkpoint {tag} was trained with another config", scaled=("train.grad_accum",))
     return [{"key": k, "from": a, "to": b} for k, (a, b) in changed.items() if resumable(k)]
+
+
+def deepspeed_changes(old: dict | None, new: dict, tag: str) -> list[dict]:
+    """What the DeepSpeed file changes against the one checkpoint `tag` was trained with (None: a
+    checkpoint from before it was recorded), keys named `deepspeed:KEY`; RunDirError if the ZeRO stage or
+    the precision changed: the checkpoint holds another optimizer state, or another run."""
+    if old is None:
+        return []
+    frozen = {k: (a, b) for k, (a, b) in _deepspeed_meaning(old, new).items() if a != b}
+    if frozen:
+        diff = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in frozen.items())
+        raise RunDirError(
+            f"checkpoint {tag} was trained with another DeepSpeed config ({diff}); put back the "
+            "deepspeed.config file it was trained with, or start a new run in another output_dir"
+        )
+    a, b = flatten(old), flatten(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return [{"key": f"deepspeed:{k}", "from": a.get(k), "to": b.get(k)} for k in keys]
+
+
+def _deepspeed_meaning(old: dict, new: dict) -> dict[str, tuple]:
+    def stage(ds: dict) -> int:
+        return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+    def precision(ds: dict) -> str:
+        on = [k for k in ("bf16", "fp16") if (ds.get(k) or {}).get("enabled")]
+        return on[0] if on else "fp32"
+
+    return {"ZeRO stage": (stage(old), stage(new)), "precision": (precision(old), precision(new))}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -26,7 +26,7 @@ from pretrain.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from pretrain.config import RunConfig, save_config, steps_for_phase
+from pretrain.config import RunConfig, deepspeed_json, save_config, steps_for_phase
 from pretrain.data import TrainStream, bad_record_counter
 from pretrain.distributed import (
     DistInfo,
@@ -88,6 +88,7 @@ class Trainer:
     step_lr: float = 0.0
     tokenizer_id: dict = field(default_factory=dict)  # fingerprint, kept in each checkpoint's mark
     token_cache: TokenCache | None = None  # the training files pre-tokenized (train.token_cache)
+    deepspeed_json: dict = field(default_factory=dict)  # the DeepSpeed file's settings, in each mark too
 
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
@@ -274,6 +275,7 @@ class Trainer:
             "global_step": self.pos.global_step,
             "tokenizer": self.tokenizer_id,
             "global_batch": global_batch,
+            "deepspeed": self.deepspeed_json,  # what a resume's DeepSpeed file is compared against
         }
         rank_state = {"stream": stream_state, **(step_start or {}), "method": self.method.rank_state_dict()}
         tag = save_checkpoint(
@@ -492,6 +494,7 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
         stop=StopRequest().install(),
         tokenizer_id=fingerprint(tokenizer),
         token_cache=token_cache,
+        deepspeed_json=deepspeed_json(cfg),
     )
     stream_state = None
     if plan.resuming:
@@ -547,6 +550,7 @@ def _restore(trainer: Trainer, plan: RunDirPlan, elastic: Elastic | None) -> dic
     # died before its first checkpoint, whose change must be applied (and recorded) again.
     saved = client.get("config")
     changes = plan.changes if saved is None else resumable_changes(saved, trainer.cfg, tag)
+    changes = changes + plan.deepspeed_changes
     _apply_changes(trainer, (elastic.changes(trainer.dist.world_size) if elastic else []) + changes)
     return stream_state
 

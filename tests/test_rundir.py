@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import tiny_run_config, write_config
 
 from pretrain.checkpoint import COMPLETE, LATEST
-from pretrain.config import LoraConfig, load_config, save_config
+from pretrain.config import LoraConfig, deepspeed_json, load_config, save_config
 from pretrain.distributed import DistInfo
 from pretrain.rundir import RunDirError, config_tree, prepare_run_dir, resumable, resumable_changes
 
@@ -72,6 +73,45 @@ def test_resume_may_change_the_listed_keys_and_reports_them(started):
         {"key": "train.lr", "from": 1e-2, "to": 1e-4},
         {"key": "train.on_nonfinite", "from": "stop", "to": "skip"},
     ]
+
+
+def _deepspeed_file_changed(cfg, run, tmp_path, edit) -> None:
+    """The run's checkpoint marked with its DeepSpeed file, which is then edited by `edit`."""
+    ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    _checkpointed(run)
+    mark = run / "checkpoints" / "step-2" / COMPLETE
+    mark.write_text(json.dumps({"deepspeed": deepspeed_json(cfg)}))
+    edit(ds)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg.deepspeed.config = str(tmp_path / "ds.json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda ds: ds["zero_optimization"].update(stage=1), "ZeRO stage 2 -> 1"),
+        (lambda ds: ds.update(bf16={"enabled": True}), "precision fp32 -> bf16"),
+    ],
+)
+def test_resume_refuses_a_deepspeed_file_that_changed_stage_or_precision(started, tmp_path, edit, named):
+    """config.yaml names the file only: its contents are compared with the checkpoint's mark."""
+    cfg, run = started
+    _deepspeed_file_changed(cfg, run, tmp_path, edit)
+    with pytest.raises(RunDirError, match=rf"step-2 was trained with another DeepSpeed config \({named}\)"):
+        prepare_run_dir(cfg, ONE, resume=True)
+
+
+def test_resume_records_other_deepspeed_changes(started, tmp_path):
+    cfg, run = started
+    offload = {"device": "cpu"}
+    _deepspeed_file_changed(
+        cfg, run, tmp_path, lambda ds: ds["zero_optimization"].update(offload_optimizer=offload)
+    )
+    plan = prepare_run_dir(cfg, ONE, resume=True)
+    key = "deepspeed:zero_optimization.offload_optimizer.device"
+    assert plan.resuming and plan.deepspeed_changes == [{"key": key, "from": None, "to": "cpu"}]
+    (run / "checkpoints" / "step-2" / COMPLETE).write_text("{}")  # marked before the file was recorded
+    assert prepare_run_dir(cfg, ONE, resume=True).deepspeed_changes == []
 
 
 def test_resume_refuses_other_changes_naming_them(started):
