@@ -135,6 +135,15 @@ def from_main(work: Callable[[], T]) -> T:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank `src`'s value on every rank (e.g. a decision only rank 0 can take)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

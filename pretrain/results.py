@@ -158,9 +158,9 @@ class RunResults:
 
     def count_skipped(self, split: str, domain: str, skip: SkipCounter | None) -> None:
         """Record the bad records skipped reading a domain's split. A held-out set is read whole every
-        time, so its count is set. Every pass over a domain's training files (each phase that trains it,
-        each replay of it) reads them from the first record, so the bad records met are the most any pass
-        met, not their sum."""
+        time, so its count is set. A later phase of a domain goes on with its earlier phases' count
+        (pretrain/continuation.py) and each replay of it reads from the first record, so the bad records
+        met are the most any count reached, not their sum."""
         if skip is None:
             return
         counts = self.skipped_records.setdefault(split, {})

@@ -27,9 +27,11 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import RunConfig, deepspeed_json, save_config, steps_for_phase
+from pretrain.continuation import continue_stream, stream_end
 from pretrain.data import TrainStream, bad_record_counter
 from pretrain.distributed import (
     DistInfo,
+    all_gather_object,
     all_reduce_sum,
     barrier,
     from_main,
@@ -89,6 +91,7 @@ class Trainer:
     tokenizer_id: dict = field(default_factory=dict)  # fingerprint, kept in each checkpoint's mark
     token_cache: TokenCache | None = None  # the training files pre-tokenized (train.token_cache)
     deepspeed_json: dict = field(default_factory=dict)  # the DeepSpeed file's settings, in each mark too
+    domain_ends: dict[str, dict] = field(default_factory=dict)  # where each domain's stream stopped
 
     def run(self, stream_state: dict | None = None) -> RunResults:
         if self.pos.phase == 1 and self.pos.step == 0:
@@ -109,6 +112,11 @@ class Trainer:
         self.stream = self._stream(phase)
         if stream_state:
             self.stream.load_state_dict(stream_state)
+        elif domain.name in self.domain_ends:  # trained in an earlier phase: its stream goes on from there
+            continue_stream(self.stream, self.domain_ends[domain.name])
+            log.info(
+                "phase %d: %s continues its stream from %s", phase, domain.name, self.domain_ends[domain.name]
+            )
         depth = self.cfg.train.prefetch
         left = (steps - self.pos.step) * self.cfg.train.grad_accum  # the micro-batches this phase still uses
         self.feed = Prefetched(self.stream, depth, limit=left) if depth else self.stream
@@ -126,6 +134,7 @@ class Trainer:
         meter = ThroughputMeter(self.tokens_per_step, batches)
         try:
             self._train_steps(phase, domain.name, steps, batches, meter)
+            self.domain_ends[domain.name] = stream_end(all_gather_object(self.feed.state_dict()))
         finally:  # also on a stop or an error: no thread reads on behind an exiting run
             if isinstance(self.feed, Prefetched):
                 self.feed.close()
@@ -268,6 +277,7 @@ class Trainer:
             "results": self.results.to_dict(),
             "method": self.method.state_dict(),
             "phase_losses": self.phase_losses,
+            "domain_ends": self.domain_ends,  # (none in older checkpoints: a domain's stream restarts)
             "config": config_tree(self.cfg),  # what a resume compares its resumable keys against
         }
         global_batch = self.cfg.train.global_batch(self.dist.world_size)
@@ -545,6 +555,7 @@ def _restore(trainer: Trainer, plan: RunDirPlan, elastic: Elastic | None) -> dic
     else:
         trainer.method.load_rank_state_dict(method_states)
     trainer.phase_losses = client["phase_losses"]
+    trainer.domain_ends = client.get("domain_ends", {})
     log.info("resumed from %s: phase %d, step %d", tag, trainer.pos.phase, trainer.pos.step)
     # Against the checkpoint's own config: config.yaml already holds a change made by a resume that
     # died before its first checkpoint, whose change must be applied (and recorded) again.

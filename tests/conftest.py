@@ -129,6 +129,15 @@ def tiny_run_config(
     return cfg
 
 
+def global_blocks(streams, micro_steps: int) -> list[list[int]]:
+    """Blocks in global order (micro-step by micro-step, rank r's i-th block at i * W + r)."""
+    iters, out = [iter(s) for s in streams], []
+    for _ in range(micro_steps):
+        batches = [next(it).tolist() for it in iters]
+        out += [batches[r][i] for i in range(len(batches[0])) for r in range(len(iters))]
+    return out
+
+
 def write_config(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import corpus_lines, texts_jsonl
+from conftest import corpus_lines, global_blocks, texts_jsonl
 
 from pretrain.data import (
     DataError,
@@ -219,15 +219,6 @@ def test_resume_refuses_another_world_size(corpus, tokenizer):
         stream(corpus, tokenizer, rank=0, world=1).load_state_dict(state)
 
 
-def _global_blocks(streams, micro_steps: int) -> list[list[int]]:
-    """Blocks in global order (micro-step by micro-step, rank r's i-th block at i * W + r)."""
-    iters, out = [iter(s) for s in streams], []
-    for _ in range(micro_steps):
-        batches = [next(it).tolist() for it in iters]
-        out += [batches[r][i] for i in range(len(batches[0])) for r in range(len(iters))]
-    return out
-
-
 @pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (3, 2), (2, 3)])
 @pytest.mark.parametrize("consumed", [1, 5, 9])
 def test_a_resume_on_another_world_size_continues_the_global_block_sequence(
@@ -237,14 +228,14 @@ def test_a_resume_on_another_world_size_continues_the_global_block_sequence(
     across epoch ends (the points straddle them; 3 ranks do not divide an epoch, so rounds cross it)."""
     micro = 2
     before = [stream(corpus, tokenizer, r, old, micro) for r in range(old)]
-    taken = _global_blocks(before, consumed)
+    taken = global_blocks(before, consumed)
     states = [s.state_dict() for s in before]
     after = [stream(corpus, tokenizer, r, new, micro) for r in range(new)]
     for r, s in enumerate(after):
         s.load_state_dict(reshard_stream_state(states, r, new))
     rounds = 3 * len(blocks) // (new * micro)  # past two more epoch ends
-    continued = taken + _global_blocks(after, rounds)
-    whole = _global_blocks([stream(corpus, tokenizer, 0, 1, 1)], len(continued))
+    continued = taken + global_blocks(after, rounds)
+    whole = global_blocks([stream(corpus, tokenizer, 0, 1, 1)], len(continued))
     assert continued == whole
 
 

@@ -12,6 +12,7 @@ from conftest import INSTRUCTION, corpus_lines, instruction_corpus, tiny_run_con
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pretrain.config import ConfigError, InstructionConfig, MethodConfig, validate
+from pretrain.continuation import continue_stream, stream_end
 from pretrain.data import DataError, SkipCounter
 from pretrain.distributed import DistInfo
 from pretrain.evaluate import evaluate_domains
@@ -254,6 +255,25 @@ def test_reshard_on_another_world_size_continues_the_global_sequence(files, toke
         news.append(iter(s))
     done = steps * old * micro
     got = global_rows(news, 8)
+    assert got == reference[done : done + len(got)]
+
+
+@pytest.mark.parametrize("old, new, steps", [(2, 3, 7), (3, 2, 10)])
+def test_a_later_phase_of_an_instruction_domain_takes_the_examples_after_the_earlier_one(
+    files, tokenizer, old, new, steps
+):
+    micro = 2
+    reference = global_rows([iter(stream(files, tokenizer, micro=micro))], 110)
+    olds = [stream(files, tokenizer, r, old, micro) for r in range(old)]
+    for it in [iter(s) for s in olds]:
+        for _ in range(steps):
+            next(it)
+    end = stream_end([s.state_dict() for s in olds])
+    later = [stream(files, tokenizer, r, new, micro) for r in range(new)]
+    for s in later:
+        continue_stream(s, end)
+    done = steps * old * micro
+    got = global_rows([iter(s) for s in later], 8)
     assert got == reference[done : done + len(got)]
 
 

@@ -11,9 +11,11 @@ LoRA pipeline checks below (one launch fewer). The crash-while-saving run resume
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,8 +241,11 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     stream continues from the same global block on the new ranks (accumulation 2 -> 1 keeps the global
     batch), and the phase ends with all its steps. Requeued again on 2 ranks (after a stop at step 20), it
     keeps that accumulation: the checkpoint's global batch, not the config's (2 ranks x 2 would double it).
-    The DeepSpeed JSON pins that global batch (`train_batch_size`), which the resumes keep."""
+    The DeepSpeed JSON pins that global batch (`train_batch_size`), which the resumes keep. A second phase
+    of the same domain then continues its stream at the block after phase 1's 160 (gathered from both
+    ranks at the phase's end)."""
     cfg = tiny_run_config(tmp_path, stage=2, steps=40, domains=("news",), train={"grad_accum": 2})
+    cfg["phases"].append({"domain": "news", "steps": 2})
     zero2 = json.loads(Path(cfg["deepspeed"]["config"]).read_text())
     pinned = tmp_path / "zero2_pinned.json"
     pinned.write_text(json.dumps({**zero2, "train_batch_size": 2 * cfg["train"]["micro_batch_size"]}))
@@ -266,10 +271,34 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     assert "resuming checkpoint step-19-stop of 2 ranks on 2: train.grad_accum 1 -> 1" in log
     assert not (run / "checkpoints" / "step-19-stop" / "universal").exists()  # same ranks: no conversion
     metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["eval_loss"]) == 2 and len(metrics["train"][0]["losses"]) == 40
+    assert len(metrics["eval_loss"]) == 3 and len(metrics["train"][0]["losses"]) == 40
     assert metrics["train"][0]["tokens"] == 40 * 4 * cfg["train"]["seq_len"]  # 4 sequences a step throughout
     changes = {c["key"]: (c["from"], c["to"]) for c in metrics["config_changes"]}
     assert changes == {"world_size": (1, 2), "train.grad_accum": (2, 1)}
+    continued = re.search(r"phase 2: news continues its stream from (\{.*?\})", log)
+    assert continued, log
+    assert {k: v for k, v in ast.literal_eval(continued.group(1)).items() if k != "skipped"} == _after(
+        path, 160
+    )
+
+
+def _after(config: Path, blocks: int) -> dict:
+    """Where the run's first domain's stream, read on one rank, stands after `blocks` blocks."""
+    from pretrain.config import load_config
+    from pretrain.data import TrainStream
+    from pretrain.shuffle import Shuffle
+    from pretrain.tokenizer import load_tokenizer
+
+    cfg = load_config(config)
+    t, domain = cfg.train, cfg.domains[0]
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    stream = TrainStream(
+        domain.train, "text", tokenizer, t.seq_len, 0, 1, 1, shuffle=Shuffle(t.seed, t.shuffle_buffer)
+    )
+    it = iter(stream)
+    for _ in range(blocks):
+        next(it)
+    return {k: v for k, v in stream.state_dict().items() if k in ("epoch", "block", "doc", "offset")}
 
 
 def test_sigterm_to_the_launch_script_stops_both_ranks_of_the_deepspeed_launcher_with_a_checkpoint(tmp_path):
