@@ -540,13 +540,21 @@ def run_owned_conflicts(ds: dict[str, Any], train: TrainConfig, source: str) -> 
     ]
 
 
+# What pretrain/data.py reads, by file name suffix (any case)
+CORPUS_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
 def _missing_files(files: list[str], key: str, name: str) -> list[str]:
     if not files:
         return [f"key `{key}`: no files given for {name!r}"]
     problems = []
     for f in files:
         p = Path(f)
-        if not p.is_file():
+        if p.suffix.lower() not in CORPUS_SUFFIXES:  # else found only when a later phase first reads it
+            problems.append(
+                f"key `{key}`: file {f} is of unknown type; expected one of {sorted(CORPUS_SUFFIXES)}"
+            )
+        elif not p.is_file():
             problems.append(f"key `{key}`: file {f} does not exist")
         elif p.stat().st_size == 0:
             problems.append(f"key `{key}`: file {f} is empty")

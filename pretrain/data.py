@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pretrain.config import CORPUS_SUFFIXES
 from pretrain.shuffle import Shuffle, shuffled
 
 if TYPE_CHECKING:  # token_cache builds on this module
     from pretrain.token_cache import TokenCache
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+_BUILDERS = CORPUS_SUFFIXES
 _TOKENIZE_BATCH = 256  # texts per tokenizer call, within PIECE_CHARS: the fast tokenizer parallelises a call
 # The most characters one tokenizer call gets, in all its texts; longer documents are cut into pieces of
 # at most this many. A call holds ~100 bytes per character while it runs (its encodings): ~7 MB here,

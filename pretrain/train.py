@@ -331,27 +331,7 @@ class Trainer:
         raise SystemExit(code)
 
     def _stream(self, phase: int) -> TrainStream | ReplayStream | ExampleStream:
-        """This rank's batches of a phase: its domain's blocks, a share of them replayed if configured,
-        or an instruction domain's examples (the config refuses replay with those)."""
-        domain = self.cfg.domain(self.cfg.phases[phase - 1].domain)
-        t, policy = self.cfg.train, self.cfg.train.on_bad_record
-        rank, world, micro = self.dist.rank, self.dist.world_size, t.micro_batch_size
-        share = phase_share(self.cfg, phase)
-        shuffle = Shuffle(t.seed, t.shuffle_buffer) if t.shuffle_buffer > 1 else None
-        if domain.instruction is not None:
-            args = (self.tokenizer, t.seq_len, rank, world, micro, bad_record_counter(policy))
-            return ExampleStream(domain.train, domain.instruction, *args, shuffle=shuffle)
-        own = (domain.train, domain.text_field, bad_record_counter(policy))
-        if share == 0:
-            files, field, skip = own
-            read = (self.tokenizer, t.seq_len, rank, world, micro, skip)
-            return TrainStream(files, field, *read, shuffle=shuffle, cache=self.token_cache)
-        sources = {
-            s.name: (s.files, s.text_field, bad_record_counter(policy))
-            for s in replay_sources(self.cfg, phase)
-        }
-        read = (self.tokenizer, t.seq_len, rank, world, micro)
-        return ReplayStream(own, sources, share, *read, shuffle=shuffle, cache=self.token_cache)
+        return phase_stream(self.cfg, phase, self.dist, self.tokenizer, self.token_cache)
 
     def _log_interval(self, phase: int, domain: str, steps: int, interval: dict) -> None:
         mean_loss = interval["loss"]  # the steps' losses are means over ranks already
@@ -458,6 +438,31 @@ class ThroughputMeter:
         return totals
 
 
+def phase_stream(
+    cfg: RunConfig, phase: int, dist: DistInfo, tokenizer, token_cache: TokenCache | None
+) -> TrainStream | ReplayStream | ExampleStream:
+    """This rank's batches of a phase: its domain's blocks, a share of them replayed if configured,
+    or an instruction domain's examples (the config refuses replay with those)."""
+    domain = cfg.domain(cfg.phases[phase - 1].domain)
+    t, policy = cfg.train, cfg.train.on_bad_record
+    rank, world, micro = dist.rank, dist.world_size, t.micro_batch_size
+    share = phase_share(cfg, phase)
+    shuffle = Shuffle(t.seed, t.shuffle_buffer) if t.shuffle_buffer > 1 else None
+    if domain.instruction is not None:
+        args = (tokenizer, t.seq_len, rank, world, micro, bad_record_counter(policy))
+        return ExampleStream(domain.train, domain.instruction, *args, shuffle=shuffle)
+    own = (domain.train, domain.text_field, bad_record_counter(policy))
+    if share == 0:
+        files, field, skip = own
+        read = (tokenizer, t.seq_len, rank, world, micro, skip)
+        return TrainStream(files, field, *read, shuffle=shuffle, cache=token_cache)
+    sources = {
+        s.name: (s.files, s.text_field, bad_record_counter(policy)) for s in replay_sources(cfg, phase)
+    }
+    read = (tokenizer, t.seq_len, rank, world, micro)
+    return ReplayStream(own, sources, share, *read, shuffle=shuffle, cache=token_cache)
+
+
 def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer, dict | None]:
     """Every part from the config, in dependency order; then the newest checkpoint if resuming.
 
@@ -475,6 +480,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     run_cfg = elastic.cfg if elastic else cfg
     tokenizer = _tokenizer_rank0_first(cfg, dist)
     token_cache = open_token_cache(cfg, tokenizer)  # a file not pre-tokenized is an error before any work
+    for phase in range(1, len(cfg.phases) + 1):  # each reads one step of its data (and of its replay's):
+        phase_stream(run_cfg, phase, dist, tokenizer, token_cache)  # a later phase's bad corpus stops it now
     phase_steps = [steps_for_phase(p, run_cfg.train, dist.world_size) for p in cfg.phases]
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     engine = build_engine(

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 import yaml
-from conftest import tiny_run_config, write_config
+from conftest import run_single, tiny_run_config, write_config
 
 from pretrain.config import ConfigError, load_config, steps_for_phase
 from pretrain.engine import deepspeed_config, eval_deepspeed_config
@@ -94,6 +94,27 @@ def test_missing_and_empty_corpus_files_are_named(tmp_path):
         load_config(write_config(raw, tmp_path / "run.yaml"))
     assert "domains.0.train`: file" in str(err.value) and "missing.jsonl does not exist" in str(err.value)
     assert f"domains.1.heldout`: file {empty} is empty" in str(err.value)
+
+
+def test_a_corpus_of_unknown_type_is_named_at_load(tmp_path):
+    raw = tiny_run_config(tmp_path)
+    gz = tmp_path / "train.jsonl.gz"
+    gz.write_bytes(b"\x1f\x8b")
+    raw["domains"][1]["train"] = [str(gz)]
+    with pytest.raises(ConfigError, match=rf"domains.1.train`: file {gz} is of unknown type"):
+        load_config(write_config(raw, tmp_path / "run.yaml"))
+
+
+def test_a_later_phase_whose_corpus_cannot_fill_a_step_stops_the_run_before_phase_1(tmp_path):
+    """Phase 2's stream was first opened after phase 1 had trained (hours, on a real run)."""
+    raw = tiny_run_config(tmp_path)
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps({"text": "Too short."}) + "\n")
+    raw["domains"][1]["train"] = [str(small)]
+    proc = run_single(["train", "--config", str(write_config(raw, tmp_path / "run.yaml"))], timeout=300)
+    assert proc.returncode == 2 and "corpus too small for 1 ranks x micro batch 2" in proc.stderr, proc.stderr
+    assert str(small) in proc.stderr and "step 1/" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_missing_section_and_bad_override_syntax(tmp_path, cfg_file):
