@@ -77,7 +77,7 @@ class SkipCounter:
             logging.getLogger("pretrain").warning("skipped bad record: %s%s", message, more)
 
 
-class _Refusal(SkipCounter):
+class Refusal(SkipCounter):
     """The 'error' policy as a counter: the first bad record raises DataError, naming it."""
 
     def add(self, message: str) -> None:
@@ -100,7 +100,7 @@ def read_documents(
     Without `skip` the first bad record raises DataError; with it, each bad record read is counted there.
     """
     for path in files:
-        yield from _file_documents(str(path), text_field, skip if skip is not None else _Refusal())
+        yield from _file_documents(str(path), text_field, skip if skip is not None else Refusal())
 
 
 def _text(builder: str, record: dict, text_field: str) -> str | None:

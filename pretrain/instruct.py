@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.data import DataError, SkipCounter, _NewSkips, ids_tensor, lone_surrogate
+from pretrain.data import DataError, Refusal, SkipCounter, _NewSkips, ids_tensor, lone_surrogate
 from pretrain.shuffle import Shuffle, shuffled
 
 if TYPE_CHECKING:
@@ -178,6 +178,30 @@ def model_inputs(batch: torch.Tensor | Examples) -> dict[str, torch.Tensor]:
     return {"input_ids": batch, "labels": batch}
 
 
+def fitting(
+    examples: Iterable[Example], tokenizer, seq_len: int, skip: SkipCounter | None
+) -> Iterator[Example]:
+    """The examples whose answer and EOS leave room for a prompt token in `seq_len`. The others are bad
+    records (counted in `skip`; without one the first raises, naming it), dropped before examples are
+    numbered, so every rank, at any world size, numbers the same examples alike."""
+    skip = skip if skip is not None else Refusal()
+    it = iter(examples)
+    while chunk := list(islice(it, _TOKENIZE_BATCH)):
+        answers = tokenizer([e.answer for e in chunk], add_special_tokens=False)["input_ids"]
+        for e, answer in zip(chunk, answers, strict=True):
+            if len(answer) + 1 < seq_len:
+                yield e
+            else:
+                skip.add(_too_long(e.where, len(answer), seq_len))
+
+
+def _too_long(where: str, answer: int, seq_len: int) -> str:
+    return (
+        f"{where}: the answer is {answer} tokens and EOS, which leaves no room for the prompt in "
+        f"train.seq_len {seq_len}; raise train.seq_len (an answer is never cut)"
+    )
+
+
 def encode_row(
     prompt: list[int], answer: list[int], eos_id: int, pad_id: int, seq_len: int, where: str = "an example"
 ) -> tuple[list[int], list[int], list[int]]:
@@ -185,10 +209,7 @@ def encode_row(
     answer = [*answer, eos_id]
     room = seq_len - len(answer)
     if room < 1:
-        raise DataError(
-            f"{where}: the answer is {len(answer) - 1} tokens and EOS, which leaves no room for the prompt "
-            f"in train.seq_len {seq_len}; raise train.seq_len (an answer is never cut)"
-        )
+        raise DataError(_too_long(where, len(answer) - 1, seq_len))
     prompt = prompt[-room:]
     ids, pad = prompt + answer, seq_len - len(prompt) - len(answer)
     labels = [IGNORE] * len(prompt) + answer + [IGNORE] * pad
@@ -225,7 +246,8 @@ def heldout_examples(
     skip: SkipCounter | None = None,
 ) -> Examples:
     """An instruction domain's fixed evaluation set: its first max_examples examples, in file order."""
-    examples = enumerate(islice(read_examples(files, instruction, skip), max_examples))
+    fit = fitting(read_examples(files, instruction, skip), tokenizer, seq_len, skip)
+    examples = enumerate(islice(fit, max_examples))
     rows = [row for _, row in encode_examples(examples, tokenizer, seq_len)]
     if not rows:
         raise DataError(f"held-out set without an example: {', '.join(map(str, files))}")
@@ -290,7 +312,9 @@ class ExampleStream:
     def _numbered(self, pos: _Position) -> Iterator[tuple[int, Example]]:
         """(number in the epoch, example) from `pos` to the end of the epoch."""
         skip = None if self.skip is None else _NewSkips(self)
-        examples = read_examples(self.files, self.instruction, skip)
+        examples = fitting(
+            read_examples(self.files, self.instruction, skip), self.tokenizer, self.seq_len, skip
+        )
         if self.shuffle is not None:
             examples = shuffled(examples, self.shuffle, pos.epoch)
         return enumerate(islice(examples, pos.example, None), start=pos.example)

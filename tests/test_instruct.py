@@ -184,14 +184,27 @@ def test_a_too_long_answer_is_an_error_naming_the_record(tmp_path, tokenizer):
 
 
 def test_skip_in_a_stream_equals_the_stream_without_the_bad_lines(tmp_path, files, tokenizer):
+    """Also an answer too long for train.seq_len: a bad record (it stopped the run mid-phase, whatever the
+    policy), dropped before the examples are numbered, so 2 ranks take the 1-rank sequence still."""
     lines = Path(files[0]).read_text().splitlines()
-    dirty = lines[:5] + ['{"text": "no label"}', "not json"] + lines[5:]
+    too_long = json.dumps({"text": "x", "label": "word " * 30})
+    dirty = lines[:5] + ['{"text": "no label"}', "not json"] + lines[5:40] + [too_long] + lines[40:]
     dirty_path = write_jsonl(tmp_path / "dirty.jsonl", dirty)
     skip = SkipCounter()
     dirty_stream = ExampleStream([dirty_path], TEMPLATE, tokenizer, SEQ_LEN, 0, 1, 2, skip, Shuffle(7, 16))
     got = rows_of([b for b, _ in zip(dirty_stream, range(70), strict=False)])
     assert got == rows_of([b for b, _ in zip(stream(files, tokenizer), range(70), strict=False)])
-    assert skip.count == 2  # counted once, though the stream went through more than two epochs
+    assert skip.count == 3  # counted once, though the stream went through more than two epochs
+    assert "line 43: the answer is" in skip.examples[2]
+    ranks = [
+        ExampleStream([dirty_path], TEMPLATE, tokenizer, SEQ_LEN, r, 2, 1, SkipCounter(), SHUFFLE)
+        for r in (0, 1)
+    ]
+    assert global_rows([iter(r) for r in ranks], 35) == got[:70]
+    only_long = write_jsonl(tmp_path / "long.jsonl", lines[:40] + [too_long] + lines[40:])
+    strict = ExampleStream([only_long], TEMPLATE, tokenizer, SEQ_LEN, 0, 1, 2)  # on_bad_record: error
+    with pytest.raises(DataError, match="long.jsonl: line 41: the answer is 61 tokens"):
+        [b for b, _ in zip(strict, range(40), strict=False)]
 
 
 # ---------------------------------------------------------------------------------------------- streaming
