@@ -115,9 +115,12 @@ def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
+    from pretrain.rundir import refuse_config_in_run_dir
     from pretrain.train import train
 
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    cfg = load_config(args.config, args.overrides)
+    refuse_config_in_run_dir(args.config, cfg)
+    train(cfg, resume=args.resume)
 
 
 def _tokenizer(args: argparse.Namespace) -> None:

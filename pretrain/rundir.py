@@ -70,6 +70,20 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: bool) -> RunDirPlan:
     return plan
 
 
+def refuse_config_in_run_dir(config: str | Path, cfg: RunConfig) -> None:
+    """RunDirError if a new run's config file is the `config.yaml` the run writes into its output_dir (as
+    the config it ran with: the user's comments, relative paths and layout would be lost). In a directory
+    that holds a run, that file is the run's own and may be passed back."""
+    run_dir = Path(cfg.output_dir)
+    if Path(config).resolve() != (run_dir / "config.yaml").resolve():
+        return
+    if not (run_dir / "metrics.json").exists() and latest_tag(run_dir) is None:
+        raise RunDirError(
+            f"{config} is where the run writes the config it ran with (output_dir {run_dir}): keep your "
+            "config file elsewhere, or choose another output_dir"
+        )
+
+
 def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
     run_dir = Path(cfg.output_dir)
     metrics = run_dir / "metrics.json"

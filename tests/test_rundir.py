@@ -10,9 +10,17 @@ import yaml
 from conftest import tiny_run_config, write_config
 
 from pretrain.checkpoint import COMPLETE, LATEST
+from pretrain.cli import main as cli
 from pretrain.config import LoraConfig, deepspeed_json, load_config, save_config
 from pretrain.distributed import DistInfo
-from pretrain.rundir import RunDirError, config_tree, prepare_run_dir, resumable, resumable_changes
+from pretrain.rundir import (
+    RunDirError,
+    config_tree,
+    prepare_run_dir,
+    refuse_config_in_run_dir,
+    resumable,
+    resumable_changes,
+)
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 
@@ -60,6 +68,23 @@ def test_a_new_run_never_continues_a_checkpoint_whose_metrics_were_moved_away(st
     with pytest.raises(RunDirError, match=r"already holds a run \(a checkpoint\).*pass --resume"):
         prepare_run_dir(cfg, ONE, resume=False)
     assert prepare_run_dir(cfg, ONE, resume=True).resuming
+
+
+def test_a_new_runs_config_file_is_never_the_config_yaml_it_would_overwrite(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = run / "config.yaml"
+    mine.write_text(yaml.safe_dump(tiny_run_config(tmp_path)) + "# my notes\n")
+    cfg = load_config(mine)
+    with pytest.raises(RunDirError, match=r"config.yaml is where the run writes the config it ran with"):
+        refuse_config_in_run_dir(mine, cfg)
+    before = mine.read_text()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["train", "--config", str(mine)])
+    assert exit_.value.code == 2 and mine.read_text() == before
+    refuse_config_in_run_dir(tmp_path / "elsewhere.yaml", cfg)  # another file: nothing to lose
+    _checkpointed(run)
+    refuse_config_in_run_dir(mine, cfg)  # a run's own config.yaml, passed back to resume it
 
 
 def test_resume_may_change_the_listed_keys_and_reports_them(started):
