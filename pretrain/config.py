@@ -397,7 +397,20 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "
             f"({len(cfg.phases)}); method {cfg.method.name!r} would never mask"
         )
-    return problems + _instruction_problems(cfg) + _combination_problems(cfg)
+    patterns = _pattern_problems(cfg.method)
+    # the combinations search with the patterns
+    return problems + patterns + _instruction_problems(cfg) + ([] if patterns else _combination_problems(cfg))
+
+
+def _pattern_problems(method: MethodConfig) -> list[str]:
+    problems = []
+    for key in ("include", "exclude"):
+        for i, pattern in enumerate(getattr(method, key)):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"key `method.{key}.{i}`: {pattern!r} is not a regular expression ({err})")
+    return problems
 
 
 def _instruction_problems(cfg: RunConfig) -> list[str]:
@@ -577,6 +590,19 @@ def _deepspeed_problems(path: str, train: TrainConfig, reg: RegularisationConfig
             f"key `deepspeed.config`: {path}: `zero_optimization` must be an object such as "
             f'{{"stage": 2}}, not {json.dumps(zero)}'
         ]
+    shapes = [
+        f"key `deepspeed.config`: {path}: `{name}` must be an object such as {example}, "
+        f"not {json.dumps(value)}"
+        for name, value, example in (
+            ("bf16", ds.get("bf16"), '{"enabled": true}'),
+            ("fp16", ds.get("fp16"), '{"enabled": true}'),
+            ("zero_optimization.offload_optimizer", zero.get("offload_optimizer"), '{"device": "cpu"}'),
+            ("zero_optimization.offload_param", zero.get("offload_param"), '{"device": "cpu"}'),
+        )
+        if value is not None and not isinstance(value, dict)
+    ]
+    if shapes:  # the checks below read inside them
+        return shapes
     stage = zero.get("stage", 0)
     problems = [
         f"key `deepspeed.config`: {path}: section `{section}` is not used by this pipeline (it would be "

@@ -96,6 +96,14 @@ def test_missing_and_empty_corpus_files_are_named(tmp_path):
     assert f"domains.1.heldout`: file {empty} is empty" in str(err.value)
 
 
+@pytest.mark.parametrize(("key", "pattern"), [("include", r"layers\.(\d+"), ("exclude", "lora_B(")])
+def test_a_method_pattern_that_is_no_regular_expression_is_named_at_load(tmp_path, key, pattern):
+    """It was a raw re.error at load (exclude, with LoRA) or after the model was built (include)."""
+    raw = tiny_run_config(tmp_path, method={"name": "migu", "start_phase": 1, key: [pattern]}, lora={})
+    with pytest.raises(ConfigError, match=rf"key `method.{key}.0`: .* is not a regular expression"):
+        load_config(write_config(raw, tmp_path / "run.yaml"))
+
+
 def test_a_corpus_of_unknown_type_is_named_at_load(tmp_path):
     raw = tiny_run_config(tmp_path)
     gz = tmp_path / "train.jsonl.gz"
@@ -198,6 +206,11 @@ def test_deepspeed_global_batch_must_match_the_world(tmp_path):
     "ds, expected",
     [
         ({"zero_optimization": None}, r"`zero_optimization` must be an object .*, not null"),
+        ({"bf16": True}, r"`bf16` must be an object such as \{\"enabled\": true\}, not true"),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+            r"`zero_optimization.offload_optimizer` must be an object .*, not \"cpu\"",
+        ),
         ({"zero_optimization": {"stage": 4}}, r"zero_optimization.stage=4, expected 0-3"),
         ([1, 2], r"must hold a JSON object, not list"),
         ({"optimizer": {"type": "AdamW"}}, r"section `optimizer` is not used .*set train.optimizer=adamw in"),

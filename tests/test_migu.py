@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from pretrain.config import MethodConfig
+from pretrain.config import ConfigError, MethodConfig
 from pretrain.methods import NoMethod, build_method
 from pretrain.methods.masking import kept_count, select_layers, top_mask
 from pretrain.methods.migu import decode_units, encode_units
@@ -57,6 +57,11 @@ def migu(threshold: float = 0.7, **kw) -> MethodConfig:
 )
 def test_kept_count_is_d_out_minus_floor_t_d_out(d_out, threshold, keep):
     assert kept_count(d_out, threshold) == keep
+
+
+def test_patterns_that_match_no_layer_name_the_keys():
+    with pytest.raises(ConfigError, match=r"key `method.include` \['nothing'\].*no trainable linear layer"):
+        build_method(migu(include=["nothing"]), tiny_llama())
 
 
 def test_top_mask_keeps_largest_and_breaks_ties_by_lower_index():

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pretrain.config import MethodConfig
+from pretrain.config import ConfigError, MethodConfig
 from pretrain.methods.base import MethodBase
 from pretrain.methods.partitions import local_grad, refresh_grad_norm
 
@@ -162,7 +162,10 @@ class GradientMask(MethodBase):
         self.cfg, self.model, self.engine = cfg, model, engine
         self.layers = select_layers(model, cfg.include, cfg.exclude)
         if not self.layers:
-            raise ValueError(f"method {cfg.name}: no trainable linear layer matches include={cfg.include}")
+            raise ConfigError(
+                f"key `method.include` {cfg.include} (with `method.exclude` {cfg.exclude}): no trainable "
+                f"linear layer of the model matches, so {cfg.name} would mask nothing"
+            )
         self.groups = _group_layers(self.layers, cfg.threshold)
         self.group = getattr(engine, "data_parallel_group", None)
         self.grad_accum = engine.gradient_accumulation_steps() if engine is not None else grad_accum
