@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pretrain.atomic import fsync_tree, write_text_atomic
+from pretrain.atomic import fsync_dir, fsync_tree, write_text_atomic
 from pretrain.distributed import DistInfo, barrier, broadcast_object
 from pretrain.methods.lora import export_state
 
@@ -159,8 +159,23 @@ def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
     else:
         state = engine.module.state_dict() if is_main else None
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # written beside, then renamed: an eval job (or a crash) never meets a half-written export
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
         model, state = export_state(engine.module, state)
-        model.save_pretrained(str(out_dir), state_dict=state)
-        tokenizer.save_pretrained(str(out_dir))
+        model.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        fsync_tree(tmp)
+        _replace_dir(tmp, out_dir)
     barrier()
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`, the directory there before (an earlier attempt's) removed after."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

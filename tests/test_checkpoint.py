@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from pretrain.checkpoint import (
     COMPLETE,
     LATEST,
     _fresh_tag,
+    export_phase,
     is_complete,
     load_checkpoint,
     prune,
@@ -129,3 +131,36 @@ def test_a_rank_state_saved_on_another_device_loads_onto_the_host(tmp_path):
     (tmp_path / "checkpoints" / LATEST).write_text("step-2")
     _, loaded = load_checkpoint(_Engine(), tmp_path, ONE)
     assert loaded["method"]["anchors"].device.type == "cpu" and loaded["method"]["anchors"].sum() == 3
+
+
+def test_an_export_is_seen_whole_or_not_at_all(tmp_path):
+    """An eval job takes every export/phase-N directory for a finished export: one that failed (or was
+    killed) midway must leave the earlier attempt's export as it was, and no half-written directory."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
+    out = tmp_path / "export" / "phase-1"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"an earlier attempt's export")
+
+    def fail(path):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_phase(engine, SimpleNamespace(save_pretrained=fail), out, is_main=True)
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    export_phase(engine, SimpleNamespace(save_pretrained=lambda path: None), out, is_main=True)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").stat().st_size > 1000
+    assert sorted(p.name for p in out.parent.iterdir()) == ["phase-1"]  # no leftovers beside it
