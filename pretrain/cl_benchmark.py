@@ -12,12 +12,14 @@ list of `{"sentence", "label"}`, and labels.json, as the MIGU repository's CL_Be
 from __future__ import annotations
 
 import json
+import shutil
 import string
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pretrain.data import lone_surrogate
 from pretrain.instruct import template_problem
 
 TEMPLATE = Path(__file__).parent / "templates" / "cl_multiple_choice.yaml"
@@ -129,14 +131,22 @@ def check_records(path: Path, labels: list[str]) -> int:
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist")
     count = 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = _utf8(raw, path, number)
             if line.strip():
                 _check_record(_json_line(line, path, number), labels, f"{path}:{number}")
                 count += 1
     if not count:
         raise TaskDataError(f"{path} holds no records")
     return count
+
+
+def _utf8(raw: bytes, path: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TaskDataError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
 
 
 def _json_line(line: str, path: Path, number: int) -> Any:
@@ -149,6 +159,8 @@ def _json_line(line: str, path: Path, number: int) -> Any:
 def _check_record(record: Any, labels: list[str], where: str, text: str = "text") -> None:
     if not isinstance(record, dict) or not isinstance(record.get(text), str):
         raise TaskDataError(f"{where}: expected an object with a string {text!r}, got {record!r:.200}")
+    if why := lone_surrogate(record[text]):  # valid JSON, but no text: writing it out fails
+        raise TaskDataError(f"{where}: {text!r} {why}")
     if record.get("label") not in labels:
         raise TaskDataError(f"{where}: label {record.get('label')!r} is not one of labels.json {labels}")
 
@@ -167,13 +179,18 @@ def convert(source: str | Path, out: str | Path) -> Path:
     splits = {
         s: _original_records(source / f"{s}.json", labels) for s in SPLITS if (source / f"{s}.json").is_file()
     }
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a failure leaves no half task
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for split, records in splits.items():
         lines = (
             json.dumps({"text": r["sentence"], "label": r["label"]}, ensure_ascii=False) for r in records
         )
-        (out / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    (out / LABELS).write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+        (tmp / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # empty, as checked above
+    tmp.rename(out)
     return out
 
 

@@ -110,6 +110,10 @@ def test_convert_turns_the_original_layout_into_a_task_directory(tmp_path):
             r"test\.json record 1: label 'C' is not one of labels\.json \['A', 'B'\]",
         ),
         (lambda d: (d / "test.json").write_text('[{"text": "s", "label": "A"}]'), "a string 'sentence'"),
+        (  # valid JSON, no text: writing it failed midway, leaving a half task that blocked a rerun
+            lambda d: (d / "test.json").write_text('[{"sentence": "cut \\ud83d", "label": "A"}]'),
+            r"test\.json record 0: 'sentence' holds a lone surrogate",
+        ),
     ],
 )
 def test_convert_names_what_is_wrong_and_writes_nothing(tmp_path, break_it, message):
@@ -138,6 +142,9 @@ def test_a_bad_record_in_a_task_directory_is_named_by_file_and_line(tmp_path):
         task_config(task)
     (task / "test.jsonl").write_text('{"text": "x", "label": "A"}\nnot json\n')
     with pytest.raises(TaskDataError, match=r"test\.jsonl:2: not JSON"):
+        task_config(task)
+    (task / "test.jsonl").write_bytes(b'{"text": "x", "label": "A"}\n{"text": "\xff", "label": "A"}\n')
+    with pytest.raises(TaskDataError, match=r"test\.jsonl:2: not valid UTF-8"):  # a raw UnicodeDecodeError
         task_config(task)
 
 
