@@ -254,11 +254,22 @@ def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     if tok.source == "model":
         return _model_tokenizer(cfg)
     path = tok.path or str(Path(cfg.output_dir) / "tokenizer")
-    if holds_tokenizer(path):
+    if holds_tokenizer(path) or _unmarked_of_a_run(path, cfg):
         return _reuse(path, tok.vocab_size)
     domains = [(d.train, d.text_field) for d in cfg.domains]
     skip = bad_record_counter(cfg.train.on_bad_record)
     return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)
+
+
+def _unmarked_of_a_run(path: str, cfg: RunConfig) -> bool:
+    """A run started before tokenizers were marked (2026-11-26) trained its tokenizer into `path` without
+    a mark: its resume (or eval job) reuses it, never writes into it. A new run still refuses the directory,
+    and the checkpoint's tokenizer fingerprint refuses a resume with another tokenizer."""
+    from pretrain.checkpoint import latest_tag
+
+    run = Path(cfg.output_dir)
+    started = (run / "metrics.json").is_file() or latest_tag(run) is not None
+    return started and _mark(Path(path)) is None and (Path(path) / "tokenizer_config.json").is_file()
 
 
 def _reuse(path: str, vocab_size: int):

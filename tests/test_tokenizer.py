@@ -186,6 +186,24 @@ def test_a_directory_with_someone_elses_tokenizer_is_refused_and_left_untouched(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_run_from_before_tokenizers_were_marked_reuses_its_own(trained, domains, tmp_path):
+    """Its tokenizer has no mark: a new run refuses the directory; the run's resume (metrics.json there)
+    reuses it, as its checkpoints were trained with it, and writes nothing into it."""
+    _, out = trained
+    cfg = run_config(tmp_path, domains)
+    old = tmp_path / "run" / "tokenizer"
+    old.mkdir(parents=True)
+    for p in out.iterdir():
+        if p.name != "pretrain_tokenizer.json":
+            (old / p.name).write_bytes(p.read_bytes())
+    files = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(ConfigError, match="not a tokenizer this project trained"):
+        resolve_tokenizer(cfg)
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert len(resolve_tokenizer(cfg)) == VOCAB
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == files
+
+
 def test_extra_files_in_a_trained_tokenizer_directory_make_it_someone_elses(trained, domains, tmp_path):
     _, out = trained
     mine = tmp_path / "tok"
