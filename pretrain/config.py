@@ -278,8 +278,8 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: " + _describe(err)) from err
     except TypeError as err:  # a missing top-level section reaches the constructor before pydantic
         raise ConfigError(f"{source}: {err}") from err
+    _absolutize(cfg)  # first: the files are checked where the run will read them (`~` expanded)
     _check_consistency(cfg, source)
-    _absolutize(cfg)
     return cfg
 
 

@@ -104,6 +104,16 @@ def test_a_method_pattern_that_is_no_regular_expression_is_named_at_load(tmp_pat
         load_config(write_config(raw, tmp_path / "run.yaml"))
 
 
+def test_a_corpus_under_the_home_directory_is_found(tmp_path, monkeypatch):
+    """`~` was expanded where the run reads the file, but not where the config checked it exists."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    raw = tiny_run_config(tmp_path)
+    home = tmp_path / "news.jsonl"
+    home.write_text(pathlib.Path(raw["domains"][0]["train"][0]).read_text())
+    raw["domains"][0]["train"] = ["~/news.jsonl"]
+    assert load_config(write_config(raw, tmp_path / "run.yaml")).domains[0].train == [str(home)]
+
+
 def test_a_corpus_of_unknown_type_is_named_at_load(tmp_path):
     raw = tiny_run_config(tmp_path)
     gz = tmp_path / "train.jsonl.gz"
