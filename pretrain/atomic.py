@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def fsync_tree(root: str | Path) -> None:
-    """Flush every file under `root`, and the directories naming them, to disk: what is marked complete
-    after this (a checkpoint, a token cache) must not come back empty or cut short after a node crash."""
+def fsync_tree(root: str | Path, mine: Callable[[str], bool] | None = None, dirs: bool = True) -> None:
+    """Flush the files under `root` (those whose name `mine` accepts: the ones this process wrote), and
+    with `dirs` the directories naming them, to disk: what is marked complete after this (a checkpoint, a
+    token cache) must not come back empty or cut short after a node crash."""
     for folder, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(folder)
+            if mine is None or mine(name):
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if dirs:
+            fsync_dir(folder)
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ def save_checkpoint(
     rank_state = {**rng_state(), **rank_state}  # a stop passes the state its step started with
     torch.save(rank_state, root / tag / f"rank{dist.rank}_state.pt")
     _fault_point(f"crash_saving:{tag}")
-    fsync_tree(root / tag)  # DeepSpeed does not: on disk before the mark that lets older ones be pruned
+    # DeepSpeed does not: on disk before the mark that lets older ones be pruned. Each rank its own files
+    # (on a shared filesystem only the writer's flush counts, and every rank opening every file of a
+    # large job's checkpoint would load its metadata servers)
+    fsync_tree(root / tag, mine=lambda name: _writer(name) == dist.rank, dirs=dist.is_main)
     barrier()
     if dist.is_main:
         mark = {"tag": tag, "world_size": dist.world_size, **(meta or {})}
@@ -59,6 +63,13 @@ def save_checkpoint(
         prune(root, keep)
     barrier()
     return tag
+
+
+def _writer(name: str) -> int:
+    """The rank that writes checkpoint file `name`: DeepSpeed's `zero_pp_rank_R_...` and `mp_rank_00_...`
+    (rank 0), our `rankR_state.pt`; rank 0 for any other."""
+    found = re.search(r"rank_?(\d+)_", name)
+    return int(found.group(1)) if found else 0
 
 
 def _fresh_tag(root: Path, tag: str) -> str:

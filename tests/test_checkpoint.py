@@ -13,6 +13,7 @@ from pretrain.checkpoint import (
     COMPLETE,
     LATEST,
     _fresh_tag,
+    _writer,
     export_phase,
     is_complete,
     load_checkpoint,
@@ -111,8 +112,28 @@ def test_every_file_is_on_disk_before_the_checkpoint_is_marked_complete(tmp_path
     save_checkpoint(_Engine(), tmp_path, "step-2", {}, {"stream": None}, ONE, keep=1)
     tag = tmp_path / "checkpoints" / "step-2"
     marked = next(i for i, path in enumerate(synced) if path.endswith(f".{COMPLETE}.tmp"))
-    files = {str(p) for p in tag.rglob("*") if p.name != COMPLETE}  # shards, their folder, the rank file
-    assert len(files) == 4 and files <= set(synced[:marked])
+    # rank 0's: its shard, the shards' folder, its rank file; the other rank's shard is that rank's to flush
+    mine = {
+        str(tag / "zero" / "zero_pp_rank_0_optim_states.pt"),
+        str(tag / "zero"),
+        str(tag / "rank0_state.pt"),
+    }
+    assert mine <= set(synced[:marked]) and str(tag / "zero" / "zero_pp_rank_1_optim_states.pt") not in synced
+
+
+@pytest.mark.parametrize(
+    ("name", "rank"),
+    [
+        ("zero_pp_rank_3_mp_rank_00_optim_states.pt", 3),
+        ("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt", 12),
+        ("zero_pp_rank_5_mp_rank_00_model_states.pt", 5),  # ZeRO-3: every rank its shard of the weights
+        ("mp_rank_00_model_states.pt", 0),
+        ("rank7_state.pt", 7),
+        ("complete.json", 0),
+    ],
+)
+def test_each_checkpoint_file_is_flushed_by_the_rank_that_wrote_it(name, rank):
+    assert _writer(name) == rank
 
 
 def test_a_rank_state_saved_on_another_device_loads_onto_the_host(tmp_path):
