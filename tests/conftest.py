@@ -138,6 +138,27 @@ def global_blocks(streams, micro_steps: int) -> list[list[int]]:
     return out
 
 
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama of 100 tokens, built in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model
+
+
 def write_config(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

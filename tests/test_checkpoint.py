@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from pretrain.checkpoint import (
     COMPLETE,
@@ -159,18 +160,7 @@ def test_an_export_is_seen_whole_or_not_at_all(tmp_path):
     killed) midway must leave the earlier attempt's export as it was, and no half-written directory."""
     from types import SimpleNamespace
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    model = tiny_llama()
     engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
     out = tmp_path / "export" / "phase-1"
     out.mkdir(parents=True)

@@ -6,31 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from pretrain.config import ConfigError, MethodConfig
 from pretrain.methods import NoMethod, build_method
 from pretrain.methods.masking import kept_count, select_layers, top_mask
 from pretrain.methods.migu import decode_units, encode_units
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.config.use_cache = False
-    return model
 
 
 class Toy(nn.Module):

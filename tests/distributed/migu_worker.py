@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: lora_checks, when launched alone
 
+from conftest import tiny_llama  # noqa: E402  (after the path above; the same model as the unit tests)
+
 STEPS, MICRO_BATCH, SEQ, VOCAB, WORLD, LR = 3, 2, 16, 100, 2, 0.05
 REG_WEIGHT, FISHER_STEPS = 10.0, 2  # lr x weight = 0.5: a pull that shows within 3 steps, yet stable
 
@@ -58,25 +60,6 @@ CASES = {
 BUCKET = 2000  # elements: far below a layer, so reductions overlap the backward in many small pieces
 # r = 16: a layer keeps 16 - floor(0.7 * 16) = 5 adapter rows a step, so 3 steps leave some never kept
 LORA_R, LORA_ALPHA = 16, 16.0
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.config.use_cache = False
-    return model
 
 
 def build_model(case: Case) -> torch.nn.Module:
