@@ -11,7 +11,7 @@
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
-VERBS="train eval report compare tokenizer pretokenize"
+VERBS="train eval report compare tokenizer pretokenize tasks"
 
 usage() {
   cat >&2 <<USAGE
@@ -22,6 +22,7 @@ usage: entrypoint.sh VERB [ARGS...]
   eval      --run DIR [--phase N]
   report    --run DIR
   compare   RUN_DIR [RUN_DIR ...] [--out DIR]
+  tasks     convert SRC [SRC ...] --out DIR | yaml TASK_DIR [...] --out DIR
 environment (train): NNODES NODE_RANK MASTER_ADDR MASTER_PORT NPROC_PER_NODE RDZV_ID, or SLURM_*
 USAGE
 }

@@ -303,6 +303,8 @@ def test_other_verbs_run_one_process_even_on_a_cluster(config):
     assert cmd == ["python", "-m", "pretrain", "tokenizer", f"--config={config}"]
     cmd = dry_command("pretokenize", "--config", config, gpus=8, **SLURM_2_NODES)
     assert cmd == ["python", "-m", "pretrain", "pretokenize", "--config", config]
+    cmd = dry_command("tasks", "convert", "/data/cl/copa", "--out", "/data/tasks", gpus=1)  # the CL recipe's
+    assert cmd == ["python", "-m", "pretrain", "tasks", "convert", "/data/cl/copa", "--out", "/data/tasks"]
 
 
 def test_help_is_not_an_error():
