@@ -29,12 +29,17 @@ class _Stream(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def stream_end(states: list[dict]) -> dict:
-    """Where the phase's stream of its domain stopped, from every rank's stream state at the phase's end."""
-    own = [_own(state) for state in states]
-    unit = "example" if is_example_state(own[0]) else "block"
-    furthest = max(own, key=lambda s: (s["epoch"], s[unit]))
-    return {k: furthest[k] for k in (_EXAMPLE_FIELDS if unit == "example" else _BLOCK_FIELDS)}
+def stream_position(state: dict) -> dict:
+    """A rank's position in its phase's stream of the domain (from its stream state), without the ranks:
+    what the ranks gather at the phase's end (the state itself names every file)."""
+    own = _own(state)
+    return {k: own[k] for k in (_EXAMPLE_FIELDS if is_example_state(own) else _BLOCK_FIELDS)}
+
+
+def stream_end(positions: list[dict]) -> dict:
+    """Where the phase's stream of its domain stopped, from every rank's `stream_position` at its end."""
+    unit = "example" if "example" in positions[0] else "block"
+    return max(positions, key=lambda p: (p["epoch"], p[unit]))
 
 
 def continue_stream(stream: _Stream, end: dict) -> None:

@@ -173,7 +173,7 @@ def _json_array_documents(path: str, text_field: str, skip: SkipCounter) -> Iter
     """A JSON array's documents, read with `json`: datasets (which loads an array whole too) drops a lone
     surrogate escape without a word, where a JSON Lines file names the record."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte order mark, as datasets read it too
             records = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: {_diagnose(path, 'json') or f'cannot be read ({err})'}") from err

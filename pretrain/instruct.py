@@ -14,13 +14,15 @@ the EOS from am: the answer and its end are trained, the prompt and the padding 
 mask also tells MIGU which tokens are real (its magnitudes exclude padding). Prompt and answer are
 tokenized apart, without special tokens, so an answer has the same tokens whatever its prompt. Too long:
 the prompt loses its beginning (its end, next to the answer, is kept); the answer is never cut, and an
-answer whose tokens and EOS leave no room for one prompt token is an error naming the record.
+answer whose tokens and EOS leave no room for one prompt token is a bad record (train.on_bad_record).
 
 `ExampleStream` has TrainStream's contract (pretrain/data.py) with examples for blocks: the examples of
 the endless stream are numbered g = 0, 1, 2, ... over epochs and example g goes to rank g % world_size,
 so the global sequence is the same at every world size; the order within an epoch is the seeded shuffle
 of pretrain/shuffle.py; `state_dict` is exact across a resume and `reshard_example_state` continues it
-on another number of ranks. Each rank tokenizes only its own examples.
+on another number of ranks. Each rank tokenizes the prompts of its own examples only, and the answers of
+all (to drop one too long for seq_len before examples are numbered, alike on every rank; an answer is
+the short part of an example, a label in the continual-learning tasks).
 """
 
 from __future__ import annotations

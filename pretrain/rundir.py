@@ -103,8 +103,20 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
         return RunDirPlan(run_dir)
     changes = [{"key": k, "from": old, "to": new} for k, (old, new) in sorted(changed.items())]
     tag = latest_tag(run_dir)
-    ds_changes = deepspeed_changes(checkpoint_meta(run_dir, tag).get("deepspeed"), deepspeed_json(cfg), tag)
+    recorded = checkpoint_meta(run_dir, tag).get("deepspeed")
+    _refuse_unrecorded_deepspeed(changed, recorded, tag)
+    ds_changes = deepspeed_changes(recorded, deepspeed_json(cfg), tag)
     return RunDirPlan(run_dir, resuming=True, changes=changes, deepspeed_changes=ds_changes)
+
+
+def _refuse_unrecorded_deepspeed(changed: dict[str, tuple], recorded: dict | None, tag: str) -> None:
+    """Another deepspeed.config file may be compared only with the settings a checkpoint recorded."""
+    if recorded is None and "deepspeed.config" in changed:
+        old, new = changed["deepspeed.config"]
+        raise RunDirError(
+            f"checkpoint {tag} was written before pretrain kept the DeepSpeed settings a run trains with, "
+            f"so another file cannot be compared with them: keep deepspeed.config {old!r} (not {new!r})"
+        )
 
 
 def _refuse_frozen(changed: dict[str, tuple], what: str, scaled: tuple[str, ...] = ()) -> None:
@@ -174,12 +186,14 @@ def config_tree(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
-def resumable_changes(old: dict, cfg: RunConfig, tag: str) -> list[dict]:
+def resumable_changes(old: dict, cfg: RunConfig, tag: str, recorded: dict | None) -> list[dict]:
     """The resumable keys `cfg` changes against the config checkpoint `tag` was trained with; RunDirError
     for any other key (config.yaml, checked first, may be gone or replaced by hand). train.grad_accum is
-    the run's own to scale on another number of ranks (pretrain/elastic.py)."""
+    the run's own to scale on another number of ranks (pretrain/elastic.py). `recorded`: the DeepSpeed
+    settings the checkpoint's mark keeps (None in older ones)."""
     changed = config_diff(old, cfg)
     _refuse_frozen(changed, f"checkpoint {tag} was trained with another config", scaled=("train.grad_accum",))
+    _refuse_unrecorded_deepspeed(changed, recorded, tag)
     return [{"key": k, "from": a, "to": b} for k, (a, b) in changed.items() if resumable(k)]
 
 

@@ -268,7 +268,8 @@ def _unmarked_of_a_run(path: str, cfg: RunConfig) -> bool:
     from pretrain.checkpoint import latest_tag
 
     run = Path(cfg.output_dir)
-    started = (run / "metrics.json").is_file() or latest_tag(run) is not None
+    # an attempt that died before its first checkpoint has its metrics set aside as metrics.attempt-N.json
+    started = any(run.glob("metrics*.json")) or latest_tag(run) is not None
     return started and _mark(Path(path)) is None and (Path(path) / "tokenizer_config.json").is_file()
 
 

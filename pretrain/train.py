@@ -27,7 +27,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import RunConfig, deepspeed_json, save_config, steps_for_phase
-from pretrain.continuation import continue_stream, stream_end
+from pretrain.continuation import continue_stream, stream_end, stream_position
 from pretrain.data import TrainStream, bad_record_counter
 from pretrain.distributed import (
     DistInfo,
@@ -134,7 +134,8 @@ class Trainer:
         meter = ThroughputMeter(self.tokens_per_step, batches)
         try:
             self._train_steps(phase, domain.name, steps, batches, meter)
-            self.domain_ends[domain.name] = stream_end(all_gather_object(self.feed.state_dict()))
+            ends = all_gather_object(stream_position(self.feed.state_dict()))
+            self.domain_ends[domain.name] = stream_end(ends)
         finally:  # also on a stop or an error: no thread reads on behind an exiting run
             if isinstance(self.feed, Prefetched):
                 self.feed.close()
@@ -285,6 +286,7 @@ class Trainer:
             "global_step": self.pos.global_step,
             "tokenizer": self.tokenizer_id,
             "global_batch": global_batch,
+            "phase": self.pos.phase,  # the phase a resume trains first: its start checks only those left
             "deepspeed": self.deepspeed_json,  # what a resume's DeepSpeed file is compared against
         }
         rank_state = {"stream": stream_state, **(step_start or {}), "method": self.method.rank_state_dict()}
@@ -480,8 +482,11 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     run_cfg = elastic.cfg if elastic else cfg
     tokenizer = _tokenizer_rank0_first(cfg, dist)
     token_cache = open_token_cache(cfg, tokenizer)  # a file not pre-tokenized is an error before any work
-    for phase in range(1, len(cfg.phases) + 1):  # each reads one step of its data (and of its replay's):
-        phase_stream(run_cfg, phase, dist, tokenizer, token_cache)  # a later phase's bad corpus stops it now
+    # the phases still to train, each opened once (one step of its data and of its replay sources'): a
+    # later phase's bad corpus stops the run now, not after the phases before it
+    first = checkpoint_meta(plan.path, latest_tag(plan.path)).get("phase", 1) if plan.resuming else 1
+    for phase in range(first, len(cfg.phases) + 1):
+        phase_stream(run_cfg, phase, dist, tokenizer, token_cache)
     phase_steps = [steps_for_phase(p, run_cfg.train, dist.world_size) for p in cfg.phases]
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     engine = build_engine(
@@ -567,7 +572,8 @@ def _restore(trainer: Trainer, plan: RunDirPlan, elastic: Elastic | None) -> dic
     # Against the checkpoint's own config: config.yaml already holds a change made by a resume that
     # died before its first checkpoint, whose change must be applied (and recorded) again.
     saved = client.get("config")
-    changes = plan.changes if saved is None else resumable_changes(saved, trainer.cfg, tag)
+    recorded = checkpoint_meta(trainer.run_dir, tag).get("deepspeed")
+    changes = plan.changes if saved is None else resumable_changes(saved, trainer.cfg, tag, recorded)
     changes = changes + plan.deepspeed_changes
     _apply_changes(trainer, (elastic.changes(trainer.dist.world_size) if elastic else []) + changes)
     return stream_state

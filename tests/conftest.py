@@ -230,10 +230,10 @@ def single_process_env() -> dict[str, str]:
     }
 
 
-def run_single(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def run_single(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pretrain ARGS` as one plain process: its exit status is the command's own."""
     cmd = [sys.executable, "-m", "pretrain", *args]
-    env = single_process_env()
+    env = {**single_process_env(), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

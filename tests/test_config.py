@@ -135,6 +135,21 @@ def test_a_later_phase_whose_corpus_cannot_fill_a_step_stops_the_run_before_phas
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_a_resume_does_not_check_the_corpora_of_phases_it_has_finished(tmp_path):
+    """A finished phase's corpus need not fill a step any more (as on more ranks after an elastic
+    resume): the resume from phase 1's end opens only phase 2's stream."""
+    raw = tiny_run_config(tmp_path, steps=2)
+    news = tmp_path / "news.jsonl"
+    news.write_bytes(pathlib.Path(raw["domains"][0]["train"][0]).read_bytes())
+    raw["domains"][0]["train"] = [str(news)]
+    path = write_config(raw, tmp_path / "run.yaml")
+    killed = run_single(["train", "--config", str(path)], env={"PRETRAIN_FAULT": "kill:3"}, timeout=300)
+    assert killed.returncode != 0 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "phase-1"
+    news.write_text(json.dumps({"text": "Too short."}) + "\n")
+    resumed = run_single(["train", "--config", str(path), "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
 def test_missing_section_and_bad_override_syntax(tmp_path, cfg_file):
     raw = tiny_run_config(tmp_path)
     del raw["phases"]

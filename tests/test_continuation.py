@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 from conftest import corpus_lines, global_blocks, texts_jsonl
 
-from pretrain.continuation import continue_stream, stream_end
+from pretrain.continuation import continue_stream, stream_end, stream_position
 from pretrain.data import SkipCounter, TrainStream
 from pretrain.replay import ReplayStream, locate, replay_count
 from pretrain.tokenizer import train_tokenizer
@@ -40,7 +40,7 @@ def _replay(corpora, rank, world, micro=2) -> ReplayStream:
 
 def _end(streams) -> dict:
     """As the trainer keeps it: every rank's state gathered, the end through a checkpoint (JSON-like)."""
-    return json.loads(json.dumps(stream_end([s.state_dict() for s in streams])))
+    return json.loads(json.dumps(stream_end([stream_position(s.state_dict()) for s in streams])))
 
 
 def _continued(make, corpora, world: int, end: dict) -> list:

@@ -103,7 +103,7 @@ def test_jsonl_reads_the_field_and_skips_empty_documents(tmp_path):
 
 def test_json_array_and_files_in_order(tmp_path):
     arr = tmp_path / "a.json"
-    arr.write_text(json.dumps([{"text": "first"}, {"text": "second"}]))
+    arr.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "first"}, {"text": "second"}]).encode())  # a BOM
     lines = texts_jsonl(tmp_path / "b.jsonl", ["third"])
     assert list(read_documents([lines, str(arr)])) == ["third", "first", "second"]
 

@@ -12,7 +12,7 @@ from conftest import INSTRUCTION, corpus_lines, instruction_corpus, tiny_run_con
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pretrain.config import ConfigError, InstructionConfig, MethodConfig, validate
-from pretrain.continuation import continue_stream, stream_end
+from pretrain.continuation import continue_stream, stream_end, stream_position
 from pretrain.data import DataError, SkipCounter
 from pretrain.distributed import DistInfo
 from pretrain.evaluate import evaluate_domains
@@ -281,7 +281,7 @@ def test_a_later_phase_of_an_instruction_domain_takes_the_examples_after_the_ear
     for it in [iter(s) for s in olds]:
         for _ in range(steps):
             next(it)
-    end = stream_end([s.state_dict() for s in olds])
+    end = stream_end([stream_position(s.state_dict()) for s in olds])
     later = [stream(files, tokenizer, r, new, micro) for r in range(new)]
     for s in later:
         continue_stream(s, end)

@@ -128,15 +128,18 @@ def test_resume_refuses_a_deepspeed_file_that_changed_stage_or_precision(started
 
 def test_resume_records_other_deepspeed_changes(started, tmp_path):
     cfg, run = started
-    offload = {"device": "cpu"}
-    _deepspeed_file_changed(
-        cfg, run, tmp_path, lambda ds: ds["zero_optimization"].update(offload_optimizer=offload)
-    )
+    saved = config_tree(cfg)
+    _deepspeed_file_changed(cfg, run, tmp_path, lambda ds: ds["zero_optimization"].update(overlap_comm=True))
     plan = prepare_run_dir(cfg, ONE, resume=True)
-    key = "deepspeed:zero_optimization.offload_optimizer.device"
-    assert plan.resuming and plan.deepspeed_changes == [{"key": key, "from": None, "to": "cpu"}]
-    (run / "checkpoints" / "step-2" / COMPLETE).write_text("{}")  # marked before the file was recorded
-    assert prepare_run_dir(cfg, ONE, resume=True).deepspeed_changes == []
+    key = "deepspeed:zero_optimization.overlap_comm"
+    assert plan.resuming and plan.deepspeed_changes == [{"key": key, "from": False, "to": True}]
+    # a checkpoint marked before the settings were recorded: another file cannot be compared, as before
+    (run / "checkpoints" / "step-2" / COMPLETE).write_text("{}")
+    refused = r"step-2 was written before pretrain kept the DeepSpeed settings .* keep deepspeed.config"
+    with pytest.raises(RunDirError, match=refused):
+        prepare_run_dir(cfg, ONE, resume=True)
+    with pytest.raises(RunDirError, match=refused):  # config.yaml gone: the checkpoint's own config says it
+        resumable_changes(saved, cfg, "step-2", None)
 
 
 def test_resume_refuses_other_changes_naming_them(started):
@@ -211,6 +214,6 @@ def test_the_checkpoints_own_config_refuses_what_config_yaml_can_no_longer_say(s
     assert prepare_run_dir(cfg, ONE, resume=True).changes == []  # nothing left to compare against here
     refused = r"checkpoint step-2 was trained with another config \(train.seq_len 32 -> 16\)"
     with pytest.raises(RunDirError, match=refused):
-        resumable_changes(saved, cfg, "step-2")
+        resumable_changes(saved, cfg, "step-2", None)
     cfg.train.seq_len, cfg.train.grad_accum = 32, 2
-    assert resumable_changes(saved, cfg, "step-2") == [{"key": "train.lr", "from": 1e-2, "to": 1e-4}]
+    assert resumable_changes(saved, cfg, "step-2", None) == [{"key": "train.lr", "from": 1e-2, "to": 1e-4}]

@@ -199,7 +199,7 @@ def test_a_run_from_before_tokenizers_were_marked_reuses_its_own(trained, domain
     files = {p.name: p.read_bytes() for p in old.iterdir()}
     with pytest.raises(ConfigError, match="not a tokenizer this project trained"):
         resolve_tokenizer(cfg)
-    (tmp_path / "run" / "metrics.json").write_text("{}")
+    (tmp_path / "run" / "metrics.attempt-1.json").write_text("{}")  # restarted: its first attempt died early
     assert len(resolve_tokenizer(cfg)) == VOCAB
     assert {p.name: p.read_bytes() for p in old.iterdir()} == files
 
