@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pretrain.atomic import fsync_dir, fsync_tree, write_text_atomic
+from pretrain.atomic import fsync_tree, replace_dir, write_text_atomic
 from pretrain.distributed import DistInfo, barrier, broadcast_object
 from pretrain.methods.lora import export_state
 
@@ -177,16 +177,5 @@ def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
         model.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
         fsync_tree(tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     barrier()
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, the directory there before (an earlier attempt's) removed after."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)

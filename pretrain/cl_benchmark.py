@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pretrain.atomic import replace_dir
 from pretrain.data import lone_surrogate
 from pretrain.instruct import template_problem
 
@@ -188,9 +189,7 @@ def convert(source: str | Path, out: str | Path) -> Path:
         )
         (tmp / f"{split}.jsonl").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     (tmp / LABELS).write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # empty, as checked above
-    tmp.rename(out)
+    replace_dir(tmp, out)  # absent or empty, as checked above
     return out
 
 

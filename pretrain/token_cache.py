@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.atomic import fsync_dir, fsync_tree
+from pretrain.atomic import fsync_tree, replace_dir
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data import PIECE_CHARS, DataError, SkipCounter, _token_pieces, read_documents
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
@@ -117,10 +117,7 @@ class TokenCache:
         meta |= {"tokens": int(docs[-1, 0]) if len(docs) else 0, "bad": bad.records if bad else []}
         (tmp / "meta.json").write_text(json.dumps(meta))
         fsync_tree(tmp)  # a node crash must not leave a cache that looks built
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_dir(final.parent)
+        replace_dir(tmp, final)
         return {**meta, "built_s": time.perf_counter() - start}
 
     def documents(self, files: Iterable[str], text_field: str, skip) -> Iterator[CachedDocument]:

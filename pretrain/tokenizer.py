@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pretrain.atomic import replace_dir
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data import SkipCounter, bad_record_counter, read_documents
 
@@ -215,15 +216,7 @@ def _move_into(tmp: Path, out: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; give it an ordinary directory's mode
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    old = None
-    if out.exists():  # our own complete tokenizer (refuse_foreign_dir let it through): replace it whole
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-        os.replace(out, old / "tokenizer")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)  # empty, or our own complete tokenizer (refuse_foreign_dir let it through)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
