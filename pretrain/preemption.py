@@ -17,6 +17,7 @@ from pathlib import Path
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the job's requeue logic resumes with --resume
 EXIT_NONFINITE = 76  # a NaN/inf loss with policy `stop`: the last good state is checkpointed
+EXIT_BAD_DATA = 65  # EX_DATAERR: a rank could not read its next batch mid-phase; the state before is saved
 STOP_FILE_ENV = "PRETRAIN_STOP_FILE"
 
 

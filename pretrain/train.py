@@ -3,7 +3,9 @@
 Reads top to bottom: build the parts from the config (or resume them from the newest complete
 checkpoint), evaluate the initial model, then per phase train -> evaluate -> record -> checkpoint ->
 export. Once per micro-step the ranks agree (one small all-reduce) on whether to stop: a SIGTERM on
-any rank, or a NaN/inf loss on any rank.
+any rank, a NaN/inf loss on any rank, or a batch some rank could not read (a bad record under
+`on_bad_record: error`, a file gone): every stop checkpoints the state before its step, so nothing
+trained since the last checkpoint is lost.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import RunConfig, deepspeed_json, save_config, steps_for_phase
 from pretrain.continuation import continue_stream, stream_end, stream_position
-from pretrain.data import TrainStream, bad_record_counter
+from pretrain.data import DataError, TrainStream, bad_record_counter
 from pretrain.distributed import (
     DistInfo,
     all_gather_object,
@@ -46,7 +48,7 @@ from pretrain.logs import log, progress, setup_logging
 from pretrain.methods import Method, build_methods
 from pretrain.methods.lora import apply_lora
 from pretrain.model import build_model
-from pretrain.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
+from pretrain.preemption import EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.prefetch import Prefetched
 from pretrain.replay import ReplayStream, phase_share, replay_sources, replay_summary
 from pretrain.results import RunResults
@@ -189,10 +191,15 @@ class Trainer:
         total = 0.0
         self.step_lr = self.engine.get_lr()[0]  # the lr this step uses; get_lr() after it is the next one's
         for _ in range(self.cfg.train.grad_accum):
-            batch = next(batches).to(self.engine.device)
-            loss = self.engine(**model_inputs(batch)).loss  # instruction examples: loss on answers only
+            batch, unread = _next_batch(batches)
+            loss = self.engine(**model_inputs(batch.to(self.engine.device))).loss  # instruction: answers only
             loss = _fault_nan(loss, self.pos.global_step, self.dist.rank)
-            stop, nonfinite, mean_loss = self._agree(loss.item())
+            stop, nonfinite, bad, mean_loss = self._agree(loss.item(), unread is not None)
+            if bad:
+                message = _unread_message(unread)  # gathered from every rank
+                if self.dist.is_main:
+                    log.error("%s", message)
+                self._stop(EXIT_BAD_DATA, "a batch that could not be read", step_start)
             if stop:
                 self._stop(EXIT_PREEMPTED, f"stopped by {self.stop.signal_name or 'a signal'}", step_start)
             if nonfinite:
@@ -307,14 +314,15 @@ class Trainer:
         every = self.cfg.checkpoint.save_every
         return every > 0 and self.pos.step % every == 0 and self.pos.step < steps
 
-    def _agree(self, loss: float) -> tuple[bool, bool, float]:
-        """(stop requested on some rank, a non-finite loss on some rank, the micro-step's mean loss over
-        ranks): one small all-reduce a micro-step. The mean makes a step's loss the same number for any
-        split of its batch over ranks."""
-        finite = math.isfinite(loss)
-        flags = [float(self.stop.requested), float(not finite), loss if finite else 0.0]
+    def _agree(self, loss: float, unread: bool = False) -> tuple[bool, bool, bool, float]:
+        """(stop requested on some rank, a non-finite loss on some rank, a batch unread on some rank, the
+        micro-step's mean loss over ranks): one small all-reduce a micro-step. The mean makes a step's loss
+        the same number for any split of its batch over ranks."""
+        finite = math.isfinite(loss) or unread  # an unread batch's stand-in loss is no NaN of training
+        flags = [float(self.stop.requested), float(not finite), loss if finite else 0.0, float(unread)]
         flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float64))
-        return bool(flags[0] > 0), bool(flags[1] > 0), flags[2].item() / self.dist.world_size
+        stop, nonfinite, unread_any = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[3] > 0)
+        return stop, nonfinite, unread_any, flags[2].item() / self.dist.world_size
 
     def _stop(self, code: int, why: str, step_start: dict) -> None:
         """Checkpoint the state before the current step (weights are unchanged until engine.step) and exit."""
@@ -364,6 +372,30 @@ class Trainer:
             taken = self.results.save(self.run_dir / "metrics.json")
             if taken:
                 log.info("kept evaluation rows %s that an eval job wrote to metrics.json", taken)
+
+
+_STAND_IN = torch.zeros((1, 2), dtype=torch.long)  # forwarded by a rank whose batch could not be read
+
+
+def _next_batch(batches) -> tuple[object, DataError | None]:
+    """The next batch, or a stand-in and the error that kept this rank from reading it. The rank forwards
+    the stand-in (at ZeRO-3 the forward gathers weights with every rank) and the ranks then agree to stop
+    before anything is trained on; a rank that raised here instead left the others waiting in a
+    collective, and the run lost what it trained since its last checkpoint."""
+    try:
+        return next(batches), None
+    except DataError as err:
+        return _STAND_IN, err
+
+
+def _unread_message(unread: DataError | None) -> str:
+    """Why the ranks stop, the same on every rank: the first rank's error that met one (a collective)."""
+    errors = [(rank, m) for rank, m in enumerate(all_gather_object(unread and str(unread))) if m]
+    rank, error = errors[0]
+    return (
+        f"rank {rank} could not read its next batch: {error}. To train past a bad record, resume with "
+        "--set train.on_bad_record=skip (it is then skipped and counted), or mend it and resume"
+    )
 
 
 class TimedBatches:
