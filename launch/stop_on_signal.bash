@@ -5,9 +5,15 @@
 # shell stops the run the way a signal to the ranks does: every rank finishes its step, checkpoints and
 # exits 75. Launchers do not pass the signal on faithfully -- the deepspeed launcher on one machine not at
 # all (as a container's PID 1 it ignores SIGTERM, and killed, it leaves its ranks running); torchrun's
-# agent SIGKILLs its workers 30 s after -- so the stop is handed to the ranks as a file they look for at
+# agent SIGKILLs them after a grace (below) -- so the stop is handed to the ranks as a file they look for at
 # every micro-step (PRETRAIN_STOP_FILE, pretrain/preemption.py). Returns CMD's status, or 75 when a stop
 # was asked for and CMD failed: launchers report a rank's 75 as 1, and a scheduler requeues on 75.
+#
+# torchrun's agent, signalled itself (a scheduler signals every process of the job), SIGKILLs its workers
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, by default 30: a stop checkpoint of a large model takes
+# longer. 900 here, so the scheduler's own grace (SLURM's KillWait or GraceTime, Kubernetes'
+# terminationGracePeriodSeconds, `docker stop -t`) is what limits the checkpoint; set it to change that.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
 run_stoppable() {
   local stop_dir pid status
   stop_dir="$(mktemp -d "${TMPDIR:-/tmp}/pretrain-stop.XXXXXX")"

@@ -4,7 +4,8 @@ Schedulers (SLURM, Kubernetes) send SIGTERM before they kill a job. A signal may
 different steps, so the trainer all-reduces the flag once per step and all ranks stop at the same one.
 
 A launcher may stand between the signal and the ranks (the deepspeed launcher on one machine does not
-pass SIGTERM on; torchrun's agent kills its workers 30 s later). The launch scripts
+pass SIGTERM on; torchrun's agent kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later, 30 by
+default, 900 in the launch scripts). The launch scripts
 (launch/stop_on_signal.bash) therefore also hand a stop over as a file, named by PRETRAIN_STOP_FILE, that
 every rank looks for at each micro-step.
 """

@@ -328,7 +328,8 @@ def recorder(tmp_path) -> tuple[dict[str, str], Path]:
     for name in ("deepspeed", "torchrun"):
         (bin_dir / name).write_text(
             f"#!{sys.executable}\nimport json, os, sys\n"
-            "got = {'argv': sys.argv, 'ds': os.environ.get('DS_ACCELERATOR')}\n"
+            "got = {'argv': sys.argv, 'ds': os.environ.get('DS_ACCELERATOR'),"
+            " 'grace': os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT')}\n"
             f"json.dump(got, open({str(log)!r}, 'w'))\n"
         )
         (bin_dir / name).chmod(0o755)
@@ -366,6 +367,25 @@ def test_torchrun_script(recorder):
         "--rdzv-endpoint=10.1.2.3:29400", "--rdzv-id=pretrain",
         "-m", "pretrain", "train", "--config", "cfg.yaml", "--resume", *PRETRAIN_ARGS,
     ]  # fmt: skip
+    # torchrun, signalled too, SIGKILLs its workers this long after: torch's 30 s cut stop checkpoints off
+    assert got["grace"] == "900"
+    got = _launch(
+        "torchrun.sh",
+        ["1", "0", "h", "1", "1", "c.yaml"],
+        {**env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"},
+        log,
+    )
+    assert got["grace"] == "60"  # the user's own
+
+
+def test_torchrun_takes_its_shutdown_grace_from_the_environment_the_scripts_set(monkeypatch):
+    # the launch scripts' longer grace works through this variable; a torch that stopped reading it would
+    # bring back the 30 s SIGKILL of stopping ranks
+    from torch.distributed.run import config_from_args, parse_args
+
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "900")
+    launch, _, _ = config_from_args(parse_args(["--nproc-per-node=1", "-m", "pretrain"]))
+    assert launch.shutdown_timeout == 900
 
 
 def test_multinode_deepspeed_script(recorder, tmp_path):
@@ -504,6 +524,8 @@ def _slurm_job(tmp_path, ranks: str) -> tuple[subprocess.Popen, Path]:
     _stand_in(bin_dir / "srun", "os.execvp(sys.argv[3], sys.argv[3:])\n")  # drop the two srun options
     _stand_in(
         bin_dir / "torchrun",
+        f"pathlib.Path({str(tmp_path / 'grace')!r})"
+        ".write_text(os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', 'unset'))\n"
         f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
         "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\n"
         f"{TORCHRUN_AFTER_THE_STOP[ranks]}\n",
@@ -542,6 +564,7 @@ def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
     time.sleep(1.5)  # past REQUEUE_AFTER: the fallback was called off
     assert calls.read_text().splitlines()[1:] == ["requeue 123"]
     assert not (tmp_path / ".pretrain-stop-123").exists()  # a requeued job starts without a stop request
+    assert (tmp_path / "grace").read_text() == "900"  # torchrun's SIGKILL waits past a long checkpoint
 
 
 def test_slurm_a_run_that_ends_after_the_warning_is_not_requeued(tmp_path):
