@@ -377,18 +377,18 @@ class Trainer:
 _STAND_IN = torch.zeros((1, 2), dtype=torch.long)  # forwarded by a rank whose batch could not be read
 
 
-def _next_batch(batches) -> tuple[object, DataError | None]:
+def _next_batch(batches) -> tuple[object, Exception | None]:
     """The next batch, or a stand-in and the error that kept this rank from reading it. The rank forwards
     the stand-in (at ZeRO-3 the forward gathers weights with every rank) and the ranks then agree to stop
     before anything is trained on; a rank that raised here instead left the others waiting in a
     collective, and the run lost what it trained since its last checkpoint."""
     try:
         return next(batches), None
-    except DataError as err:
+    except (DataError, OSError) as err:  # a bad record (on_bad_record: error); a file gone, a storage fault
         return _STAND_IN, err
 
 
-def _unread_message(unread: DataError | None) -> str:
+def _unread_message(unread: Exception | None) -> str:
     """Why the ranks stop, the same on every rank: the first rank's error that met one (a collective)."""
     errors = [(rank, m) for rank, m in enumerate(all_gather_object(unread and str(unread))) if m]
     rank, error = errors[0]

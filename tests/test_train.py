@@ -1,0 +1,41 @@
+"""The training loop's pieces that need no engine (the loop itself runs in tests/distributed/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.data import DataError
+from pretrain.train import _next_batch, _unread_message
+
+
+def _batches(error: Exception):
+    yield torch.ones((2, 4), dtype=torch.long)
+    raise error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DataError("c.jsonl: line 7 (record 7): not valid JSON"),
+        FileNotFoundError(2, "No such file", "c.jsonl"),
+    ],
+)
+def test_a_batch_that_cannot_be_read_gives_a_stand_in_and_the_reason(error):
+    # a rank that raised here left the others in the step's collective: it forwards a stand-in instead
+    batches = _batches(error)
+    batch, unread = _next_batch(batches)
+    assert unread is None and batch.shape == (2, 4)
+    stand_in, unread = _next_batch(batches)
+    assert unread is error and stand_in.dtype == torch.long and stand_in.ndim == 2
+    message = _unread_message(unread)  # one process: its own reason
+    assert message.startswith(f"rank 0 could not read its next batch: {error}.")
+    assert "--set train.on_bad_record=skip" in message
+
+
+def test_other_errors_are_not_taken_for_unreadable_data():
+    # a bug in the stream is no bad record: it must not be checkpointed past as one
+    with pytest.raises(KeyError):
+        batches = _batches(KeyError("position"))
+        _next_batch(batches)
+        _next_batch(batches)
