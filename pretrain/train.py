@@ -36,6 +36,7 @@ from pretrain.distributed import (
     all_gather_object,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     from_main,
     init_distributed,
     shutdown_distributed,
@@ -99,6 +100,8 @@ class Trainer:
         if self.pos.phase == 1 and self.pos.step == 0:
             self.evaluate(row=0)
             self.score_tasks(row=0)
+        elif self.pos.step == 0:  # resumed at a phase's checkpoint, which is written before its scoring
+            self.score_unscored(row=self.pos.phase - 1)
         for phase in range(self.pos.phase, len(self.phase_steps) + 1):
             self.train_phase(phase, stream_state)
             stream_state = None
@@ -252,13 +255,31 @@ class Trainer:
             return
         from pretrain.downstream import score_row
 
-        scores = from_main(lambda: score_row(self.cfg, self.run_dir, row, self.engine.device))
+        def work() -> dict:
+            _fault_kill_scoring(row)
+            return score_row(self.cfg, self.run_dir, row, self.engine.device)
+
+        scores = from_main(work)
         self.results.task_domains = dict(self.cfg.eval.task_domains)  # eval.* may change on resume
         self.results.set_accuracy(row, scores)
         label = "initial" if row == 0 else f"after phase {row}"
         log.info("accuracy %s: %s", label, "  ".join(f"{t} {v:.4f}" for t, v in scores["accuracy"].items()))
         self.trackers.scalars(accuracy_scalars(self.results.to_dict(), row), self.pos.global_step, phase=row)
         self._save_results()
+
+    def score_unscored(self, row: int) -> None:
+        """Score row `row` unless metrics.json has all its tasks (a scoring that ended before a stop)."""
+        if not self.cfg.eval.tasks or not self.cfg.eval.inline:
+            return
+
+        def unscored() -> bool:
+            self._save_results()  # takes over the rows metrics.json holds
+            cells = self.results.accuracy[row] if row < len(self.results.accuracy) else None
+            return cells is None or any(v is None for v in cells)
+
+        if broadcast_object(unscored() if self.dist.is_main else None):
+            log.info("phase %d's accuracy was not scored before the run stopped: scoring it now", row)
+            self.score_tasks(row)
 
     def finish_phase(self, phase: int) -> None:
         summary = self.method.end_phase(phase)
@@ -271,10 +292,22 @@ class Trainer:
             export_phase(
                 self.engine, self.tokenizer, self.run_dir / "export" / f"phase-{phase}", self.dist.is_main
             )
-        self.score_tasks(row=phase)  # scores the export just written, so a resume past here keeps its row
         self.pos.phase, self.pos.step = phase + 1, 0
         self.stream = self.feed = None
         self.checkpoint(f"phase-{phase}")
+        # Scoring (minutes) comes after the checkpoint: a scoring error or a kill then costs the scoring,
+        # which the resume does (score_unscored), not the phase; a stop asked during the evaluation or the
+        # export is taken here, not after the scoring.
+        if self._stop_agreed():
+            self.stop.acknowledge()
+            log.warning(
+                "stopped by %s after checkpoint phase-%d: exiting with %d",
+                self.stop.signal_name or "a signal on another rank",
+                phase,
+                EXIT_PREEMPTED,
+            )
+            raise SystemExit(EXIT_PREEMPTED)
+        self.score_tasks(row=phase)
 
     def checkpoint(self, tag: str, step_start: dict | None = None) -> None:
         """Save the state after the last step, or `step_start` (stream position and random state) for a
@@ -313,6 +346,10 @@ class Trainer:
     def _checkpoint_due(self, steps: int) -> bool:
         every = self.cfg.checkpoint.save_every
         return every > 0 and self.pos.step % every == 0 and self.pos.step < steps
+
+    def _stop_agreed(self) -> bool:
+        """Whether a stop was asked on some rank (a collective: every rank calls it at the same point)."""
+        return all_reduce_sum(torch.tensor([float(self.stop.requested)], dtype=torch.float64))[0].item() > 0
 
     def _agree(self, loss: float, unread: bool = False) -> tuple[bool, bool, bool, float]:
         """(stop requested on some rank, a non-finite loss on some rank, a batch unread on some rank, the
@@ -659,6 +696,12 @@ def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):
 def _fault_kill(global_step: int, rank: int) -> None:
     # Fault injection for the resume test: PRETRAIN_FAULT=kill:STEP sends SIGKILL to rank 0 after that step.
     if os.environ.get("PRETRAIN_FAULT") == f"kill:{global_step}" and rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_kill_scoring(row: int) -> None:
+    # Fault injection for the scoring test: PRETRAIN_FAULT=kill_scoring:ROW kills rank 0 as it scores ROW.
+    if os.environ.get("PRETRAIN_FAULT") == f"kill_scoring:{row}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,7 +1,9 @@
 """Accuracy on a downstream task, end to end: a 2-rank ZeRO-3 run scores a continual-learning benchmark
 task (the vendored copa slice) with lm-evaluation-harness after every phase.
 
-One launch: phase 1 trains on copa's own text (the task is linked to it), phase 2 on news. The run's
+Phase 1 trains on copa's own text (the task is linked to it), phase 2 on news. The first launch is killed
+as rank 0 scores phase 1's row; the resume scores it and trains phase 2 (so the numbers below are those
+of a run resumed at a phase's checkpoint, which an uninterrupted run gives too). The run's
 accuracy matrix is checked against its definitions, against lm-eval's own evaluation of the same export
 (the harness loading the model itself, from the task YAML `pretrain tasks yaml` writes), and against
 what a `pretrain eval` job computes for a row; TensorBoard, the report and compare show it.
@@ -10,6 +12,8 @@ what a `pretrain eval` job computes for a row; TensorBoard, the report and compa
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 from conftest import REPO, assert_ok, run_deepspeed, tiny_run_config, write_config
@@ -30,8 +34,28 @@ def run(tmp_path_factory):
     )
     cfg["phases"].insert(0, {"domain": "copa", "steps": 3})
     cfg["eval"]["task_domains"] = {"cl_copa": "copa"}
-    assert_ok(run_deepspeed(["pretrain", "train", "--config", str(write_config(cfg, tmp / "run.yaml"))]))
+    train = ["pretrain", "train", "--config", str(write_config(cfg, tmp / "run.yaml"))]
+    os.environ["PRETRAIN_FAULT"] = "kill_scoring:1"  # SIGKILL to rank 0 as it scores phase 1's row
+    try:
+        killed = run_deepspeed(train)
+    finally:
+        del os.environ["PRETRAIN_FAULT"]
+    resumed = run_deepspeed([*train, "--resume"])
+    assert_ok(resumed)
+    logs = {"killed": killed.returncode, "resumed": resumed.stdout + resumed.stderr}
+    (tmp / "launches.json").write_text(json.dumps(logs))
     return tmp / "run"
+
+
+def test_a_kill_while_scoring_costs_the_scoring_not_the_phase(run):
+    # the phase's checkpoint came after its scoring: a scoring error or a kill then (minutes of lm-eval)
+    # lost the phase, and a requeue trained it again
+    logs = json.loads((run.parent / "launches.json").read_text())
+    assert logs["killed"] != 0
+    assert "resumed from phase-1: phase 2, step 0" in logs["resumed"]
+    assert "phase 1's accuracy was not scored before the run stopped: scoring it now" in logs["resumed"]
+    assert not re.search(r"phase 1 copa \| step", logs["resumed"])  # not trained again
+    assert re.search(r"phase 2 news \| step 3/3", logs["resumed"])
 
 
 def _metrics(run):
