@@ -13,20 +13,23 @@ from pathlib import Path
 
 from pretrain.atomic import write_json_atomic
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import from_main, init_distributed, shutdown_distributed
+from pretrain.distributed import broadcast_object, from_main, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
 from pretrain.model import model_for_row
-from pretrain.results import RunResults, metrics_lock
+from pretrain.results import RunResults, metrics_lock, readable_or_set_aside
 
 
 def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
     run = Path(run_dir)
     cfg = load_config(run / "config.yaml")
-    rows = _rows_to_evaluate(run, len(cfg.phases), phase)
+    rows = _rows_to_evaluate(run, len(cfg.phases), phase)  # a bad --phase: an error before the ranks meet
     dist = init_distributed()
     setup_logging(dist.rank)
+    # rank 0's list on every rank: an export the trainer renames into place between two ranks' listings
+    # gave them different rows, and one rank then waited in a collective the others never reached
+    rows = broadcast_object(rows)
     seen = RunResults.for_run(cfg)  # what reading the held-out sets met (bad records skipped)
     heldout = None
     for row in rows:
@@ -60,7 +63,8 @@ def _score_tasks(cfg, run: Path, row: int, device) -> dict | None:
 def _record_row(path: Path, cfg, row: int, ev: dict, seen: RunResults, scores: dict | None = None) -> None:
     """Set one row in metrics.json as it is now: a training run may have written it since this job began."""
     with metrics_lock(path):
-        results = RunResults.load(path) if path.exists() else RunResults.for_run(cfg)
+        # an unreadable file (torn, edited by hand) is set aside, kept: the row just computed is not lost
+        results = readable_or_set_aside(path) or RunResults.for_run(cfg)
         results.set_eval(row, ev)
         if scores:
             results.task_domains = dict(cfg.eval.task_domains)

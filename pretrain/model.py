@@ -58,9 +58,15 @@ def _scratch_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
 
 
 def _load_local(cfg: ModelConfig) -> PreTrainedModel:
-    path = Path(cfg.path)
+    try:
+        return _from_pretrained(Path(cfg.path), cfg.source)
+    except (OSError, ValueError) as err:  # no weights, no config.json, a model type transformers lacks
+        raise ModelError(f"model {cfg.path}: cannot be loaded ({err})") from err
+
+
+def _from_pretrained(path: Path, source: str) -> PreTrainedModel:
     kwargs = {"local_files_only": True, "dtype": torch.float32}
-    if cfg.source == "gguf":
+    if source == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
         # transformers de-quantizes GGUF weights to `dtype` on load but keeps the quantizer attached,
         # which makes save_pretrained refuse; the weights we train and export are plain tensors.

@@ -201,7 +201,7 @@ class RunResults:
         """
         path = Path(path)
         with metrics_lock(path):
-            taken = self.adopt_eval_rows(on_disk) if (on_disk := _readable(path)) else []
+            taken = self.adopt_eval_rows(on_disk) if (on_disk := readable_or_set_aside(path)) else []
             write_json_atomic(path, self.to_dict())
         self._fresh_loss.clear()
         self._fresh_accuracy.clear()
@@ -226,13 +226,33 @@ class RunResults:
             if wrong:
                 raise TypeError(", ".join(wrong))
             return cls.from_dict(data)
-        except (TypeError, KeyError, AttributeError) as err:  # a key missing, or of another type
-            raise ResultsError(f"{path} does not hold a run's results ({err})") from err
+        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as err:  # a key missing, or
+            raise ResultsError(f"{path} does not hold a run's results ({err})") from err  # of another type
+
+    def _shape_problems(self) -> list[str]:
+        """Rows whose length does not match their columns (domains, tasks) or their partner matrix."""
+        problems = []
+        if len(self.perplexity) != len(self.eval_loss):
+            problems.append(
+                f"{len(self.eval_loss)} eval_loss rows but {len(self.perplexity)} perplexity rows"
+            )
+        matrices = {"eval_loss": (self.eval_loss, "domains"), "perplexity": (self.perplexity, "domains")}
+        matrices["accuracy"] = (self.accuracy, "tasks")
+        for name, (rows, columns) in matrices.items():
+            width = len(getattr(self, columns))
+            for i, row in enumerate(rows):
+                if row is not None and (not isinstance(row, list) or len(row) != width):
+                    problems.append(
+                        f"{name} row {i} is not a list of {width} values, one per entry of {columns}"
+                    )
+        return problems
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
         computed = {"summary", "accuracy_metrics"}
         results = cls(**{k: data[k] for k in cls.__dataclass_fields__.keys() - computed if k in data})
+        if problems := results._shape_problems():  # a hand edit; every save would fail on it (IndexError)
+            raise ValueError("; ".join(problems))
         results.summary = results._forgetting() if results.eval_loss else {}
         results.accuracy_metrics = results._accuracy_metrics()
         return results
@@ -243,7 +263,7 @@ def _same(a: object, b: object) -> bool:
     return json.dumps(a) == json.dumps(b)
 
 
-def _readable(path: Path) -> RunResults | None:
+def readable_or_set_aside(path: Path) -> RunResults | None:
     """The results on disk; None if there are none, or none readable: the writer's own rows are whole, so
     an unreadable file (emptied or edited by hand) is set aside, kept, rather than stopping every save."""
     if not path.is_file():

@@ -33,6 +33,18 @@ def test_local_directory_round_trip_and_vocabulary_check(tmp_path):
         build_model(ModelConfig(source="hf", path=str(tmp_path / "ckpt")), 400, seed=0)
 
 
+def test_a_directory_without_weights_or_config_is_a_model_error_naming_it(tmp_path):
+    # a checkpoint or export copied short was a transformers traceback (OSError, ValueError)
+    ckpt = tmp_path / "ckpt"
+    build_model(_tiny(), 300, seed=0).save_pretrained(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=f"model {ckpt}: cannot be loaded"):
+        build_model(ModelConfig(source="hf", path=str(ckpt)), 300, seed=0)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ModelError, match=f"model {ckpt}: cannot be loaded"):
+        build_model(ModelConfig(source="hf", path=str(ckpt)), 300, seed=0)
+
+
 def test_real_gguf_checkpoint_loads_with_its_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
