@@ -33,7 +33,7 @@ def evaluate_domains(
         loss_sum, tokens = _score_shard(engine, blocks, batch_size, dist)
         loss = loss_sum / tokens
         out["loss"][name] = loss
-        out["perplexity"][name] = math.exp(loss) if loss < 700 else math.inf
+        out["perplexity"][name] = math.inf if loss >= 700 else math.exp(loss)  # NaN stays NaN
         out["tokens"][name] = int(tokens)
     engine.train(was_training)
     return out

@@ -30,6 +30,7 @@ from pretrain.accuracy_report import (
 from pretrain.curves import PICTURE as CURVE_PICTURE
 from pretrain.curves import curve_section, plot_eval_curve
 from pretrain.metrics import MetricsError, forgetting_metrics, latest_phase, row_label
+from pretrain.results_shape import shape_problems
 
 DEFINITIONS = {
     "avg_forgetting": "mean over domains trained before the last phase of the loss added since their best "
@@ -68,6 +69,8 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in ("domains", "phases", "eval_loss", "perplexity") if k not in data]
     if missing:
         raise ReportError(f"{path}: missing {', '.join(missing)}")
+    if problems := shape_problems(data):
+        raise ReportError(f"{path} does not hold a run's results ({'; '.join(problems)})")
     data.pop("error", None)
     try:
         data.update(
@@ -137,7 +140,7 @@ def write_migu_pictures(data: dict[str, Any], run_dir: str | Path, title: str) -
 
 def report_markdown(data: dict[str, Any], title: str, migu_pictures: Sequence[str] = ()) -> str:
     domains, phases = data["domains"], data["phases"]
-    done = max(_rows_present(data["eval_loss"]) - 1, 0)  # row 0 is the model before phase 1
+    done = _rows_present(data["eval_loss"][1:])  # row 0 is the model before phase 1
     lines = [f"# Run report: {title}", ""]
     method = data.get("method")
     if isinstance(method, dict) and method:

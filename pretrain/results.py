@@ -20,6 +20,7 @@ from pretrain.atomic import set_aside, write_json_atomic
 from pretrain.config import RunConfig
 from pretrain.data import SKIP_EXAMPLES, SkipCounter
 from pretrain.logs import log
+from pretrain.results_shape import shape_problems
 
 
 class ResultsError(ValueError):
@@ -229,30 +230,12 @@ class RunResults:
         except (TypeError, KeyError, AttributeError, IndexError, ValueError) as err:  # a key missing, or
             raise ResultsError(f"{path} does not hold a run's results ({err})") from err  # of another type
 
-    def _shape_problems(self) -> list[str]:
-        """Rows whose length does not match their columns (domains, tasks) or their partner matrix."""
-        problems = []
-        if len(self.perplexity) != len(self.eval_loss):
-            problems.append(
-                f"{len(self.eval_loss)} eval_loss rows but {len(self.perplexity)} perplexity rows"
-            )
-        matrices = {"eval_loss": (self.eval_loss, "domains"), "perplexity": (self.perplexity, "domains")}
-        matrices["accuracy"] = (self.accuracy, "tasks")
-        for name, (rows, columns) in matrices.items():
-            width = len(getattr(self, columns))
-            for i, row in enumerate(rows):
-                if row is not None and (not isinstance(row, list) or len(row) != width):
-                    problems.append(
-                        f"{name} row {i} is not a list of {width} values, one per entry of {columns}"
-                    )
-        return problems
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunResults:
+        if problems := shape_problems(data):  # a hand edit; every save would fail on it (IndexError)
+            raise ValueError("; ".join(problems))
         computed = {"summary", "accuracy_metrics"}
         results = cls(**{k: data[k] for k in cls.__dataclass_fields__.keys() - computed if k in data})
-        if problems := results._shape_problems():  # a hand edit; every save would fail on it (IndexError)
-            raise ValueError("; ".join(problems))
         results.summary = results._forgetting() if results.eval_loss else {}
         results.accuracy_metrics = results._accuracy_metrics()
         return results

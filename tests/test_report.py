@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import matplotlib
 import numpy as np
@@ -300,6 +301,42 @@ def test_an_unreadable_metrics_json_is_named(tmp_path, text, why):
     (tmp_path / "metrics.json").write_text(text)
     with pytest.raises(ReportError, match=f"metrics.json {why}"):
         write_report(tmp_path)
+
+
+_RUN = '"domains": ["a", "b"], "phases": ["a", "b"], "eval_loss": [[1, 2]], "perplexity": [[3, 7]]'
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [  # hand edits that were tracebacks (TypeError, KeyError, IndexError) in report and compare
+        (
+            '"domains": ["a"], "phases": null, "eval_loss": [], "perplexity": []',
+            "`phases` is not a list of names",
+        ),
+        (
+            '"domains": ["a"], "phases": ["a"], "eval_loss": null, "perplexity": []',
+            "`eval_loss` is not a list",
+        ),
+        (_RUN + ', "accuracy": [[0.5]]', "accuracy row 0 is not a list of 0 numbers"),
+        (_RUN + ', "tasks": ["t"], "accuracy": [0.5]', "accuracy row 0 is not a list of 1 numbers"),
+        (
+            _RUN + ', "eval_curve": [{"loss": [1]}]',
+            "`eval_curve` is not a list of points with a loss for each",
+        ),
+    ],
+)
+def test_a_metrics_json_of_the_wrong_shape_is_named(tmp_path, fields, why):
+    (tmp_path / "metrics.json").write_text("{" + fields + "}")
+    with pytest.raises(ReportError, match=f"metrics.json does not hold a run's results .*{re.escape(why)}"):
+        write_report(tmp_path)
+    with pytest.raises(ReportError, match=re.escape(why)):
+        compare_runs([tmp_path, tmp_path], tmp_path / "cmp", echo=False)
+
+
+def test_phases_evaluated_count_the_rows_after_the_initial_one(tmp_path):
+    # an eval job's `--phase 2` alone said "0 of 3 phases evaluated" (row 0 was taken as present)
+    write_report(write_run(tmp_path, loss=[None, None, LOSS[2]]))
+    assert "1 of 3 phases evaluated" in (tmp_path / "report.md").read_text()
 
 
 def test_a_run_with_no_row_yet_is_reported_and_compared(tmp_path):

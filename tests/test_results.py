@@ -155,9 +155,9 @@ _RUN = '{"domains": ["a", "b"], "phases": ["a", "b"], "method": {}, %s}'
         ("{}", "missing 3 required positional arguments"),
         ('{"domains": [], "phases": [], "method": {}, "eval_loss": null}', "`eval_loss` is NoneType"),
         # hand edits a save then failed on (IndexError), at every save and so at every resume
-        (_RUN % '"tasks": ["t1", "t2"], "accuracy": [[0.5]]', r"accuracy row 0 is not a list of 2 values"),
+        (_RUN % '"tasks": ["t1", "t2"], "accuracy": [[0.5]]', r"accuracy row 0 is not a list of 2 numbers"),
         (_RUN % '"eval_loss": [[1, 2], [1, 2]], "perplexity": [[3, 7]]', "2 eval_loss rows but 1 perplexity"),
-        (_RUN % '"eval_loss": [[1]], "perplexity": [[3]]', r"eval_loss row 0 is not a list of 2 values"),
+        (_RUN % '"eval_loss": [[1]], "perplexity": [[3]]', r"eval_loss row 0 is not a list of 2 numbers"),
     ],
 )
 def test_a_file_of_the_wrong_shape_is_unreadable_too(tmp_path, text, why):
