@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -176,17 +177,6 @@ def shm_buffers_on_port(port: int | str) -> list[Path]:
     return buffers(port)
 
 
-# DeepSpeed's node launcher, run as `python -m deepspeed.launcher.launch` runs it, after `import pretrain`
-# (pretrain.deepspeed_import): without it the launcher's own `import deepspeed` loads mlflow for the
-# autotuner, 1.7-3 s before any rank starts (`--help` took 3.6-4.6 s against 6.5-8.0 s, 4 alternating
-# pairs on a loaded machine), in each of the suite's launches. Its exit skips the final garbage
-# collections, as `python -m pretrain` does (pretrain/__main__.py).
-_NODE_LAUNCHER = (
-    "import atexit, gc, pretrain, runpy; atexit.register(gc.freeze); "
-    "runpy.run_module('deepspeed.launcher.launch', run_name='__main__', alter_sys=True)"
-)
-
-
 def run_deepspeed(
     args: list[str],
     nprocs: int = 2,
@@ -197,24 +187,67 @@ def run_deepspeed(
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N [--module] ARGS` on CPU ranks; output captured for the assertion message.
 
-    The node launcher (deepspeed.launcher.launch) is started as the `deepspeed` command starts it on one
-    node, without the command itself: for a single node that only adds a Python start-up with DeepSpeed's
-    imports, seconds a launch over the suite's ~35. `command=True` runs the `deepspeed` command, as a user
-    does (test_pipeline's first run)."""
+    The ranks are started here as DeepSpeed's node launcher (deepspeed.launcher.launch) starts them on one
+    node: the same command (`python -u [-m] ARGS[0] --local_rank=R ARGS[1:]`) and environment, one output
+    for all, and a rank that fails ends the others (SIGTERM, SIGKILL after 30 s) with its status as the
+    launch's. The launcher process itself imported DeepSpeed first, 3.6-4.6 s of every launch before any
+    rank started, and looked at its ranks once a second. `command=True` runs the `deepspeed` command, as a
+    user does (test_pipeline's first run; launch/local.sh in test_resume)."""
     port = free_port()
     for stale in shm_buffers_on_port(port):
         stale.unlink(missing_ok=True)  # of a run that died before init_distributed could remove it
-    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nprocs))}).encode()).decode()
-    launcher = [sys.executable, "-u", "-c", _NODE_LAUNCHER, f"--world_info={world}"]
-    launcher += ["--master_addr=127.0.0.1", f"--master_port={port}"]
-    if command:
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs)]
-        launcher += ["--master_port", str(port)]
-    cmd = launcher + (["--module"] if module else []) + args
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # the working directory first on the ranks' path, as the `deepspeed` command puts it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if command:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs)]
+        cmd += ["--master_port", str(port), *(["--module"] if module else []), *args]
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nprocs), LOCAL_SIZE=str(nprocs))
+    env.update(CROSS_RANK="0", CROSS_SIZE="1")
+    rank_cmd = [sys.executable, "-u", *(["-m"] if module else []), args[0]]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [
+            subprocess.Popen(
+                [*rank_cmd, f"--local_rank={r}", *args[1:]],
+                cwd=cwd,
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=out,
+                stderr=err,
+            )
+            for r in range(nprocs)
+        ]
+        code = _wait_ranks(procs, timeout)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if code is None:
+        raise subprocess.TimeoutExpired(rank_cmd, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(rank_cmd, code, stdout, stderr)
+
+
+def _wait_ranks(procs: list[subprocess.Popen], timeout: float) -> int | None:
+    """The launch's status: 0 when every rank exits 0, else the first failure's (the others then ended as
+    DeepSpeed's launcher ends them); None past `timeout` (every rank killed)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                return failed[0]
+            if all(p.returncode == 0 for p in procs):
+                return 0
+            time.sleep(0.05)
+        return None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def single_process_env() -> dict[str, str]:
