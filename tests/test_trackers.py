@@ -199,3 +199,41 @@ def test_deepspeed_does_not_load_mlflow_at_start_up_and_the_tracker_still_finds_
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+class _Failing:
+    """A tracker whose store fails at every call, as a full disk or a locked MLflow store makes it."""
+
+    name, pictures = "failing", True
+
+    def scalars(self, *args) -> None:
+        raise OSError(28, "No space left on device")
+
+    text = picture = flush = close = scalars
+
+    def run_id(self) -> None:
+        return None
+
+
+def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, caplog):
+    # it raised in the training loop on rank 0: the run ended and lost all since its last checkpoint
+    logger = open_trackers(LoggingConfig(trackers=["mlflow"]), tmp_path, 0, resuming=False, config={})
+    logger.backends.insert(0, _Failing())
+    logger.scalars({"train/loss": 3.0}, 1)
+    logger.scalars({"train/loss": 2.0}, 2)
+    logger.close()
+    assert [b.name for b in logger.backends] == ["mlflow"]
+    assert caplog.text.count("tracker failing failed (OSError: [Errno 28] No space left on device)") == 1
+    series = mlflow_series(mlflow_client(tmp_path), tracker_state(tmp_path)["mlflow"], "train/loss")
+    assert series == [(1, 3.0), (2, 2.0)]
+
+
+def test_mlflow_takes_the_domain_names_it_refuses_under_names_it_allows(tmp_path, caplog):
+    # a domain name is free text; MLflow refused `eval_loss/c++` (a traceback after the initial evaluation)
+    logger = open_trackers(LoggingConfig(trackers=["mlflow"]), tmp_path, 0, resuming=False, config={})
+    logger.scalars({"eval_loss/c++": 1.5, "eval_loss/news(en)": 2.5}, 0, phase=0)
+    logger.close()
+    client, run_id = mlflow_client(tmp_path), tracker_state(tmp_path)["mlflow"]
+    assert mlflow_series(client, run_id, "eval_loss/c__") == [(0, 1.5)]
+    assert mlflow_series(client, run_id, "eval_loss/news_en_") == [(0, 2.5)]
+    assert "failed" not in caplog.text

@@ -13,11 +13,13 @@ one rising step). TensorBoard writes a new event file per attempt, as it always 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from pretrain.atomic import write_json_atomic
 from pretrain.config import LoggingConfig
+from pretrain.logs import log
 
 STATE_FILE = "trackers.json"
 
@@ -40,7 +42,12 @@ class Backend(Protocol):
 
 
 class MetricsLogger:
-    """Writes to every backend it holds; with none (off rank 0) each call does nothing."""
+    """Writes to every backend it holds; with none (off rank 0) each call does nothing.
+
+    A backend that fails (a full disk under TensorBoard's writer, a locked MLflow store, W&B's service
+    gone) is dropped with a warning and the run goes on: a tracker's copy of the numbers is never worth
+    the run, whose own record is metrics.json. It raised in the training loop before, on rank 0 alone,
+    and the run lost all since its last checkpoint (by default the phase)."""
 
     def __init__(self, backends: list[Backend] | None = None):
         self.backends = backends or []
@@ -50,25 +57,33 @@ class MetricsLogger:
         return any(b.pictures for b in self.backends)
 
     def scalars(self, values: dict[str, float], step: int, phase: int | None = None) -> None:
-        for backend in self.backends:
-            backend.scalars(values, step, phase)
+        self._each(lambda b: b.scalars(values, step, phase))
 
     def text(self, key: str, text: str, step: int, phase: int | None = None) -> None:
-        for backend in self.backends:
-            backend.text(key, text, step, phase)
+        self._each(lambda b: b.text(key, text, step, phase))
 
     def picture(self, key: str, path: Path, step: int) -> None:
-        for backend in self.backends:
-            if backend.pictures:
-                backend.picture(key, path, step)
+        self._each(lambda b: b.picture(key, path, step) if b.pictures else None)
 
     def flush(self) -> None:
-        for backend in self.backends:
-            backend.flush()
+        self._each(lambda b: b.flush())
 
     def close(self) -> None:
-        for backend in self.backends:
-            backend.close()
+        self._each(lambda b: b.close())
+
+    def _each(self, call: Callable[[Backend], None]) -> None:
+        for backend in list(self.backends):
+            try:
+                call(backend)
+            except Exception as err:
+                self.backends.remove(backend)
+                log.warning(
+                    "tracker %s failed (%s: %s): not logged to for the rest of this attempt; metrics.json "
+                    "has every number",
+                    backend.name,
+                    type(err).__name__,
+                    err,
+                )
 
 
 def open_trackers(

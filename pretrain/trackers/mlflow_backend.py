@@ -10,6 +10,7 @@ an exact resume, the same numbers), would otherwise be in the metric's history t
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ from pretrain.config import MlflowConfig
 from pretrain.rundir import flatten
 
 MAX_TEXT = 5000  # under MLflow's tag limit, whatever the store
+_NOT_IN_A_NAME = re.compile(r"[^\w\-. :/]")  # MLflow's metric and tag names: these characters only
+
+
+def mlflow_name(key: str) -> str:
+    """`key` as MLflow takes it: a domain name is free text (`eval_loss/c++`), which MLflow refuses."""
+    return _NOT_IN_A_NAME.sub("_", key)
 
 
 def tracking_uri(cfg: MlflowConfig, run_dir: Path) -> str:
@@ -75,11 +82,12 @@ class MlflowBackend:
         from mlflow.entities import Metric
 
         now, x = int(time.time() * 1000), step if phase is None else phase
-        new = [Metric(k, float(v), now, x) for k, v in values.items() if self.logged.get(k, -1) < x]
+        named = {mlflow_name(k): v for k, v in values.items()}
+        new = [Metric(k, float(v), now, x) for k, v in named.items() if self.logged.get(k, -1) < x]
         self.client.log_batch(self._run_id, metrics=new)
 
     def text(self, key: str, text: str, step: int, phase: int | None) -> None:
-        self.client.set_tag(self._run_id, key, text[:MAX_TEXT])
+        self.client.set_tag(self._run_id, mlflow_name(key), text[:MAX_TEXT])
 
     def picture(self, key: str, path: Path, step: int) -> None:
         # under the key's folder ("report/loss_heatmap" -> report/loss_heatmap.png); a repeat replaces it
