@@ -10,7 +10,10 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
 fi
 config="$1"
 shift
-cd "$(dirname "$0")/.."
+# The caller's directory stays the working directory: CONFIG and the paths in it are the caller's
+# (pretrain reads relative paths from the working directory); the repository goes on the ranks' path.
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -20,6 +23,6 @@ else
   gpus=1
 fi
 # shellcheck source=launch/stop_on_signal.bash
-source launch/stop_on_signal.bash
+source "$repo/launch/stop_on_signal.bash"
 run_stoppable deepspeed --num_gpus "${NUM_GPUS:-$gpus}" --master_port "${MASTER_PORT:-29500}" \
   --module pretrain train --config "$config" --resume "$@"

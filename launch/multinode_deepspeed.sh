@@ -2,7 +2,8 @@
 # Multi-node run with the deepspeed launcher: run once, on the first host of the hostfile; it starts the
 # ranks on every host over ssh (pdsh by default).
 #   launch/multinode_deepspeed.sh CONFIG [--set KEY=VALUE ...]
-# HOSTFILE     hostfile, "HOST slots=GPUS" a line (default launch/hostfile; see launch/hostfile.example)
+# HOSTFILE     hostfile, "HOST slots=GPUS" a line (default: launch/hostfile beside this script; see
+#              launch/hostfile.example)
 # MASTER_ADDR  address the ranks rendezvous at (default: the first host in the hostfile)
 # MASTER_PORT  a port free on that host (default 29500)
 # LAUNCHER     the launcher's backend: pdsh, openmpi, mvapich, slurm, ... (default pdsh)
@@ -16,9 +17,12 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
 fi
 config="$1"
 shift
-cd "$(dirname "$0")/.."
+# The caller's directory stays the working directory: CONFIG and the paths in it are the caller's
+# (pretrain reads relative paths from the working directory); the repository goes on the ranks' path.
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-hostfile="${HOSTFILE:-launch/hostfile}"
+hostfile="${HOSTFILE:-$repo/launch/hostfile}"
 if [[ ! -f "$hostfile" ]]; then
   echo "$0: hostfile '$hostfile' not found; copy launch/hostfile.example and set HOSTFILE" >&2
   exit 2

@@ -11,14 +11,17 @@ if [[ $# -lt 6 ]]; then
 fi
 nnodes="$1" node_rank="$2" master_addr="$3" master_port="$4" nproc="$5" config="$6"
 shift 6
-cd "$(dirname "$0")/.."
+# The caller's directory stays the working directory: CONFIG and the paths in it are the caller's
+# (pretrain reads relative paths from the working directory); the repository goes on the ranks' path.
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 # shellcheck source=launch/stop_on_signal.bash
-source launch/stop_on_signal.bash
+source "$repo/launch/stop_on_signal.bash"
 run_stoppable torchrun --nnodes="$nnodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
   --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="${RDZV_ID:-pretrain}" \
   -m pretrain train --config "$config" --resume "$@"

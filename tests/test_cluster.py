@@ -329,7 +329,8 @@ def recorder(tmp_path) -> tuple[dict[str, str], Path]:
         (bin_dir / name).write_text(
             f"#!{sys.executable}\nimport json, os, sys\n"
             "got = {'argv': sys.argv, 'ds': os.environ.get('DS_ACCELERATOR'),"
-            " 'grace': os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT')}\n"
+            " 'grace': os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT'), 'cwd': os.getcwd(),"
+            " 'path': os.environ.get('PYTHONPATH')}\n"
             f"json.dump(got, open({str(log)!r}, 'w'))\n"
         )
         (bin_dir / name).chmod(0o755)
@@ -338,9 +339,9 @@ def recorder(tmp_path) -> tuple[dict[str, str], Path]:
     return env, log
 
 
-def _launch(script: str, args: list[str], env: dict[str, str], log: Path) -> dict:
+def _launch(script: str, args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> dict:
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / script), *args], env=env, capture_output=True, text=True
+        ["bash", str(REPO / "launch" / script), *args], env=env, capture_output=True, text=True, cwd=cwd
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(log.read_text())
@@ -386,6 +387,18 @@ def test_torchrun_takes_its_shutdown_grace_from_the_environment_the_scripts_set(
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "900")
     launch, _, _ = config_from_args(parse_args(["--nproc-per-node=1", "-m", "pretrain"]))
     assert launch.shutdown_timeout == 900
+
+
+@pytest.mark.parametrize("script", ["local.sh", "torchrun.sh", "multinode_deepspeed.sh"])
+def test_launch_scripts_run_in_the_callers_directory(recorder, tmp_path, script):
+    # they ran in the repository: the caller's relative CONFIG (its edited copy of configs/llama.yaml),
+    # the paths in it and --set output_dir=runs/x were the repository's
+    env, log = recorder
+    (tmp_path / "hostfile").write_text("node-a slots=8\n")
+    args = ["1", "0", "h", "1", "1"] if script == "torchrun.sh" else []
+    got = _launch(script, [*args, "configs/mine.yaml"], {**env, "HOSTFILE": "hostfile"}, log, cwd=tmp_path)
+    assert got["cwd"] == str(tmp_path) and "configs/mine.yaml" in got["argv"]
+    assert got["path"].split(os.pathsep)[0] == str(REPO)  # pretrain importable without an install
 
 
 def test_multinode_deepspeed_script(recorder, tmp_path):
