@@ -77,11 +77,15 @@ class SkipCounter:
             logging.getLogger("pretrain").warning("skipped bad record: %s%s", message, more)
 
 
+class BadRecord(DataError):
+    """A record that cannot be used, under `on_bad_record: error` (`skip` would pass over it)."""
+
+
 class Refusal(SkipCounter):
-    """The 'error' policy as a counter: the first bad record raises DataError, naming it."""
+    """The 'error' policy as a counter: the first bad record raises BadRecord, naming it."""
 
     def add(self, message: str) -> None:
-        raise DataError(message)
+        raise BadRecord(message)
 
 
 def bad_record_counter(policy: str) -> SkipCounter | None:

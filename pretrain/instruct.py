@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.data import DataError, Refusal, SkipCounter, _NewSkips, ids_tensor, lone_surrogate
+from pretrain.data import BadRecord, DataError, Refusal, SkipCounter, _NewSkips, ids_tensor, lone_surrogate
 from pretrain.shuffle import Shuffle, shuffled
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def read_examples(
                 if example is not None:
                     yield example
                 elif skip is None:
-                    raise DataError(f"{where}: {why}")
+                    raise BadRecord(f"{where}: {why}")
                 else:
                     skip.add(f"{where}: {why}")
 

@@ -30,7 +30,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import RunConfig, deepspeed_json, save_config, steps_for_phase
 from pretrain.continuation import continue_stream, stream_end, stream_position
-from pretrain.data import DataError, TrainStream, bad_record_counter
+from pretrain.data import BadRecord, DataError, TrainStream, bad_record_counter
 from pretrain.distributed import (
     DistInfo,
     all_gather_object,
@@ -427,12 +427,12 @@ def _next_batch(batches) -> tuple[object, Exception | None]:
 
 def _unread_message(unread: Exception | None) -> str:
     """Why the ranks stop, the same on every rank: the first rank's error that met one (a collective)."""
-    errors = [(rank, m) for rank, m in enumerate(all_gather_object(unread and str(unread))) if m]
-    rank, error = errors[0]
-    return (
-        f"rank {rank} could not read its next batch: {error}. To train past a bad record, resume with "
-        "--set train.on_bad_record=skip (it is then skipped and counted), or mend it and resume"
-    )
+    mine = unread and (str(unread), isinstance(unread, BadRecord))
+    rank, (error, bad_record) = next((r, e) for r, e in enumerate(all_gather_object(mine)) if e)
+    fix = "mend what it names and resume"
+    if bad_record:
+        fix = "resume with --set train.on_bad_record=skip (it is skipped and counted) or mend it and resume"
+    return f"rank {rank} could not read its next batch: {error}. To go on: {fix}"
 
 
 class TimedBatches:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.data import DataError
+from pretrain.data import BadRecord, DataError
 from pretrain.train import _next_batch, _unread_message
 
 
@@ -17,7 +17,8 @@ def _batches(error: Exception):
 @pytest.mark.parametrize(
     "error",
     [
-        DataError("c.jsonl: line 7 (record 7): not valid JSON"),
+        BadRecord("c.jsonl: line 7 (record 7): not valid JSON"),
+        DataError("c.jsonl changed since it was pre-tokenized"),
         FileNotFoundError(2, "No such file", "c.jsonl"),
     ],
 )
@@ -30,7 +31,8 @@ def test_a_batch_that_cannot_be_read_gives_a_stand_in_and_the_reason(error):
     assert unread is error and stand_in.dtype == torch.long and stand_in.ndim == 2
     message = _unread_message(unread)  # one process: its own reason
     assert message.startswith(f"rank 0 could not read its next batch: {error}.")
-    assert "--set train.on_bad_record=skip" in message
+    # skipping is the way on past a bad record only, not past a changed or missing file
+    assert ("--set train.on_bad_record=skip" in message) == isinstance(error, BadRecord)
 
 
 def test_other_errors_are_not_taken_for_unreadable_data():
