@@ -298,6 +298,7 @@ class Trainer:
         # Scoring (minutes) comes after the checkpoint: a scoring error or a kill then costs the scoring,
         # which the resume does (score_unscored), not the phase; a stop asked during the evaluation or the
         # export is taken here, not after the scoring.
+        _fault_stop_at_phase_end(phase, self.dist.rank, self.stop)
         if self._stop_agreed():
             self.stop.acknowledge()
             log.warning(
@@ -697,6 +698,13 @@ def _fault_kill(global_step: int, rank: int) -> None:
     # Fault injection for the resume test: PRETRAIN_FAULT=kill:STEP sends SIGKILL to rank 0 after that step.
     if os.environ.get("PRETRAIN_FAULT") == f"kill:{global_step}" and rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_stop_at_phase_end(phase: int, rank: int, stop: StopRequest) -> None:
+    # Fault injection for the stop test: PRETRAIN_FAULT=stop_at_phase_end:PHASE is a SIGTERM that reached
+    # rank 1 alone during that phase's evaluation or export.
+    if os.environ.get("PRETRAIN_FAULT") == f"stop_at_phase_end:{phase}" and rank == 1:
+        stop.signal_name = "SIGTERM"
 
 
 def _fault_kill_scoring(row: int) -> None:

@@ -81,6 +81,23 @@ def test_nan_with_skip_policy_skips_the_step_on_every_rank(tmp_path):
     assert all(math.isfinite(v) for q in migu["magnitude_quantiles"].values() for v in q)
 
 
+def test_a_stop_during_a_phase_end_exits_75_after_the_phase_checkpoint(tmp_path):
+    # a SIGTERM reaching one rank during the phase's evaluation or export: taken right after the phase's
+    # checkpoint (75, so the job is requeued), before the downstream scoring and the next phase
+    path = write_config(tiny_run_config(tmp_path, steps=2), tmp_path / "run.yaml")
+    proc = _launch(path, fault="stop_at_phase_end:1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by a signal on another rank after checkpoint phase-1: exiting with 75" in out  # rank 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "phase-1"
+    assert not re.search(r"phase 2 plays \| step", out)
+    resumed = _launch(path, "--resume")
+    again = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, again[-3000:]
+    assert "resumed from phase-1: phase 2, step 0" in again and not re.search(r"phase 1 news \| step", again)
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]) == 2
+
+
 def test_killed_before_the_first_checkpoint_then_resume_starts_again(tmp_path):
     # probe 1: the default save_every 0 leaves no checkpoint before phase 1 ends; a requeued job failed
     path = write_config(tiny_run_config(tmp_path, steps=4, domains=("news",)), tmp_path / "run.yaml")
