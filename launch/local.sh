@@ -12,7 +12,7 @@ config="$1"
 shift
 # The caller's directory stays the working directory: CONFIG and the paths in it are the caller's
 # (pretrain reads relative paths from the working directory); the repository goes on the ranks' path.
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+repo="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)" # CDPATH: cd would print the directory
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

@@ -19,7 +19,7 @@ config="$1"
 shift
 # The caller's directory stays the working directory: CONFIG and the paths in it are the caller's
 # (pretrain reads relative paths from the working directory); the repository goes on the ranks' path.
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+repo="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)" # CDPATH: cd would print the directory
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 hostfile="${HOSTFILE:-$repo/launch/hostfile}"

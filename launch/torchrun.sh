@@ -13,7 +13,7 @@ nnodes="$1" node_rank="$2" master_addr="$3" master_port="$4" nproc="$5" config="
 shift 6
 # The caller's directory stays the working directory: CONFIG and the paths in it are the caller's
 # (pretrain reads relative paths from the working directory); the repository goes on the ranks' path.
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+repo="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)" # CDPATH: cd would print the directory
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

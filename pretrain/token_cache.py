@@ -36,7 +36,7 @@ import numpy as np
 
 from pretrain.atomic import fsync_tree, replace_dir
 from pretrain.config import ConfigError, RunConfig
-from pretrain.data import PIECE_CHARS, DataError, SkipCounter, _token_pieces, read_documents
+from pretrain.data import PIECE_CHARS, DataError, Refusal, SkipCounter, _token_pieces, read_documents
 from pretrain.tokenizer import fingerprint, resolve_tokenizer
 
 FORMAT = 1
@@ -198,9 +198,7 @@ def _ids(path: Path, tokens: int) -> np.ndarray:
 
 
 def _bad_record(skip: SkipCounter | None, message: str) -> None:
-    if skip is None:  # the run stops at a bad record: as reading the text would
-        raise DataError(message)
-    skip.add(message)
+    (skip if skip is not None else Refusal()).add(message)  # the run stops at it, as reading the text would
 
 
 def training_files(cfg: RunConfig) -> list[tuple[list[str], str]]:

@@ -1,11 +1,11 @@
-"""The phase loop: for each domain in turn, train, evaluate every domain, checkpoint and export.
+"""The phase loop: for each domain in turn, train, evaluate every domain, export and checkpoint.
 
 Reads top to bottom: build the parts from the config (or resume them from the newest complete
-checkpoint), evaluate the initial model, then per phase train -> evaluate -> record -> checkpoint ->
-export. Once per micro-step the ranks agree (one small all-reduce) on whether to stop: a SIGTERM on
-any rank, a NaN/inf loss on any rank, or a batch some rank could not read (a bad record under
-`on_bad_record: error`, a file gone): every stop checkpoints the state before its step, so nothing
-trained since the last checkpoint is lost.
+checkpoint), evaluate the initial model, then per phase train -> evaluate -> record -> export ->
+checkpoint -> (a stop asked meanwhile: exit 75) -> score downstream tasks. Once per micro-step the
+ranks agree (one small all-reduce) on whether to stop: a SIGTERM on any rank, a NaN/inf loss on any
+rank, or a batch some rank could not read (a bad record under `on_bad_record: error`, a file gone):
+every stop checkpoints the state before its step, so nothing trained since the last checkpoint is lost.
 """
 
 from __future__ import annotations
@@ -268,14 +268,15 @@ class Trainer:
         self._save_results()
 
     def score_unscored(self, row: int) -> None:
-        """Score row `row` unless metrics.json has all its tasks (a scoring that ended before a stop)."""
+        """Score row `row` unless metrics.json has it for every task of eval.tasks (a scoring that ended
+        before a stop has it; a task dropped on an earlier resume stays empty in later rows: not asked)."""
         if not self.cfg.eval.tasks or not self.cfg.eval.inline:
             return
+        from pretrain.downstream import task_names
 
         def unscored() -> bool:
             self._save_results()  # takes over the rows metrics.json holds
-            cells = self.results.accuracy[row] if row < len(self.results.accuracy) else None
-            return cells is None or any(v is None for v in cells)
+            return not row_scored(self.results, row, task_names(self.cfg))
 
         if broadcast_object(unscored() if self.dist.is_main else None):
             log.info("phase %d's accuracy was not scored before the run stopped: scoring it now", row)
@@ -300,14 +301,13 @@ class Trainer:
         # export is taken here, not after the scoring.
         _fault_stop_at_phase_end(phase, self.dist.rank, self.stop)
         if self._stop_agreed():
-            self.stop.acknowledge()
             log.warning(
                 "stopped by %s after checkpoint phase-%d: exiting with %d",
                 self.stop.signal_name or "a signal on another rank",
                 phase,
                 EXIT_PREEMPTED,
             )
-            raise SystemExit(EXIT_PREEMPTED)
+            self._exit(EXIT_PREEMPTED)
         self.score_tasks(row=phase)
 
     def checkpoint(self, tag: str, step_start: dict | None = None) -> None:
@@ -374,6 +374,9 @@ class Trainer:
         # The resumed run forwards this step again: what the method recorded in it must not travel along.
         self.method.discard_step()
         self.checkpoint(f"step-{self.pos.global_step}-stop", step_start)
+        self._exit(code)
+
+    def _exit(self, code: int) -> None:
         if code == EXIT_PREEMPTED and self.stop is not None:
             self.stop.acknowledge()  # every node's launch script then exits 75, not the launcher's 1
         raise SystemExit(code)
@@ -410,6 +413,13 @@ class Trainer:
             taken = self.results.save(self.run_dir / "metrics.json")
             if taken:
                 log.info("kept evaluation rows %s that an eval job wrote to metrics.json", taken)
+
+
+def row_scored(results: RunResults, row: int, tasks: list[str]) -> bool:
+    """Whether accuracy row `row` has a score for each of `tasks` (others' empty cells do not count)."""
+    cells = results.accuracy[row] if row < len(results.accuracy) else None
+    have = dict(zip(results.tasks, cells, strict=True)) if cells is not None else {}
+    return all(have.get(task) is not None for task in tasks)
 
 
 _STAND_IN = torch.zeros((1, 2), dtype=torch.long)  # forwarded by a rank whose batch could not be read

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pretrain.data import BadRecord, DataError
-from pretrain.train import _next_batch, _unread_message
+from pretrain.results import RunResults
+from pretrain.train import _next_batch, _unread_message, row_scored
 
 
 def _batches(error: Exception):
@@ -41,3 +42,15 @@ def test_other_errors_are_not_taken_for_unreadable_data():
         batches = _batches(KeyError("position"))
         _next_batch(batches)
         _next_batch(batches)
+
+
+def test_a_row_is_scored_when_every_configured_task_has_a_score():
+    # a resume at a phase's checkpoint scores the row unless metrics.json has it; a task dropped from
+    # eval.tasks on an earlier resume leaves an empty cell in later rows, which must not ask for a scoring
+    results = RunResults(domains=["a"], phases=["a", "a"], method={})
+    results.set_accuracy(1, {"accuracy": {"t1": 0.5, "t2": 0.25}})
+    results.set_accuracy(2, {"accuracy": {"t1": 0.75}})  # t2 dropped on a resume
+    assert results.accuracy[2] == [0.75, None]
+    assert row_scored(results, 2, ["t1"]) and not row_scored(results, 2, ["t1", "t2"])
+    assert not row_scored(results, 3, ["t1"])  # not there at all (a kill while scoring it)
+    assert row_scored(results, 1, ["t1", "t2"]) and not row_scored(results, 1, ["t1", "t3"])  # t3 added
