@@ -202,7 +202,9 @@ def run_deepspeed(
     if command:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs)]
         cmd += ["--master_port", str(port), *(["--module"] if module else []), *args]
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc.master_port = port  # where the ranks met (the shared-memory buffers are named by it)
+        return proc
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nprocs), LOCAL_SIZE=str(nprocs))
     env.update(CROSS_RANK="0", CROSS_SIZE="1")
     rank_cmd = [sys.executable, "-u", *(["-m"] if module else []), args[0]]
@@ -222,7 +224,9 @@ def run_deepspeed(
         stdout, stderr = out.read(), err.read()
     if code is None:
         raise subprocess.TimeoutExpired(rank_cmd, timeout, output=stdout, stderr=stderr)
-    return subprocess.CompletedProcess(rank_cmd, code, stdout, stderr)
+    proc = subprocess.CompletedProcess(rank_cmd, code, stdout, stderr)
+    proc.master_port = port
+    return proc
 
 
 def _wait_ranks(procs: list[subprocess.Popen], timeout: float) -> int | None:

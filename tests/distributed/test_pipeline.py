@@ -102,6 +102,4 @@ def test_no_shared_memory_buffers_left_behind(finished_run):
     # DeepSpeed's CPU all-reduce maps a 66 MiB /dev/shm buffer per rank and never unlinks it
     _, proc = finished_run
     assert "deepspeed_shm_comm_op built successfully" in proc.stdout + proc.stderr  # the buffers were made
-    i, flag = next((i, a) for i, a in enumerate(proc.args) if a.startswith("--master_port"))
-    port = flag.partition("=")[2] or proc.args[i + 1]  # --master_port=P (node launcher) or --master_port P
-    assert not shm_buffers_on_port(port)
+    assert not shm_buffers_on_port(proc.master_port)
