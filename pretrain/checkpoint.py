@@ -13,7 +13,6 @@ a complete checkpoint: a tag that exists already (a second stop at the same step
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from pretrain.atomic import fsync_tree, replace_dir, write_text_atomic
 from pretrain.distributed import DistInfo, barrier, broadcast_object
+from pretrain.fault_injection import crash_self, fault_at
 from pretrain.methods.lora import export_state
 
 LATEST = "latest"
@@ -50,7 +50,8 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank_state = {**rng_state(), **rank_state}  # a stop passes the state its step started with
     torch.save(rank_state, root / tag / f"rank{dist.rank}_state.pt")
-    _fault_point(f"crash_saving:{tag}")
+    if fault_at("crash_saving", tag):
+        crash_self()
     # DeepSpeed does not: on disk before the mark that lets older ones be pruned. Each rank its own files
     # (on a shared filesystem only the writer's flush counts, and every rank opening every file of a
     # large job's checkpoint would load its metadata servers)
@@ -151,12 +152,6 @@ def prune(root: Path, keep: int) -> None:
 def _saved_at(path: Path) -> float:
     mark = path / COMPLETE
     return (mark if mark.is_file() else path).stat().st_mtime
-
-
-def _fault_point(name: str) -> None:
-    # Fault injection for the crash-during-save test: PRETRAIN_FAULT=<name> kills the process here.
-    if os.environ.get("PRETRAIN_FAULT") == name:
-        os._exit(86)
 
 
 def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:

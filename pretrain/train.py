@@ -11,8 +11,6 @@ every stop checkpoints the state before its step, so nothing trained since the l
 from __future__ import annotations
 
 import math
-import os
-import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +42,7 @@ from pretrain.distributed import (
 from pretrain.elastic import Elastic, load_elastic, plan_elastic
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
+from pretrain.fault_injection import fault_at, kill_self
 from pretrain.instruct import ExampleStream, model_inputs
 from pretrain.logs import log, progress, setup_logging
 from pretrain.methods import Method, build_methods
@@ -163,7 +162,8 @@ class Trainer:
                 self.evaluate_curve(phase)
             if self._checkpoint_due(steps):
                 self.checkpoint(f"step-{self.pos.global_step}")
-            _fault_kill(self.pos.global_step, self.dist.rank)
+            if fault_at("kill", self.pos.global_step) and self.dist.rank == 0:
+                kill_self()
         bar.close()
 
     def _record_phase(self, phase: int, domain: str, steps: int, meter: ThroughputMeter) -> None:
@@ -196,7 +196,8 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum):
             batch, unread = _next_batch(batches)
             loss = self.engine(**model_inputs(batch.to(self.engine.device))).loss  # instruction: answers only
-            loss = _fault_nan(loss, self.pos.global_step, self.dist.rank)
+            if fault_at("nan_loss", self.pos.global_step + 1) and self.dist.rank == 1:
+                loss = loss * math.nan
             stop, nonfinite, bad, mean_loss = self._agree(loss.item(), unread is not None)
             if bad:
                 message = _unread_message(unread)  # gathered from every rank
@@ -256,7 +257,8 @@ class Trainer:
         from pretrain.downstream import score_row
 
         def work() -> dict:
-            _fault_kill_scoring(row)
+            if fault_at("kill_scoring", row):
+                kill_self()
             return score_row(self.cfg, self.run_dir, row, self.engine.device)
 
         scores = from_main(work)
@@ -299,7 +301,8 @@ class Trainer:
         # Scoring (minutes) comes after the checkpoint: a scoring error or a kill then costs the scoring,
         # which the resume does (score_unscored), not the phase; a stop asked during the evaluation or the
         # export is taken here, not after the scoring.
-        _fault_stop_at_phase_end(phase, self.dist.rank, self.stop)
+        if fault_at("stop_at_phase_end", phase) and self.dist.rank == 1:
+            self.stop.signal_name = "SIGTERM"
         if self._stop_agreed():
             log.warning(
                 "stopped by %s after checkpoint phase-%d: exiting with %d",
@@ -350,7 +353,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether a stop was asked on some rank (a collective: every rank calls it at the same point)."""
-        return all_reduce_sum(torch.tensor([float(self.stop.requested)], dtype=torch.float64))[0].item() > 0
+        return _summed([float(self.stop.requested)])[0] > 0
 
     def _agree(self, loss: float, unread: bool = False) -> tuple[bool, bool, bool, float]:
         """(stop requested on some rank, a non-finite loss on some rank, a batch unread on some rank, the
@@ -358,9 +361,8 @@ class Trainer:
         the same number for any split of its batch over ranks."""
         finite = math.isfinite(loss) or unread  # an unread batch's stand-in loss is no NaN of training
         flags = [float(self.stop.requested), float(not finite), loss if finite else 0.0, float(unread)]
-        flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float64))
-        stop, nonfinite, unread_any = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[3] > 0)
-        return stop, nonfinite, unread_any, flags[2].item() / self.dist.world_size
+        flags = _summed(flags)
+        return flags[0] > 0, flags[1] > 0, flags[3] > 0, flags[2] / self.dist.world_size
 
     def _stop(self, code: int, why: str, step_start: dict) -> None:
         """Checkpoint the state before the current step (weights are unchanged until engine.step) and exit."""
@@ -704,31 +706,9 @@ def _tokenizer_rank0_first(cfg: RunConfig, dist: DistInfo):
     return tokenizer
 
 
-def _fault_kill(global_step: int, rank: int) -> None:
-    # Fault injection for the resume test: PRETRAIN_FAULT=kill:STEP sends SIGKILL to rank 0 after that step.
-    if os.environ.get("PRETRAIN_FAULT") == f"kill:{global_step}" and rank == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fault_stop_at_phase_end(phase: int, rank: int, stop: StopRequest) -> None:
-    # Fault injection for the stop test: PRETRAIN_FAULT=stop_at_phase_end:PHASE is a SIGTERM that reached
-    # rank 1 alone during that phase's evaluation or export.
-    if os.environ.get("PRETRAIN_FAULT") == f"stop_at_phase_end:{phase}" and rank == 1:
-        stop.signal_name = "SIGTERM"
-
-
-def _fault_kill_scoring(row: int) -> None:
-    # Fault injection for the scoring test: PRETRAIN_FAULT=kill_scoring:ROW kills rank 0 as it scores ROW.
-    if os.environ.get("PRETRAIN_FAULT") == f"kill_scoring:{row}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fault_nan(loss: torch.Tensor, global_step: int, rank: int) -> torch.Tensor:
-    # Fault injection for the NaN-policy test: PRETRAIN_FAULT=nan_loss:STEP poisons rank 1's loss there.
-    fault = os.environ.get("PRETRAIN_FAULT", "")
-    if fault.startswith("nan_loss:") and int(fault.split(":")[1]) == global_step + 1 and rank == 1:
-        return loss * math.nan
-    return loss
+def _summed(values: list[float]) -> list[float]:
+    """`values` summed over the ranks: a collective, so every rank calls it at the same point."""
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def train(cfg: RunConfig, resume: bool = False) -> RunResults:
