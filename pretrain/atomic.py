@@ -8,16 +8,16 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` beside `path`, then rename it over `path` (atomic on one filesystem)."""
+def write_atomic(path: str | Path, write: Callable[[IO], None], mode: str = "w") -> None:
+    """Call `write` on a file beside `path`, then rename it over `path` (atomic on one filesystem)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a node crash must not leave an empty file
         os.replace(tmp, path)
@@ -25,6 +25,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text))
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """A matplotlib figure as a PNG at `path`, written whole or not at all (a report rerun mid-way, or
+    killed, leaves the last picture, not a torn one)."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi), mode="wb")
+    return Path(path)
 
 
 def fsync_tree(root: str | Path, mine: Callable[[str], bool] | None = None, dirs: bool = True) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pretrain.atomic import save_figure
+
 PICTURE = "eval_curve.png"
 
 
@@ -60,8 +62,7 @@ def plot_eval_curve(data: dict[str, Any], path: str | Path, title: str) -> Path 
     ax.set_ylabel("held-out loss")
     ax.set_title(title, pad=30)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def curve_section(data: dict[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ from pretrain.accuracy_report import (
     scoring_changed_note,
     trained_tasks,
 )
+from pretrain.atomic import save_figure, write_text_atomic
 from pretrain.curves import PICTURE as CURVE_PICTURE
 from pretrain.curves import curve_section, plot_eval_curve
 from pretrain.metrics import MetricsError, forgetting_metrics, latest_phase, row_label
@@ -101,7 +102,7 @@ def write_report(run_dir: str | Path) -> Path:
     pictures = write_pictures(data, run, title)
     out = run / "report.md"
     migu = [p.name for p in pictures if p.name.startswith("migu_")]
-    out.write_text(report_markdown(data, title, migu_pictures=migu))
+    write_text_atomic(out, report_markdown(data, title, migu_pictures=migu))
     return out
 
 
@@ -400,8 +401,7 @@ def _matrix_heatmap(
         if evaluated and 0 < i <= len(trained) and trained[i - 1] in columns:
             j = list(columns).index(trained[i - 1])
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_loss_curves(data: dict[str, Any], path: str | Path, title: str = "held-out loss") -> Path:
@@ -409,8 +409,7 @@ def plot_loss_curves(data: dict[str, Any], path: str | Path, title: str = "held-
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     _draw_curves(fig.add_subplot(), data, title, legend=True)
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _draw_curves(ax, data: dict[str, Any], title: str, legend: bool) -> None:
@@ -516,8 +515,7 @@ def plot_migu_overlap(data: dict[str, Any], path: str | Path, title: str = "MIGU
     fig.colorbar(image, ax=[left, right], label="Jaccard overlap of kept units", shrink=0.6)
     chance = _chance_overlap(entries)
     fig.suptitle(title + (f"\n(independent random sets of this size: about {chance:.2f})" if chance else ""))
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _overlap_cells(ax, rows: Sequence[Sequence[float]], ylabels: Sequence[str], xlabels: Sequence[str]):
@@ -576,8 +574,7 @@ def plot_migu_magnitudes(
     axes[0].set_yticks(range(len(shown)), _short_names(shown), fontsize=8)
     axes[0].set_ylim(len(shown) - 0.5, -0.5)
     fig.suptitle(f"{title}{note}\nbox 25-75%, whiskers 10-90%, dots min/max, red bar median; 1 = uniform")
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def _box_stats(entry: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -694,7 +691,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, echo: bool
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_comparison(runs, out / "comparison.png")
-    (out / "comparison.md").write_text(comparison_markdown(runs))
+    write_text_atomic(out / "comparison.md", comparison_markdown(runs))
     if echo:
         print(_format_table(runs) + "\n\n" + _verdict(runs))
     return out / "comparison.md"
@@ -755,8 +752,7 @@ def plot_comparison(runs: list[RunMetrics], path: str | Path) -> Path:
     bars.set_ylabel("loss units")
     bars.set_title("forgetting metrics (avg_forgetting: lower is better; bwt, plasticity, fwt: higher)")
     bars.legend()
-    fig.savefig(path, dpi=90)
-    return Path(path)
+    return save_figure(fig, path, dpi=90)
 
 
 def _bar_label(ax, x: float, y: float) -> None:

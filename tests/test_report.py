@@ -514,3 +514,27 @@ def test_compare_verdict_reads_accuracy_and_says_when_it_disagrees_with_loss(tmp
     assert "Held-out loss (migu) and task accuracy (none) favour different runs" in text
     text = format_comparison([write_run(tmp_path / "e"), write_run(tmp_path / "f", loss=loss, method="migu")])
     assert "task accuracy" not in text and "On downstream tasks" not in text  # no eval.tasks: loss only
+
+
+def test_a_report_rerun_that_fails_midway_leaves_the_last_report_and_pictures_whole(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run")
+    write_report(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "metrics.json"}
+    pictures = [name for name in before if name.endswith(".png")]
+    assert pictures and "report.md" in before
+    write_run(run, loss=[*LOSS[:3], [2.5, 2.2, 1.4, 5.6]])  # the run has moved on: every file would change
+    written = []
+
+    def disk_full(fd):  # each file's bytes are written, then the disk cannot take them (ENOSPC at flush)
+        written.append(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pretrain.atomic.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(run)
+    monkeypatch.undo()
+    assert written  # the failure came mid-write, not before it
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "metrics.json"}
+    assert after == before  # no torn file, no temporary left
+    for name in pictures:
+        assert_picture(run / name)
