@@ -99,11 +99,22 @@ def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     data = load_metrics(run)
     title = report_title(data, run)
-    pictures = write_pictures(data, run, title)
     out = run / "report.md"
+    _refuse_foreign(out, "# Run report: ")
+    pictures = write_pictures(data, run, title)
     migu = [p.name for p in pictures if p.name.startswith("migu_")]
     write_text_atomic(out, report_markdown(data, title, migu_pictures=migu))
     return out
+
+
+def _refuse_foreign(path: Path, header: str) -> None:
+    """ReportError if `path` exists and is not a file pretrain wrote (it starts with `header`): a user's own
+    notes that happen to have the name are not written over."""
+    if path.is_dir() or (path.exists() and not path.read_text(errors="replace").startswith(header)):
+        raise ReportError(
+            f"{path} exists and was not written by pretrain (it does not start with {header.strip()!r}): "
+            "move it, or write the report elsewhere"
+        )
 
 
 def report_title(data: dict[str, Any], run_dir: str | Path) -> str:
@@ -689,6 +700,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, echo: bool
     and return comparison.md. The first run is the baseline the verdict compares against."""
     runs = load_runs(run_dirs)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file: give the directory comparison.md and .png go to")
+    _refuse_foreign(out / "comparison.md", "# Comparison of ")
     out.mkdir(parents=True, exist_ok=True)
     plot_comparison(runs, out / "comparison.png")
     write_text_atomic(out / "comparison.md", comparison_markdown(runs))

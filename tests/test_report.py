@@ -538,3 +538,27 @@ def test_a_report_rerun_that_fails_midway_leaves_the_last_report_and_pictures_wh
     assert after == before  # no torn file, no temporary left
     for name in pictures:
         assert_picture(run / name)
+
+
+def test_report_and_compare_refuse_to_write_over_a_users_file_of_that_name(tmp_path):
+    run = write_run(tmp_path / "run")
+    write_report(run)
+    write_report(run)  # its own report.md is rewritten
+    notes = "my notes on this run\n"
+    (run / "report.md").write_text(notes)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ReportError, match=r"report\.md exists and was not written by pretrain"):
+        write_report(run)
+    assert (run / "report.md").read_text() == notes and sorted(p.name for p in run.iterdir()) == before
+    other = write_run(tmp_path / "other")
+    cmp = tmp_path / "cmp"
+    compare_runs([run, other], cmp, echo=False)
+    compare_runs([run, other], cmp, echo=False)  # its own comparison.md is rewritten
+    (cmp / "comparison.md").write_text(notes)
+    with pytest.raises(ReportError, match=r"comparison\.md exists and was not written by pretrain"):
+        compare_runs([run, other], cmp, echo=False)
+    assert (cmp / "comparison.md").read_text() == notes
+    (tmp_path / "a-file").write_text(notes)
+    with pytest.raises(ReportError, match="--out .*a-file is a file"):
+        compare_runs([run, other], tmp_path / "a-file", echo=False)
+    assert (tmp_path / "a-file").read_text() == notes
