@@ -135,11 +135,15 @@ def restore_rng(rank_state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(rank_state["cuda_rng"])
 
 
+# The names save_checkpoint gives: phase-N, step-N, step-N-stop, each maybe with _fresh_tag's -K.
+_TAG = re.compile(r"(phase-\d+|step-\d+(-stop)?)(-\d+)?")
+
+
 def prune(root: Path, keep: int) -> None:
     """Keep the `keep` newest complete checkpoints and the one `latest` names; delete the rest, and every
     unfinished directory (a crashed or out-of-space save), which can never be resumed from."""
     current = _read_latest(root)
-    dirs = [p for p in root.iterdir() if p.is_dir()]
+    dirs = [p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)]  # others are not ours
     # A checkpoint from before completeness marks is complete if `latest` names it.
     complete = [p for p in dirs if is_complete(p) or p.name == current]
     complete.sort(key=_saved_at, reverse=True)

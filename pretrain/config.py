@@ -695,6 +695,10 @@ def _head_problems(model: ModelConfig) -> list[str]:
     return problems
 
 
+# The first line of a run's config.yaml: it tells the run's own file from a user's file of that name.
+SAVED_CONFIG_HEADER = "# pretrain: the resolved config this run trains with, rewritten at each start\n"
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     # rewritten at every (re)start: a torn config.yaml would stop the next resume and every eval job
-    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, SAVED_CONFIG_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

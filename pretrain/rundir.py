@@ -17,7 +17,7 @@ import yaml
 
 from pretrain.atomic import set_aside
 from pretrain.checkpoint import checkpoint_meta, latest_tag
-from pretrain.config import RunConfig, deepspeed_json
+from pretrain.config import SAVED_CONFIG_HEADER, RunConfig, deepspeed_json
 from pretrain.distributed import DistInfo, broadcast_object
 from pretrain.logs import log
 
@@ -93,6 +93,8 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
             f"{run_dir} already holds a run ({held}); choose another output_dir, or pass --resume "
             "to continue it (or start it again, if it has no complete checkpoint)"
         )
+    if not held:
+        _refuse_foreign_config(run_dir)
     changed = _changed_keys(cfg, run_dir / "config.yaml") if resume else {}
     _refuse_frozen(changed, f"{run_dir}: --resume with a different config")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,21 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
     _refuse_unrecorded_deepspeed(changed, recorded, tag)
     ds_changes = deepspeed_changes(recorded, deepspeed_json(cfg), tag)
     return RunDirPlan(run_dir, resuming=True, changes=changes, deepspeed_changes=ds_changes)
+
+
+def _refuse_foreign_config(run_dir: Path) -> None:
+    """A new run writes its config.yaml into output_dir: a file of that name which no run wrote (an earlier
+    attempt's, before its first results, starts with SAVED_CONFIG_HEADER) is the user's, not overwritten."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or any(run_dir.glob("metrics.attempt-*.json")):
+        return
+    with open(saved, errors="replace") as f:
+        if f.readline() == SAVED_CONFIG_HEADER:
+            return
+    raise RunDirError(
+        f"{saved} was not written by a run, and a new run writes the config it ran with there: move it, or "
+        "choose another output_dir"
+    )
 
 
 def _refuse_unrecorded_deepspeed(changed: dict[str, tuple], recorded: dict | None, tag: str) -> None:

@@ -62,6 +62,20 @@ def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["phase-1", "step-14"]
 
 
+def test_rotation_leaves_directories_it_did_not_write(tmp_path):
+    # an output_dir reused from another tool: its folders under checkpoints/ are no unfinished saves of ours
+    _checkpoint(tmp_path, "checkpoint-500", when=500, complete=False)  # a Hugging Face Trainer checkpoint
+    (tmp_path / "step-2-notes").mkdir()
+    for i, tag in enumerate(["step-2", "step-4", "step-4-stop-2", "phase-1"]):
+        _checkpoint(tmp_path, tag, when=1000 + i)
+    _checkpoint(tmp_path, "step-6-stop", when=2000, complete=False)  # ours, unfinished
+    _latest(tmp_path, "phase-1")
+    prune(tmp_path, keep=2)
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert kept == ["checkpoint-500", "phase-1", "step-2-notes", "step-4-stop-2"]
+    assert (tmp_path / "checkpoint-500" / "mp_rank_00_model_states.pt").read_bytes() == b"weights"
+
+
 def test_a_checkpoint_from_before_marks_counts_when_latest_names_it(tmp_path):
     _checkpoint(tmp_path, "step-2", when=1000, complete=False)
     _latest(tmp_path, "step-2")

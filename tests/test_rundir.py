@@ -87,6 +87,21 @@ def test_a_new_runs_config_file_is_never_the_config_yaml_it_would_overwrite(tmp_
     refuse_config_in_run_dir(mine, cfg)  # a run's own config.yaml, passed back to resume it
 
 
+def test_a_new_run_never_writes_over_a_config_yaml_no_run_wrote(tmp_path):
+    cfg = load_config(write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml"))
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = run / "config.yaml"
+    mine.write_text("# the settings I used for the HF Trainer run in this folder\nlr: 3e-4\n")
+    for resume in (False, True):  # --resume with no run there starts one too
+        with pytest.raises(RunDirError, match=r"config.yaml was not written by a run.*move it"):
+            prepare_run_dir(cfg, ONE, resume=resume)
+    assert mine.read_text().startswith("# the settings I used")
+    save_config(cfg, mine)  # an earlier attempt's, killed before its first results: its own, taken over
+    assert not prepare_run_dir(cfg, ONE, resume=False).resuming
+    assert load_config(mine).train.lr == cfg.train.lr  # the header is a comment: the file still loads
+
+
 def test_resume_may_change_the_listed_keys_and_reports_them(started):
     cfg, run = started
     _checkpointed(run)
