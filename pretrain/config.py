@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
@@ -20,7 +20,11 @@ from pydantic.dataclasses import dataclass
 
 from pretrain.atomic import write_text_atomic
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+# allow_inf_nan: an infinite lr or weight is accepted by torch and ends the run at its first step
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+_Beta = Annotated[float, Field(ge=0, lt=1)]  # torch's AdamW refuses others, DeepSpeed's Adam kernels do not
 
 
 class ConfigError(ValueError):
@@ -102,7 +106,7 @@ class TrainConfig:
     decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd / infinite: the share of a phase that decays
     constant_ratio: float = Field(0.5, gt=0, le=1)  # infinite: the plateau, as a fraction of lr
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[_Beta, _Beta] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
     log_every: int = Field(10, gt=0)
     # a NaN/inf loss on any rank: stop (checkpoint the last good state) or skip that optimizer step
@@ -261,7 +265,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -269,6 +273,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, source=str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML's last-wins would train a run the
+    user did not write (`train:` twice keeps only the second section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -286,20 +306,23 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
 def _absolutize(cfg: RunConfig) -> None:
     """Resolve paths against the working directory once, so a run's saved config works from anywhere."""
 
-    def absolute(p: str | None) -> str | None:
+    def absolute(p: str | None, key: str) -> str | None:
+        if p == "":  # resolve() makes it the working directory: a run would write its files into it
+            raise ConfigError(f"key `{key}`: an empty path (give a path, or leave the key out)")
         return None if p is None else str(Path(p).expanduser().resolve())
 
-    cfg.output_dir = absolute(cfg.output_dir)
-    cfg.model.path = absolute(cfg.model.path)
-    cfg.tokenizer.path = absolute(cfg.tokenizer.path)
-    cfg.deepspeed.config = absolute(cfg.deepspeed.config)
-    cfg.train.token_cache = absolute(cfg.train.token_cache)
-    for dom in cfg.domains:
-        dom.train = [absolute(f) for f in dom.train]
-        dom.heldout = [absolute(f) for f in dom.heldout]
-    for source in cfg.replay.sources:
-        source.train = [absolute(f) for f in source.train]
-    cfg.eval.tasks = [absolute(t) if is_task_path(t) else t for t in cfg.eval.tasks]
+    cfg.output_dir = absolute(cfg.output_dir, "output_dir")
+    cfg.model.path = absolute(cfg.model.path, "model.path")
+    cfg.tokenizer.path = absolute(cfg.tokenizer.path, "tokenizer.path")
+    cfg.deepspeed.config = absolute(cfg.deepspeed.config, "deepspeed.config")
+    cfg.train.token_cache = absolute(cfg.train.token_cache, "train.token_cache")
+    for i, dom in enumerate(cfg.domains):
+        dom.train = [absolute(f, f"domains.{i}.train.{j}") for j, f in enumerate(dom.train)]
+        dom.heldout = [absolute(f, f"domains.{i}.heldout.{j}") for j, f in enumerate(dom.heldout)]
+    for i, source in enumerate(cfg.replay.sources):
+        source.train = [absolute(f, f"replay.sources.{i}.train.{j}") for j, f in enumerate(source.train)]
+    tasks = enumerate(cfg.eval.tasks)
+    cfg.eval.tasks = [absolute(t, f"eval.tasks.{i}") if is_task_path(t) else t for i, t in tasks]
 
 
 def is_task_path(entry: str) -> bool:

@@ -56,6 +56,13 @@ def test_overrides_reach_nested_and_list_keys(cfg_file):
         ("lora.dropout=1", "key `lora.dropout`: Input should be less than 1"),
         ("lora.target_modules=[]", "key `lora.target_modules`: List should have at least 1 item"),
         ("lora.rank=4", "unknown key `lora.rank`"),
+        ("train.betas=[0.9,1.5]", "key `train.betas.1`: Input should be less than 1"),
+        ("train.betas=[-0.1,0.95]", "key `train.betas.0`: Input should be greater than or equal to 0"),
+        ("train.lr=.inf", "key `train.lr`: Input should be a finite number"),
+        ("regularisation.weight=.nan", "key `regularisation.weight`: Input should be a finite number"),
+        ("output_dir=", "key `output_dir`: an empty path"),
+        ("train.token_cache=", "key `train.token_cache`: an empty path"),
+        ("domains.1.heldout=['']", "key `domains.1.heldout.0`: an empty path"),
     ],
 )
 def test_bad_values_name_the_key(cfg_file, override, expected):
@@ -159,6 +166,19 @@ def test_missing_section_and_bad_override_syntax(tmp_path, cfg_file):
         load_config(cfg_file, ["train.lr"])
     with pytest.raises(ConfigError, match="index below 2"):
         load_config(cfg_file, ["phases.5.steps=1"])
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path, cfg_file):
+    text = cfg_file.read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "train: {seed: 7}\n")  # a second `train:` would keep only its seed
+    assert "train:" in text
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping[\s\S]*line"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(text + "lora: {r: 4, alpha: 8, r: 16}\n")
+    with pytest.raises(ConfigError, match="key 'r' appears twice"):
+        load_config(nested)
 
 
 def test_not_yaml_mapping(tmp_path):
