@@ -570,6 +570,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     for phase in range(first, len(cfg.phases) + 1):
         phase_stream(run_cfg, phase, dist, tokenizer, token_cache)
     phase_steps = [steps_for_phase(p, run_cfg.train, dist.world_size) for p in cfg.phases]
+    results = RunResults.for_run(cfg)
+    heldout = load_heldout(cfg, tokenizer, results)  # a bad held-out file is an error before the model loads
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
     engine = build_engine(
         run_cfg,
@@ -582,8 +584,6 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     method = build_methods(
         cfg.method, cfg.regularisation, engine.module, engine, phase_steps, seed=cfg.train.seed
     )
-    results = RunResults.for_run(cfg)
-    heldout = load_heldout(cfg, tokenizer, results)
     trainer = Trainer(
         run_cfg,
         dist,

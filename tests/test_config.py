@@ -142,6 +142,20 @@ def test_a_later_phase_whose_corpus_cannot_fill_a_step_stops_the_run_before_phas
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_a_bad_heldout_record_stops_the_run_before_the_model_loads(tmp_path):
+    """The held-out sets were first read after the model and the engine were built (minutes at 70B)."""
+    raw = tiny_run_config(tmp_path)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"text": "A good record."}) + "\n{not json\n")
+    raw["domains"][1]["heldout"] = [str(heldout)]
+    empty = tmp_path / "model"  # no weights: loading it would be the first error, were it tried first
+    empty.mkdir()
+    raw["model"] = {"source": "hf", "path": str(empty)}
+    proc = run_single(["train", "--config", str(write_config(raw, tmp_path / "run.yaml"))], timeout=300)
+    assert proc.returncode == 2 and str(heldout) in proc.stderr, proc.stderr[-3000:]
+    assert "cannot be loaded" not in proc.stderr and not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_a_resume_does_not_check_the_corpora_of_phases_it_has_finished(tmp_path):
     """A finished phase's corpus need not fill a step any more (as on more ranks after an elastic
     resume): the resume from phase 1's end opens only phase 2's stream."""
