@@ -6,6 +6,7 @@ A DeepSpeed file that sets one of the run's keys to a different value is an erro
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
@@ -44,6 +45,48 @@ def deepspeed_config(
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two keys above and the world size
     ds.setdefault("zero_allow_untested_optimizer", True)  # adamw and sgd are plain torch optimizers
     return ds
+
+
+# DeepSpeed's sections, for telling a misspelt one: its own constants (below) lack some of them.
+_DEEPSPEED_SECTIONS = (
+    "zero_optimization", "bf16", "fp16", "amp", "torch_autocast", "data_types", "activation_checkpointing",
+    "aio", "checkpoint", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger",
+    "elasticity", "autotuning", "compression_training", "data_efficiency", "nebula", "pipeline",
+)  # fmt: skip
+# DeepSpeed's names for its sections' pydantic models, in its errors
+_DEEPSPEED_MODELS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "DeepSpeedBF16Config": "bf16",
+    "DeepSpeedFP16Config": "fp16",
+}
+
+
+def check_with_deepspeed(ds: dict[str, Any], path: str) -> None:
+    """ConfigError, naming the file and the key, where DeepSpeed would refuse the JSON or ignore a key of it:
+    a misspelt key in a section (`overlap_com`) failed inside deepspeed.initialize after the model loaded,
+    a misspelt section (`zero_optimisation`) was ignored, and the run trained at ZeRO stage 0."""
+    from deepspeed.runtime import config as ds_config
+    from pydantic import ValidationError
+
+    known = set(_DEEPSPEED_SECTIONS) | {
+        v for k, v in vars(ds_config).items() if k.isupper() and isinstance(v, str)
+    }
+    for key in ds:
+        close = [] if key in known else difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(
+                f"key `deepspeed.config`: {path}: `{key}` is not a DeepSpeed setting (DeepSpeed would ignore "
+                f"it): did you mean `{close[0]}`?"
+            )
+    try:
+        ds_config.DeepSpeedConfig(ds)
+    except ValidationError as err:
+        section = _DEEPSPEED_MODELS.get(err.title, err.title)
+        wrong = "; ".join(
+            f"`{section}.{'.'.join(map(str, e['loc']))}`: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise ConfigError(f"key `deepspeed.config`: {path}: DeepSpeed refuses {wrong}") from err
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:

@@ -40,7 +40,7 @@ from pretrain.distributed import (
     shutdown_distributed,
 )
 from pretrain.elastic import Elastic, load_elastic, plan_elastic
-from pretrain.engine import build_engine, deepspeed_config
+from pretrain.engine import build_engine, check_with_deepspeed, deepspeed_config
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.fault_injection import fault_at, kill_self
 from pretrain.instruct import ExampleStream, model_inputs
@@ -557,7 +557,8 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     # a batch-size conflict is an error before anything is touched; a resume's global batch is its
     # checkpoint's, on any ranks (elastic), and build_engine checks it against the batch the run trains with
     continuing = resume and latest_tag(Path(cfg.output_dir)) is not None
-    deepspeed_config(cfg, dist.world_size, check_global_batch=not continuing)
+    ds = deepspeed_config(cfg, dist.world_size, check_global_batch=not continuing)
+    check_with_deepspeed(ds, cfg.deepspeed.config)
     require_trackers(cfg.logging)  # so is a tracker whose package is missing
     plan = prepare_run_dir(cfg, dist, resume)
     elastic = _plan_resume(cfg, plan, dist)

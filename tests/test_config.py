@@ -156,6 +156,21 @@ def test_a_bad_heldout_record_stops_the_run_before_the_model_loads(tmp_path):
     assert "cannot be loaded" not in proc.stderr and not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_a_key_deepspeed_refuses_stops_the_run_before_the_model_loads(tmp_path):
+    """It failed inside deepspeed.initialize, after the model had loaded, in a pydantic traceback."""
+    raw = tiny_run_config(tmp_path)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_com": True}}))
+    raw["deepspeed"] = {"config": str(ds)}
+    empty = tmp_path / "model"
+    empty.mkdir()
+    raw["model"] = {"source": "hf", "path": str(empty)}
+    proc = run_single(["train", "--config", str(write_config(raw, tmp_path / "run.yaml"))], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "refuses `zero_optimization.overlap_com`" in proc.stderr
+    assert "cannot be loaded" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_resume_does_not_check_the_corpora_of_phases_it_has_finished(tmp_path):
     """A finished phase's corpus need not fill a step any more (as on more ranks after an elastic
     resume): the resume from phase 1's end opens only phase 2's stream."""

@@ -6,12 +6,14 @@ ranks both run, so each is checked against torch's AdamW on the same gradient.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import REPO, tiny_run_config
 
-from pretrain.config import validate
-from pretrain.engine import build_optimizer
+from pretrain.config import ConfigError, validate
+from pretrain.engine import build_optimizer, check_with_deepspeed, deepspeed_config
 from pretrain.model import build_model
 
 ZERO2_OFFLOAD = str(REPO / "configs" / "deepspeed" / "zero2_offload.json")
@@ -62,3 +64,44 @@ def test_deepspeed_adam_kernels_make_the_adamw_update(tmp_path, name):
     reference, got = _stepped(tmp_path, "adamw"), _stepped(tmp_path, name)
     for key, value in reference.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+SHIPPED = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_deepspeed_takes_every_shipped_json_as_the_run_completes_it(tmp_path, path):
+    raw = tiny_run_config(tmp_path)
+    raw["deepspeed"] = {"config": str(path)}
+    if "offload" in path.name:
+        raw["train"]["optimizer"] = "cpu_adam"
+    cfg = validate(raw)
+    check_with_deepspeed(deepspeed_config(cfg, world_size=2), str(path))
+
+
+@pytest.mark.parametrize(
+    ("ds", "expected"),
+    [
+        (
+            {"zero_optimisation": {"stage": 3}},
+            r"`zero_optimisation` is not a DeepSpeed.*`zero_optimization`\?",
+        ),
+        ({"bf_16": {"enabled": True}}, r"`bf_16` is not a DeepSpeed setting.*`bf16`\?"),
+        (
+            {"zero_optimization": {"stage": 2, "overlap_com": True}},
+            r"refuses `zero_optimization.overlap_com`",
+        ),
+        ({"bf16": {"enable": True}}, r"refuses `bf16.enable`"),
+        (
+            {"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+            r"`zero_optimization.reduce_bucket_size`",
+        ),
+    ],
+)
+def test_a_misspelt_deepspeed_key_is_named_before_the_model_loads(tmp_path, ds, expected):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    raw = tiny_run_config(tmp_path)
+    raw["deepspeed"] = {"config": str(path)}
+    with pytest.raises(ConfigError, match=rf"key `deepspeed.config`: {path}: .*{expected}"):
+        check_with_deepspeed(deepspeed_config(validate(raw), world_size=2), str(path))
