@@ -149,11 +149,15 @@ def _eval(args: argparse.Namespace) -> None:
 def _tasks(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from pretrain.cl_benchmark import convert, write_task_yaml
+    from pretrain.cl_benchmark import TaskDataError, convert, task_name, write_task_yaml
 
     if args.action == "convert":
         for source in args.sources:
-            out = convert(source, Path(args.out) / Path(source).resolve().name)
+            out = Path(args.out) / Path(source).resolve().name
+            task = Path(args.out) / f"{task_name(out)}.yaml"
+            if task.exists():  # found before the conversion, which a rerun would then refuse to redo
+                raise TaskDataError(f"{task} exists: remove it or choose another --out")
+            out = convert(source, out)
             print(f"converted {source} -> {out}, task {write_task_yaml(out, args.out)}")
     else:
         for directory in args.dirs:

@@ -86,6 +86,8 @@ def refuse_config_in_run_dir(config: str | Path, cfg: RunConfig) -> None:
 
 def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
     run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():  # mkdir's FileExistsError left the other ranks waiting
+        raise RunDirError(f"output_dir {run_dir} is a file, not a directory: choose another output_dir")
     metrics = run_dir / "metrics.json"
     held = "metrics.json" if metrics.exists() else "a checkpoint" if latest_tag(run_dir) else None
     if held and not resume:  # a checkpoint alone (metrics.json moved away) is a run too: never continue it

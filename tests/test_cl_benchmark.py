@@ -133,6 +133,19 @@ def test_convert_never_writes_into_a_directory_that_holds_files(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
 
 
+def test_cli_convert_refuses_a_taken_yaml_name_before_converting(tmp_path, capsys):
+    # it converted first, then refused the YAML, and the half-done output blocked every rerun
+    source = original_layout(tmp_path / "orig" / "copa", splits=("test",))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cl_copa.yaml").write_text("# my own copa task\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tasks", "convert", str(source), "--out", str(out)])
+    assert exit_.value.code == 2 and "cl_copa.yaml exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["cl_copa.yaml"]
+    assert (out / "cl_copa.yaml").read_text() == "# my own copa task\n"
+
+
 def test_a_bad_record_in_a_task_directory_is_named_by_file_and_line(tmp_path):
     task = tmp_path / "copa"
     task.mkdir()

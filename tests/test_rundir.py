@@ -102,6 +102,14 @@ def test_a_new_run_never_writes_over_a_config_yaml_no_run_wrote(tmp_path):
     assert load_config(mine).train.lr == cfg.train.lr  # the header is a comment: the file still loads
 
 
+def test_an_output_dir_that_is_a_file_is_refused_on_every_rank(tmp_path):
+    cfg = load_config(write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml"))
+    Path(cfg.output_dir).write_text("my file\n")
+    with pytest.raises(RunDirError, match=r"output_dir .* is a file, not a directory"):
+        prepare_run_dir(cfg, ONE, resume=False)  # a RunDirError is what prepare_run_dir hands every rank
+    assert Path(cfg.output_dir).read_text() == "my file\n"
+
+
 def test_resume_may_change_the_listed_keys_and_reports_them(started):
     cfg, run = started
     _checkpointed(run)
