@@ -125,10 +125,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _tokenizer(args: argparse.Namespace) -> None:
     from pretrain.config import load_config
+    from pretrain.logs import setup_logging
     from pretrain.tokenizer import resolve_tokenizer
 
+    setup_logging(0)  # the warning that an existing tokenizer was trained on other files
     tok = resolve_tokenizer(load_config(args.config, args.overrides))
-    print(f"tokenizer: {len(tok)} tokens, saved in {tok.name_or_path}")
+    print(f"tokenizer: {len(tok)} tokens, in {tok.name_or_path}")
 
 
 def _pretokenize(args: argparse.Namespace) -> None:

@@ -65,7 +65,7 @@ def train_tokenizer(
             raise _training_error(err, vocab_size) from err
         tokenizer = _to_transformers(tmp)
         tokenizer.save_pretrained(str(tmp))
-        _write_mark(tmp, tokenizer)
+        _write_mark(tmp, tokenizer, _training_set(files_by_domain, max_sentences))
         _move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -172,9 +172,22 @@ def fingerprint(tokenizer) -> dict[str, object]:
     return {"size": len(tokenizer), "sha256": digest}
 
 
-def _write_mark(tmp: Path, tokenizer) -> None:
+def _training_set(files_by_domain: list[tuple[list[str], str]], max_sentences: int) -> dict:
+    """What a tokenizer is trained from: each domain's files (with their sizes) and the sample's size."""
+    domains = [[[str(Path(f).resolve()), _size(f)] for f in files] for files, _ in files_by_domain]
+    return {"domains": domains, "max_sentences": max_sentences}
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _write_mark(tmp: Path, tokenizer, trained_on: dict) -> None:
     files = sorted(p.name for p in tmp.iterdir()) + [_MARK]
-    mark = {"trained_by": "pretrain", "files": files, **fingerprint(tokenizer)}
+    mark = {"trained_by": "pretrain", "files": files, **fingerprint(tokenizer), "trained_on": trained_on}
     (tmp / _MARK).write_text(json.dumps(mark, indent=2))
 
 
@@ -247,9 +260,9 @@ def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     if tok.source == "model":
         return _model_tokenizer(cfg)
     path = tok.path or str(Path(cfg.output_dir) / "tokenizer")
-    if holds_tokenizer(path) or _unmarked_of_a_run(path, cfg):
-        return _reuse(path, tok.vocab_size)
     domains = [(d.train, d.text_field) for d in cfg.domains]
+    if holds_tokenizer(path) or _unmarked_of_a_run(path, cfg):
+        return _reuse(path, tok.vocab_size, _training_set(domains, tok.max_sentences))
     skip = bad_record_counter(cfg.train.on_bad_record)
     return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)
 
@@ -266,12 +279,19 @@ def _unmarked_of_a_run(path: str, cfg: RunConfig) -> bool:
     return started and _mark(Path(path)) is None and (Path(path) / "tokenizer_config.json").is_file()
 
 
-def _reuse(path: str, vocab_size: int):
+def _reuse(path: str, vocab_size: int, asked: dict):
     tokenizer = load_tokenizer(path)
     if len(tokenizer) != vocab_size:  # sentencepiece BPE yields exactly vocab_size pieces or fails
         raise ConfigError(
             f"key `tokenizer.vocab_size`: {path} already holds a tokenizer of {len(tokenizer)} tokens, the "
             f"config asks for {vocab_size}; delete that directory to train a new one, or set tokenizer.path"
+        )
+    trained_on = (_mark(Path(path)) or {}).get("trained_on")
+    if trained_on is not None and trained_on != asked:  # reused all the same: runs may share a vocabulary
+        log.warning(
+            "the tokenizer in %s was trained on other files or another tokenizer.max_sentences than this "
+            "config names; it is reused as it is. To train one on these, delete it or set tokenizer.path",
+            path,
         )
     log.info("using the tokenizer already trained in %s", path)
     return tokenizer

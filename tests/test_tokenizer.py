@@ -130,7 +130,7 @@ def run_config(tmp_path: Path, domains, **tokenizer) -> RunConfig:
     )
 
 
-def test_resolve_trains_once_then_reuses(domains, tmp_path, monkeypatch):
+def test_resolve_trains_once_then_reuses(domains, tmp_path, monkeypatch, caplog):
     cfg = run_config(tmp_path, domains)
     first = resolve_tokenizer(cfg)
     assert holds_tokenizer(str(tmp_path / "run" / "tokenizer")) and len(first) == VOCAB
@@ -139,7 +139,13 @@ def test_resolve_trains_once_then_reuses(domains, tmp_path, monkeypatch):
         raise AssertionError("a tokenizer already there must be reused")
 
     monkeypatch.setattr("pretrain.tokenizer.train_tokenizer", no_training)
-    assert resolve_tokenizer(cfg).get_vocab() == first.get_vocab()
+    with caplog.at_level("WARNING", logger="pretrain.tokenizer"):
+        assert resolve_tokenizer(cfg).get_vocab() == first.get_vocab()
+        assert not caplog.records  # the files and sample it was trained on
+        for other in (run_config(tmp_path, domains, max_sentences=120), run_config(tmp_path, domains[1:])):
+            caplog.clear()
+            assert resolve_tokenizer(other).get_vocab() == first.get_vocab()  # reused: runs may share one
+            assert "was trained on other files or another tokenizer.max_sentences" in caplog.text
     cfg.tokenizer.vocab_size = VOCAB + 8
     with pytest.raises(ConfigError, match="already holds a tokenizer of 400 tokens"):
         resolve_tokenizer(cfg)
