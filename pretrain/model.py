@@ -30,6 +30,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrainedModel
     return model.train()  # from_pretrained returns eval mode: dropout off and MIGU's hooks would see nothing
 
 
+def past_context(model: PreTrainedModel, seq_len: int) -> str | None:
+    """Why `seq_len` goes past what a loaded model was trained on (None if it does not): positions it never
+    saw train without any error. Not refused: context extension is continual pre-training too."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or seq_len <= limit:
+        return None
+    return (
+        f"train.seq_len {seq_len} is longer than the model's max_position_embeddings {limit}: it trains on "
+        "positions it never saw (to extend its context on purpose, give its config.json a rope_scaling)"
+    )
+
+
 def model_for_row(cfg: RunConfig, run_dir: str | Path, row: int) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) of a row of the evaluation matrix: row 0 the initial model, rebuilt from the
     config (a scratch model from its seed, a checkpoint from its path), row N the export of phase N."""

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import smollm2_gguf
+from conftest import smollm2_gguf, tiny_llama
 
 from pretrain.config import ModelConfig
-from pretrain.model import ModelError, build_model
+from pretrain.model import ModelError, build_model, past_context
 
 
 def _tiny(**kw) -> ModelConfig:
@@ -62,3 +62,12 @@ def test_real_gguf_checkpoint_loads_with_its_tokenizer(tmp_path):
     model.save_pretrained(tmp_path / "export")
     again = build_model(ModelConfig(source="hf", path=str(tmp_path / "export")), len(tok), seed=0)
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_seq_len_past_a_loaded_models_context_is_named():
+    model = tiny_llama()
+    limit = model.config.max_position_embeddings
+    assert past_context(model, limit) is None
+    assert f"train.seq_len {limit + 1} is longer than the model's max_position_embeddings {limit}" in (
+        past_context(model, limit + 1) or ""
+    )
