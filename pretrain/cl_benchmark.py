@@ -96,13 +96,18 @@ def _jinja_literal(text: str) -> str:
     return "{% raw %}" + text + "{% endraw %}" if "{" in text else text
 
 
+def task_yaml_header(directory: str | Path) -> str:
+    """The first line of the task YAML written for `directory`: tells it from a user's file of the name."""
+    return f"# lm-eval task for {Path(directory).resolve()} (pretrain tasks yaml)\n"
+
+
 def write_task_yaml(
     directory: str | Path, out_dir: str | Path, instruction: tuple[str, str] | None = None
 ) -> Path:
     """Write the directory's task as `out_dir/cl_<name>.yaml`; an existing different file is refused."""
     config = task_config(directory, instruction)
     out = Path(out_dir) / f"{config['task']}.yaml"
-    text = f"# lm-eval task for {Path(directory).resolve()} (pretrain tasks yaml)\n"
+    text = task_yaml_header(directory)
     text += yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     if out.exists() and out.read_text() != text:
         raise TaskDataError(f"{out} exists and holds something else: remove it or choose another --out")

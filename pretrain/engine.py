@@ -49,15 +49,16 @@ def deepspeed_config(
 
 # DeepSpeed's sections, for telling a misspelt one: its own constants (below) lack some of them.
 _DEEPSPEED_SECTIONS = (
-    "zero_optimization", "bf16", "fp16", "amp", "torch_autocast", "data_types", "activation_checkpointing",
-    "aio", "checkpoint", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger",
-    "elasticity", "autotuning", "compression_training", "data_efficiency", "nebula", "pipeline",
+    "zero_optimization", "bf16", "fp16", "torch_autocast", "data_types", "activation_checkpointing", "aio",
+    "checkpoint", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger", "autotuning",
+    "data_efficiency", "pipeline",
 )  # fmt: skip
-# DeepSpeed's names for its sections' pydantic models, in its errors
+# DeepSpeed's names for its sections' pydantic models, in its errors ("" where the location names it)
 _DEEPSPEED_MODELS = {
-    "DeepSpeedZeroConfig": "zero_optimization",
-    "DeepSpeedBF16Config": "bf16",
-    "DeepSpeedFP16Config": "fp16",
+    "DeepSpeedZeroConfig": "zero_optimization.",
+    "DeepSpeedBF16Config": "bf16.",
+    "DeepSpeedFP16Config": "fp16.",
+    "DeepSpeedMonitorConfig": "",
 }
 
 
@@ -68,25 +69,34 @@ def check_with_deepspeed(ds: dict[str, Any], path: str) -> None:
     from deepspeed.runtime import config as ds_config
     from pydantic import ValidationError
 
+    where = f"key `deepspeed.config`: {path}:"
+    _refuse_near_misses(ds, where, ds_config)
+    try:
+        ds_config.DeepSpeedConfig(ds)
+    except ValidationError as err:
+        section = _DEEPSPEED_MODELS.get(err.title, f"{err.title}.")
+        wrong = "; ".join(
+            f"`{section}{'.'.join(map(str, e['loc']))}`: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise ConfigError(f"{where} DeepSpeed refuses {wrong}") from err
+    except (ds_config.DeepSpeedConfigError, AssertionError, ValueError, TypeError) as err:
+        raise ConfigError(f"{where} DeepSpeed refuses it: {err}") from err
+
+
+def _refuse_near_misses(ds: dict[str, Any], where: str, ds_config: Any) -> None:
+    """A top-level key DeepSpeed does not know but one it knows nearly spells (DeepSpeed ignores it)."""
     known = set(_DEEPSPEED_SECTIONS) | {
         v for k, v in vars(ds_config).items() if k.isupper() and isinstance(v, str)
     }
+    known |= set(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", ()))  # DeepSpeed names those itself
     for key in ds:
         close = [] if key in known else difflib.get_close_matches(key, known, n=1, cutoff=0.8)
         if close:
             raise ConfigError(
-                f"key `deepspeed.config`: {path}: `{key}` is not a DeepSpeed setting (DeepSpeed would ignore "
-                f"it): did you mean `{close[0]}`?"
+                f"{where} `{key}` is not a DeepSpeed setting (DeepSpeed would ignore it): did you mean "
+                f"`{close[0]}`?"
             )
-    try:
-        ds_config.DeepSpeedConfig(ds)
-    except ValidationError as err:
-        section = _DEEPSPEED_MODELS.get(err.title, err.title)
-        wrong = "; ".join(
-            f"`{section}.{'.'.join(map(str, e['loc']))}`: {e['msg']} (got {e.get('input')!r})"
-            for e in err.errors()
-        )
-        raise ConfigError(f"key `deepspeed.config`: {path}: DeepSpeed refuses {wrong}") from err
 
 
 def model_dtype(cfg: RunConfig) -> torch.dtype:

@@ -114,18 +114,27 @@ def _plan(cfg: RunConfig, resume: bool) -> RunDirPlan:
 
 
 def _refuse_foreign_config(run_dir: Path) -> None:
-    """A new run writes its config.yaml into output_dir: a file of that name which no run wrote (an earlier
-    attempt's, before its first results, starts with SAVED_CONFIG_HEADER) is the user's, not overwritten."""
+    """A new run writes its config.yaml into output_dir: a file of that name which no run wrote is the
+    user's, not overwritten. A run's own (an earlier attempt's, before its first results) starts with
+    SAVED_CONFIG_HEADER, or, written before the header existed, names this output_dir as its own."""
     saved = run_dir / "config.yaml"
     if not saved.is_file() or any(run_dir.glob("metrics.attempt-*.json")):
         return
-    with open(saved, errors="replace") as f:
-        if f.readline() == SAVED_CONFIG_HEADER:
-            return
+    text = saved.read_text(errors="replace")
+    if text.startswith(SAVED_CONFIG_HEADER) or _names_output_dir(text, run_dir):
+        return
     raise RunDirError(
         f"{saved} was not written by a run, and a new run writes the config it ran with there: move it, or "
         "choose another output_dir"
     )
+
+
+def _names_output_dir(text: str, run_dir: Path) -> bool:
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(tree, dict) and tree.get("output_dir") == str(run_dir.resolve())
 
 
 def _refuse_unrecorded_deepspeed(changed: dict[str, tuple], recorded: dict | None, tag: str) -> None:

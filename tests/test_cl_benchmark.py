@@ -4,6 +4,7 @@ on the vendored slice (tests/data/cl_benchmark: its README names source and lice
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -141,9 +142,14 @@ def test_cli_convert_refuses_a_taken_yaml_name_before_converting(tmp_path, capsy
     (out / "cl_copa.yaml").write_text("# my own copa task\n")
     with pytest.raises(SystemExit) as exit_:
         main(["tasks", "convert", str(source), "--out", str(out)])
-    assert exit_.value.code == 2 and "cl_copa.yaml exists" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "cl_copa.yaml exists and holds something else" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["cl_copa.yaml"]
     assert (out / "cl_copa.yaml").read_text() == "# my own copa task\n"
+    (out / "cl_copa.yaml").unlink()
+    main(["tasks", "convert", str(source), "--out", str(out)])
+    shutil.rmtree(out / "copa")  # its own YAML kept: converting again rewrites it
+    main(["tasks", "convert", str(source), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["cl_copa.yaml", "copa"]
 
 
 def test_a_bad_record_in_a_task_directory_is_named_by_file_and_line(tmp_path):

@@ -208,6 +208,12 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path, cfg_file)
     nested.write_text(text + "lora: {r: 4, alpha: 8, r: 16}\n")
     with pytest.raises(ConfigError, match="key 'r' appears twice"):
         load_config(nested)
+    raw = yaml.safe_load(text)  # a merge key (`<<`) is no repeated key, and a key after it overrides it
+    raw.pop("train", None)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(yaml.safe_dump(raw) + "train:\n  <<: {seed: 5, lr: 0.5}\n  lr: 0.25\n")
+    cfg = load_config(merged)
+    assert (cfg.train.seed, cfg.train.lr) == (5, 0.25)
 
 
 def test_not_yaml_mapping(tmp_path):

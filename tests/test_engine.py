@@ -92,6 +92,9 @@ def test_deepspeed_takes_every_shipped_json_as_the_run_completes_it(tmp_path, pa
             r"refuses `zero_optimization.overlap_com`",
         ),
         ({"bf16": {"enable": True}}, r"refuses `bf16.enable`"),
+        ({"wandb": {"enable": True}}, r"refuses `wandb.enable`"),
+        ({"sparse_gradients": True}, r"DeepSpeed refuses it: .*sparse_gradients"),  # removed: its own words
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, r"DeepSpeed refuses it"),
         (
             {"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
             r"`zero_optimization.reduce_bucket_size`",

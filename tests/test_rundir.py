@@ -99,6 +99,8 @@ def test_a_new_run_never_writes_over_a_config_yaml_no_run_wrote(tmp_path):
     assert mine.read_text().startswith("# the settings I used")
     save_config(cfg, mine)  # an earlier attempt's, killed before its first results: its own, taken over
     assert not prepare_run_dir(cfg, ONE, resume=False).resuming
+    mine.write_text(yaml.safe_dump(cfg.to_dict()))  # as a run wrote it before the header (its output_dir)
+    assert not prepare_run_dir(cfg, ONE, resume=True).resuming
     assert load_config(mine).train.lr == cfg.train.lr  # the header is a comment: the file still loads
 
 
