@@ -13,7 +13,9 @@ By default on 2 CPU ranks, the demo model (configs/demo.yaml: a 4-layer Llama fr
 - Hugging Face `Trainer` with its DeepSpeed integration, and a minimal DeepSpeed loop
   (reference_stacks/), trained on phase 2's first blocks for the same steps, from the same initial
   weights, tokenized beforehand (so their data costs nothing: ours reads and tokenizes while it trains),
-  timed after as many untimed steps as ours' phase 1 has (their clocks start warm, as ours does).
+  timed after as many untimed steps as ours' phase 1 has (their clocks start warm, as ours does);
+  `--stacks deepspeed_loop_sync` adds the bare loop with our per-micro-step `loss.item()` before backward
+  (a GPU question: the host's wait for the forward; see gpu_cost.md).
 Every round runs every variant once in a rotated order, so the machine's drift spreads over all. Beside
 the mean step (the phase's seconds over its steps) stands the median of the steps' own times, which a
 few stalls in a short window (a GPU's 30 steps are a few seconds) do not move. The
@@ -47,7 +49,12 @@ METHODS = ("none", "migu", "random", "replay 5%", "ewc")
 # and `none` reading its files pre-tokenized (train.token_cache, filled before the rounds): its data then
 # costs what the references' does, nearly nothing
 EXTRA = {"none no-prefetch": ({"train": {"prefetch": 0}}, "no"), "none pre-tokenized": ({}, "no")}
-STACKS = {"hf_trainer": "HF Trainer + DeepSpeed", "deepspeed_loop": "bare DeepSpeed loop"}
+STACKS = {
+    "hf_trainer": "HF Trainer + DeepSpeed",
+    "deepspeed_loop": "bare DeepSpeed loop",
+    "deepspeed_loop_sync": "bare loop + loss.item() before backward",  # ours' sync, alone: a GPU question
+}
+DEFAULT_STACKS = ["hf_trainer", "deepspeed_loop"]
 # Llama shapes from scratch (the tokenizer is trained on the demo corpora, so the vocabulary is smaller
 # than the originals': the layers are the originals')
 MODELS = {
@@ -244,7 +251,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, *EXTRA])
-    parser.add_argument("--stacks", nargs="*", default=list(STACKS), choices=list(STACKS))
+    parser.add_argument("--stacks", nargs="*", default=DEFAULT_STACKS, choices=list(STACKS))
     parser.add_argument("--model", default="demo", choices=list(MODELS))
     parser.add_argument("--gpu", action="store_true", help="GPU ranks (else CPU ranks, DS_ACCELERATOR=cpu)")
     parser.add_argument("--ranks", type=int, default=2)

@@ -10,7 +10,9 @@ from common import arguments, clock, report, setup
 from pretrain.engine import build_optimizer, deepspeed_config
 
 
-def main() -> None:
+def main(sync_loss: bool = False) -> None:
+    """`sync_loss`: read each micro-batch's loss on the host before backward, as our trainer does for the
+    ranks' agreement on a stop or a non-finite loss: the difference between the two loops is its cost."""
     args = arguments()
     deepspeed.init_distributed()
     cfg, model, blocks = setup(args)
@@ -22,6 +24,8 @@ def main() -> None:
     for i in range((args.warmup + args.steps) * accum):
         batch = blocks[i * micro : (i + 1) * micro].to(engine.device)
         loss = engine(input_ids=batch, labels=batch).loss
+        if sync_loss:
+            loss.item()  # on a GPU the host waits here for the forward before it queues backward
         engine.backward(loss)
         engine.step()
         if (i + 1) % accum == 0 and (i + 1) // accum >= max(args.warmup, 1):
