@@ -143,7 +143,14 @@ def load_elastic(engine, run_dir: Path, plan: Elastic, dist: DistInfo) -> tuple[
     """(client_state, stream state of this rank, every old rank's method state) loaded into the engine."""
     tag_dir = checkpoint_dir(run_dir) / plan.tag
     load_dir, tag = (tag_dir, UNIVERSAL) if plan.universal else (checkpoint_dir(run_dir), plan.tag)
+    # DeepSpeed 0.19.8's ZeRO-3 universal load gives every optimizer group saved group 0's settings
+    # (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): norms and biases, which
+    # build_optimizer leaves undecayed, would decay from here on, and every later checkpoint would say so.
+    # The decay a resume cannot change (train.weight_decay) is put back as build_optimizer set it.
+    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
     path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    for group, kept in zip(engine.optimizer.param_groups, decay, strict=True):
+        group["weight_decay"] = kept
     if path is None:
         raise RuntimeError(f"checkpoint {load_dir / tag} could not be loaded")
     old = [

@@ -333,3 +333,16 @@ def _sigterm_at_step_3(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
             break
     rest, _ = proc.communicate(timeout=300)
     return proc.returncode, "".join(lines) + rest
+
+
+def test_a_zero3_resume_on_other_ranks_keeps_norms_and_biases_undecayed(tmp_path):
+    """DeepSpeed's ZeRO-3 universal load gave every optimizer group group 0's weight decay, so after a resume
+    on another number of ranks the norms decayed too, and every later checkpoint kept it."""
+    config = tiny_run_config(tmp_path, stage=3, train={"weight_decay": 0.1})
+    path = write_config(config, tmp_path / "run.yaml")
+    out = tmp_path / "decay.json"
+    worker = Path(__file__).with_name("universal_decay_worker.py")
+    assert_ok(run_deepspeed([str(worker), "--config", str(path), "--out", str(out)], nprocs=1, module=False))
+    decay = json.loads(out.read_text())
+    assert decay["saved"] == [0.1, 0.0]  # build_optimizer: matrices decay, 1-D parameters do not
+    assert decay["loaded"] == decay["saved"]

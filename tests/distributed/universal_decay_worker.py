@@ -1,0 +1,58 @@
+"""One rank: an engine trains two steps and checkpoints, the checkpoint is converted to DeepSpeed's
+universal format, and a fresh engine loads it through load_elastic, as a resume on other ranks does
+(launched by test_resume.py). Rank 0 writes each engine's per-group weight decay."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import checkpoint_dir, save_checkpoint
+from pretrain.config import load_config
+from pretrain.distributed import init_distributed
+from pretrain.elastic import Elastic, load_elastic, universal_checkpoint
+from pretrain.engine import build_engine
+from pretrain.model import build_model
+
+VOCAB, TAG = 64, "step-2"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    dist = init_distributed()
+    cfg = load_config(args.config)
+    run = Path(cfg.output_dir)
+    saved = build_engine(cfg, build_model(cfg.model, VOCAB, cfg.train.seed), [4], dist.world_size)
+    tokens = torch.randint(
+        0,
+        VOCAB,
+        (cfg.train.micro_batch_size, cfg.train.seq_len),
+        generator=torch.Generator().manual_seed(dist.rank),
+    )
+    for _ in range(2):
+        saved.backward(saved(input_ids=tokens, labels=tokens).loss)
+        saved.step()
+    save_checkpoint(saved, run, TAG, {}, {"stream": None}, dist, keep=2)
+    if dist.is_main:
+        universal_checkpoint(checkpoint_dir(run) / TAG)
+    torch.distributed.barrier()
+    model = build_model(cfg.model, VOCAB, cfg.train.seed)
+    loaded = build_engine(cfg, model, [4], dist.world_size, load_universal=True)
+    load_elastic(loaded, run, Elastic(TAG, dist.world_size, cfg.train.grad_accum, cfg, True), dist)
+    if dist.is_main:
+        decay = {
+            name: [g["weight_decay"] for g in e.optimizer.param_groups]
+            for name, e in (("saved", saved), ("loaded", loaded))
+        }
+        Path(args.out).write_text(json.dumps(decay))
+
+
+if __name__ == "__main__":
+    main()
