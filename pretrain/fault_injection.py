@@ -4,7 +4,8 @@ The kinds (each used by a test under tests/distributed/): `kill:STEP` (SIGKILL t
 STEP), `nan_loss:STEP` (rank 1's loss is NaN at global step STEP, counted from 1), `kill_scoring:ROW`
 (SIGKILL as rank 0 scores accuracy row ROW), `stop_at_phase_end:PHASE` (a SIGTERM reaching rank 1 alone
 during phase PHASE's evaluation or export), `crash_saving:TAG` (exit 86 in the middle of saving checkpoint
-TAG). Unset, as in every real run, each check is one environment lookup.
+TAG), `stop_at_micro:STEP.MICRO` (a SIGTERM reaching rank 1 alone before micro-batch MICRO of global
+step STEP). Unset, as in every real run, each check is one environment lookup.
 """
 
 from __future__ import annotations

@@ -193,7 +193,9 @@ class Trainer:
         """One optimizer step: grad_accum micro-batches; DeepSpeed steps at the boundary."""
         total = 0.0
         self.step_lr = self.engine.get_lr()[0]  # the lr this step uses; get_lr() after it is the next one's
-        for _ in range(self.cfg.train.grad_accum):
+        for micro in range(self.cfg.train.grad_accum):
+            if fault_at("stop_at_micro", f"{self.pos.global_step + 1}.{micro}") and self.dist.rank == 1:
+                self.stop.signal_name = "SIGTERM"
             batch, unread = _next_batch(batches)
             loss = self.engine(**model_inputs(batch.to(self.engine.device))).loss  # instruction: answers only
             if fault_at("nan_loss", self.pos.global_step + 1) and self.dist.rank == 1:

@@ -346,3 +346,16 @@ def test_a_zero3_resume_on_other_ranks_keeps_norms_and_biases_undecayed(tmp_path
     decay = json.loads(out.read_text())
     assert decay["saved"] == [0.1, 0.0]  # build_optimizer: matrices decay, 1-D parameters do not
     assert decay["loaded"] == decay["saved"]
+
+
+def test_a_stop_between_two_micro_batches_then_resume_equals_uninterrupted(tmp_path):
+    """grad_accum 2, a stop reaching one rank after the first micro-batch of a masked step was forwarded and
+    backpropagated: the accumulated gradient, MIGU's magnitudes and the replay blocks read in that step
+    must all be dropped, and the resumed run must take the step again from its start."""
+    ref, stopped = (_config(tmp_path, name, "zero2", grad_accum=2) for name in ("reference", "stopped"))
+    assert_ok(_train(ref))
+    proc = _train(stopped, env={"PRETRAIN_FAULT": "stop_at_micro:7.1"})  # phase 2, step 3, micro-batch 1
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text() == "step-6-stop"
+    assert_ok(_train(stopped, "--resume"))
+    _same_run(tmp_path / "reference", tmp_path / "stopped")
