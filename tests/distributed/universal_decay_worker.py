@@ -4,15 +4,13 @@ universal format, and a fresh engine loads it through load_elastic, as a resume 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
+from worker_start import start_worker
 
 from pretrain.checkpoint import checkpoint_dir, save_checkpoint
-from pretrain.config import load_config
-from pretrain.distributed import init_distributed
 from pretrain.elastic import Elastic, load_elastic, universal_checkpoint
 from pretrain.engine import build_engine
 from pretrain.model import build_model
@@ -21,13 +19,7 @@ VOCAB, TAG = 64, "step-2"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    dist = init_distributed()
-    cfg = load_config(args.config)
+    args, dist, cfg = start_worker()
     run = Path(cfg.output_dir)
     saved = build_engine(cfg, build_model(cfg.model, VOCAB, cfg.train.seed), [4], dist.world_size)
     tokens = torch.randint(

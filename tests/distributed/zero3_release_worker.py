@@ -7,7 +7,6 @@ for the second."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import gc
 import json
@@ -15,9 +14,10 @@ from pathlib import Path
 
 import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from worker_start import start_worker
 
-from pretrain.config import RunConfig, load_config
-from pretrain.distributed import DistInfo, init_distributed
+from pretrain.config import RunConfig
+from pretrain.distributed import DistInfo
 from pretrain.engine import build_engine
 from pretrain.evaluate import evaluate_domains
 from pretrain.model import build_model
@@ -26,13 +26,7 @@ VOCAB, STEPS = 64, 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    dist = init_distributed()
-    cfg = load_config(args.config)
+    args, dist, cfg = start_worker()
     got = {
         mode: _kept_after_forward(cfg, dist, evaluate)
         for mode, evaluate in (("plain", False), ("evaluated", True))
