@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Container entry point: `entrypoint.sh VERB ARGS...` with VERB one of train, eval, report, compare,
-# tokenizer, pretokenize. ARGS go to `python -m pretrain VERB` untouched (`--set k=v`, `--resume`, ...).
+# tokenizer, pretokenize, tasks. ARGS go to `python -m pretrain VERB` untouched (`--set k=v`, `--resume`, ...).
 #
 # `train` picks its launch from the environment:
 #   NNODES / NODE_RANK / MASTER_ADDR set  -> torchrun, c10d rendezvous at MASTER_ADDR:MASTER_PORT

@@ -1,4 +1,4 @@
-"""One CLI, a verb per job: `python -m pretrain {train,eval,report,compare,tokenizer,tasks}`.
+"""One CLI, a verb per job: `python -m pretrain {train,eval,report,compare,tokenizer,pretokenize,tasks}`.
 
 Works as a plain process, under `torchrun`, and under the `deepspeed` launcher (which appends
 `--local_rank=N`; the rank is read from the environment instead).
