@@ -38,6 +38,18 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
+def foreign_file(path: str | Path, header: str) -> bool:
+    """Whether `path` is taken by something pretrain did not write, and so must not be written over: a
+    directory, or a file that does not start with `header` (the first line pretrain writes into it)."""
+    path = Path(path)
+    if path.is_dir():
+        return True
+    if not path.exists():
+        return False
+    with open(path, errors="replace") as f:
+        return f.read(len(header)) != header
+
+
 def fsync_tree(root: str | Path, mine: Callable[[str], bool] | None = None, dirs: bool = True) -> None:
     """Flush the files under `root` (those whose name `mine` accepts: the ones this process wrote), and
     with `dirs` the directories naming them, to disk: what is marked complete after this (a checkpoint, a

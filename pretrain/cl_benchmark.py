@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.atomic import replace_dir
+from pretrain.atomic import foreign_file, replace_dir, write_text_atomic
 from pretrain.data import lone_surrogate
 from pretrain.instruct import template_problem
 
@@ -104,16 +104,31 @@ def task_yaml_header(directory: str | Path) -> str:
 def write_task_yaml(
     directory: str | Path, out_dir: str | Path, instruction: tuple[str, str] | None = None
 ) -> Path:
-    """Write the directory's task as `out_dir/cl_<name>.yaml`; an existing different file is refused."""
+    """Write the directory's task as `out_dir/cl_<name>.yaml`, whole or not at all; a file of that name
+    this function did not write for the same directory is refused, its own rewritten."""
     config = task_config(directory, instruction)
     out = Path(out_dir) / f"{config['task']}.yaml"
-    text = task_yaml_header(directory)
-    text += yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
-    if out.exists() and out.read_text() != text:
-        raise TaskDataError(f"{out} exists and holds something else: remove it or choose another --out")
+    _refuse_taken_yaml(out, directory)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text_atomic(
+        out, task_yaml_header(directory) + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    )
     return out
+
+
+def convert_task(source: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """`convert` the original-layout task `source` into `out_dir/<its name>`, then write its task YAML
+    into out_dir; return both. The YAML's name is checked first: refused after the conversion, it would
+    leave a converted directory that blocks every rerun."""
+    task_dir = Path(out_dir) / Path(source).resolve().name
+    _refuse_taken_yaml(Path(out_dir) / f"{task_name(task_dir)}.yaml", task_dir)
+    convert(source, task_dir)
+    return task_dir, write_task_yaml(task_dir, out_dir)
+
+
+def _refuse_taken_yaml(out: Path, directory: str | Path) -> None:
+    if foreign_file(out, task_yaml_header(directory)):
+        raise TaskDataError(f"{out} exists and holds something else: remove it or choose another --out")
 
 
 def read_labels(path: Path) -> list[str]:

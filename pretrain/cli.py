@@ -149,19 +149,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
-    from pretrain.cl_benchmark import TaskDataError, convert, task_name, task_yaml_header, write_task_yaml
+    from pretrain.cl_benchmark import convert_task, write_task_yaml
 
     if args.action == "convert":
         for source in args.sources:
-            out = Path(args.out) / Path(source).resolve().name
-            task = Path(args.out) / f"{task_name(out)}.yaml"
-            # found before the conversion, which a rerun would then refuse to redo; our own is rewritten
-            if task.exists() and not task.read_text(errors="replace").startswith(task_yaml_header(out)):
-                raise TaskDataError(f"{task} exists and holds something else: remove it, or another --out")
-            out = convert(source, out)
-            print(f"converted {source} -> {out}, task {write_task_yaml(out, args.out)}")
+            out, task = convert_task(source, args.out)
+            print(f"converted {source} -> {out}, task {task}")
     else:
         for directory in args.dirs:
             print(f"wrote {write_task_yaml(directory, args.out, args.instruction)}")

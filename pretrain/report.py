@@ -27,7 +27,7 @@ from pretrain.accuracy_report import (
     scoring_changed_note,
     trained_tasks,
 )
-from pretrain.atomic import save_figure, write_text_atomic
+from pretrain.atomic import foreign_file, save_figure, write_text_atomic
 from pretrain.curves import PICTURE as CURVE_PICTURE
 from pretrain.curves import curve_section, plot_eval_curve
 from pretrain.metrics import MetricsError, forgetting_metrics, latest_phase, row_label
@@ -110,7 +110,7 @@ def write_report(run_dir: str | Path) -> Path:
 def _refuse_foreign(path: Path, header: str) -> None:
     """ReportError if `path` exists and is not a file pretrain wrote (it starts with `header`): a user's own
     notes that happen to have the name are not written over."""
-    if path.is_dir() or (path.exists() and not path.read_text(errors="replace").startswith(header)):
+    if foreign_file(path, header):
         raise ReportError(
             f"{path} exists and was not written by pretrain (it does not start with {header.strip()!r}): "
             "move it, or write the report elsewhere"

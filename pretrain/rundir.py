@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.atomic import set_aside
+from pretrain.atomic import foreign_file, set_aside
 from pretrain.checkpoint import checkpoint_meta, latest_tag
 from pretrain.config import SAVED_CONFIG_HEADER, RunConfig, deepspeed_json
 from pretrain.distributed import DistInfo, broadcast_object
@@ -118,10 +118,9 @@ def _refuse_foreign_config(run_dir: Path) -> None:
     user's, not overwritten. A run's own (an earlier attempt's, before its first results) starts with
     SAVED_CONFIG_HEADER, or, written before the header existed, names this output_dir as its own."""
     saved = run_dir / "config.yaml"
-    if not saved.is_file() or any(run_dir.glob("metrics.attempt-*.json")):
+    if not foreign_file(saved, SAVED_CONFIG_HEADER) or any(run_dir.glob("metrics.attempt-*.json")):
         return
-    text = saved.read_text(errors="replace")
-    if text.startswith(SAVED_CONFIG_HEADER) or _names_output_dir(text, run_dir):
+    if saved.is_file() and _names_output_dir(saved.read_text(errors="replace"), run_dir):
         return
     raise RunDirError(
         f"{saved} was not written by a run, and a new run writes the config it ran with there: move it, or "

@@ -55,6 +55,17 @@ def test_the_written_yaml_is_the_same_task_for_lm_eval(tmp_path):
     path.write_text("task: mine\n")
     with pytest.raises(TaskDataError, match="exists and holds something else"):
         write_task_yaml(COPA, tmp_path)
+    assert path.read_text() == "task: mine\n"
+
+
+def test_a_task_yaml_it_wrote_is_rewritten_with_new_templates(tmp_path):
+    plain = write_task_yaml(COPA, tmp_path)
+    prompted = write_task_yaml(COPA, tmp_path, ("Q: {text}\nPick:", " {label}"))
+    assert prompted == plain and yaml.safe_load(prompted.read_text())["doc_to_text"].startswith("Q: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["cl_copa.yaml"]  # written whole: no temporary left
+    other = shutil.copytree(COPA, tmp_path / "elsewhere" / "copa")  # another task of the same name
+    with pytest.raises(TaskDataError, match="exists and holds something else"):
+        write_task_yaml(other, tmp_path)
 
 
 def test_an_instruction_prompted_task_scores_the_text_its_phase_trained_on(tmp_path):

@@ -102,6 +102,10 @@ def test_a_new_run_never_writes_over_a_config_yaml_no_run_wrote(tmp_path):
     mine.write_text(yaml.safe_dump(cfg.to_dict()))  # as a run wrote it before the header (its output_dir)
     assert not prepare_run_dir(cfg, ONE, resume=True).resuming
     assert load_config(mine).train.lr == cfg.train.lr  # the header is a comment: the file still loads
+    mine.unlink()
+    mine.mkdir()  # a directory of that name is not a run's either: refused before a write fails on it
+    with pytest.raises(RunDirError, match=r"config.yaml was not written by a run"):
+        prepare_run_dir(cfg, ONE, resume=False)
 
 
 def test_an_output_dir_that_is_a_file_is_refused_on_every_rank(tmp_path):
