@@ -12,30 +12,38 @@ from functools import partial
 from pathlib import Path
 
 from pretrain.atomic import write_json_atomic
+from pretrain.checkpoint import checkpoint_meta, latest_tag
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import broadcast_object, from_main, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
 from pretrain.evaluate import evaluate_domains, load_heldout
 from pretrain.logs import log, setup_logging
-from pretrain.model import model_for_row
+from pretrain.model import row_model, row_tokenizer
 from pretrain.results import RunResults, metrics_lock, readable_or_set_aside
+from pretrain.tokenizer import fingerprint
 
 
 def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
-    run = Path(run_dir)
+    run = Path(run_dir).resolve()
     cfg = load_config(run / "config.yaml")
-    rows = _rows_to_evaluate(run, len(cfg.phases), phase)  # a bad --phase: an error before the ranks meet
+    named = cfg.output_dir
+    cfg.output_dir = str(run)  # a run moved or copied since: its own tokenizer, not one at its old place
+    # a bad --phase: an error before the ranks meet
+    rows, waiting = _rows_to_evaluate(run, len(cfg.phases), phase, cfg.checkpoint.export)
     dist = init_distributed()
     setup_logging(dist.rank)
+    if named != cfg.output_dir:
+        log.warning("%s: its config names output_dir %s; evaluated here, as the run it holds", run, named)
+    if waiting:
+        log.info("%s", waiting)
     # rank 0's list on every rank: an export the trainer renames into place between two ranks' listings
     # gave them different rows, and one rank then waited in a collective the others never reached
     rows = broadcast_object(rows)
+    tokenizers = _same_tokenizers(run, {row: row_tokenizer(cfg, run, row) for row in rows})
     seen = RunResults.for_run(cfg)  # what reading the held-out sets met (bad records skipped)
-    heldout = None
+    heldout = load_heldout(cfg, tokenizers[rows[0]], seen)  # the same fixed blocks for every row
     for row in rows:
-        model, tokenizer = model_for_row(cfg, run, row)
-        if heldout is None:  # the same fixed blocks for every row
-            heldout = load_heldout(cfg, tokenizer, seen)
+        model = row_model(cfg, run, row, len(tokenizers[row]))
         engine = build_eval_engine(cfg, model, dist.world_size)
         ev = evaluate_domains(engine, heldout, cfg.eval.batch_size, dist)
         log.info("eval row %d: %s", row, "  ".join(f"{d} {v:.4f}" for d, v in ev["loss"].items()))
@@ -43,6 +51,24 @@ def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
         from_main(partial(_score_and_record, cfg, run, row, ev, seen, engine.device))
     shutdown_distributed()
     return RunResults.load(run / "metrics.json")
+
+
+def _same_tokenizers(run: Path, tokenizers: dict[int, object]) -> dict[int, object]:
+    """The rows' tokenizers, if each numbers tokens as the run trained with (its latest checkpoint's
+    record, or without one the first row's): the held-out blocks are tokenized once for all rows, and a
+    row scored on another numbering would be a wrong number written over a right one."""
+    tag = latest_tag(run)
+    expected = (checkpoint_meta(run, tag).get("tokenizer") if tag else None) or fingerprint(
+        next(iter(tokenizers.values()))
+    )
+    for row, tokenizer in tokenizers.items():
+        if fingerprint(tokenizer) != expected:
+            where = f"export/phase-{row}" if row else "the run's tokenizer (row 0)"
+            raise ConfigError(
+                f"{run}: {where} numbers tokens otherwise than the tokenizer the run trained with "
+                f"({len(tokenizer)} tokens against {expected['size']}, or other ids): not evaluated"
+            )
+    return tokenizers
 
 
 def _score_and_record(cfg, run: Path, row: int, ev: dict, seen, device) -> None:
@@ -74,16 +100,17 @@ def _record_row(path: Path, cfg, row: int, ev: dict, seen: RunResults, scores: d
         write_json_atomic(path, results.to_dict())
 
 
-def _rows_to_evaluate(run: Path, phases: int, phase: int | None) -> list[int]:
-    """--phase N, or the initial model and every phase exported so far (the run may still be going)."""
+def _rows_to_evaluate(run: Path, phases: int, phase: int | None, export: bool) -> tuple[list[int], str]:
+    """(--phase N, or the initial model and every phase exported so far (the run may still be going);
+    a line saying what is left out and why)."""
     if phase is not None and not 0 <= phase <= phases:
         raise ConfigError(f"--phase {phase}: the run has phases 0 (initial) to {phases}")
     exported = [r for r in range(1, phases + 1) if (run / "export" / f"phase-{r}").is_dir()]
     if phase is not None and phase > 0 and phase not in exported:
         raise ConfigError(f"{run}: no export for phase {phase} (export/phase-N); has the run got there?")
-    if phase is None and len(exported) < phases:
-        log.info(
-            "phases not exported yet, left for a later job: %s",
-            sorted(set(range(1, phases + 1)) - set(exported)),
-        )
-    return [phase] if phase is not None else [0, *exported]
+    if phase is not None:
+        return [phase], ""
+    missing = sorted(set(range(1, phases + 1)) - set(exported))
+    if missing and not export:
+        return [0, *exported], f"checkpoint.export is off: phases {missing} have no export to evaluate"
+    return [0, *exported], f"phases not exported yet, left for a later job: {missing}" if missing else ""

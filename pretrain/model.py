@@ -45,15 +45,26 @@ def past_context(model: PreTrainedModel, seq_len: int) -> str | None:
 def model_for_row(cfg: RunConfig, run_dir: str | Path, row: int) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) of a row of the evaluation matrix: row 0 the initial model, rebuilt from the
     config (a scratch model from its seed, a checkpoint from its path), row N the export of phase N."""
+    tokenizer = row_tokenizer(cfg, run_dir, row)
+    return row_model(cfg, run_dir, row, len(tokenizer)), tokenizer
+
+
+def row_model(cfg: RunConfig, run_dir: str | Path, row: int, vocab_size: int) -> PreTrainedModel:
+    if row == 0:
+        return build_model(cfg.model, vocab_size, cfg.train.seed)
+    hf = ModelConfig(source="hf", path=str(_export(run_dir, row)), gradient_checkpointing=False)
+    return build_model(hf, vocab_size, cfg.train.seed)
+
+
+def row_tokenizer(cfg: RunConfig, run_dir: str | Path, row: int):
+    """The tokenizer of a row: the run's own for row 0 (never a newly trained one), the export's for row N."""
     from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
 
-    if row == 0:
-        tokenizer = resolve_tokenizer(cfg)
-        return build_model(cfg.model, len(tokenizer), cfg.train.seed), tokenizer
-    export = Path(run_dir) / "export" / f"phase-{row}"
-    tokenizer = load_tokenizer(str(export))
-    hf = ModelConfig(source="hf", path=str(export), gradient_checkpointing=False)
-    return build_model(hf, len(tokenizer), cfg.train.seed), tokenizer
+    return resolve_tokenizer(cfg, train=False) if row == 0 else load_tokenizer(str(_export(run_dir, row)))
+
+
+def _export(run_dir: str | Path, row: int) -> Path:
+    return Path(run_dir) / "export" / f"phase-{row}"
 
 
 def _scratch_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:

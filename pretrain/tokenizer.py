@@ -252,8 +252,9 @@ def _with_eos(tokenizer, path: str):
     return tokenizer
 
 
-def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
-    """The run's tokenizer by `tokenizer.source`: train (or reuse the trained one), the model's, or a dir."""
+def resolve_tokenizer(cfg: RunConfig, train: bool = True) -> PreTrainedTokenizerBase:
+    """The run's tokenizer by `tokenizer.source`: train (or reuse the trained one), the model's, or a dir.
+    With train=False (an evaluation of a run) a trained tokenizer that is not there is an error."""
     tok = cfg.tokenizer
     if tok.source == "path":
         return load_tokenizer(tok.path)
@@ -263,6 +264,11 @@ def resolve_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     domains = [(d.train, d.text_field) for d in cfg.domains]
     if holds_tokenizer(path) or _unmarked_of_a_run(path, cfg):
         return _reuse(path, tok.vocab_size, _training_set(domains, tok.max_sentences))
+    if not train:  # a new one would number tokens otherwise than the one the run trained with
+        raise ConfigError(
+            f"no trained tokenizer in {path} (tokenizer.source train), where the run trained its own: "
+            "an evaluation never trains one; put the run's tokenizer back there, or set tokenizer.path"
+        )
     skip = bad_record_counter(cfg.train.on_bad_record)
     return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)
 
