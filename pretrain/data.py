@@ -1,11 +1,11 @@
 """Training data: local corpora streamed as documents, tokenized on the fly and packed into fixed blocks.
 
-A domain's documents are read in file order through `datasets` streaming (nothing is loaded whole;
-a training stream may shuffle that order with a seed: pretrain/shuffle.py),
+A domain's documents are streamed in file order (nothing is loaded whole but a JSON array; a training
+stream may shuffle that order with a seed: pretrain/shuffle.py),
 tokenized in batches, each followed by EOS, and cut into blocks of exactly seq_len tokens. A document
 longer than PIECE_CHARS is tokenized in pieces cut where the cut does not change its tokens, and packed
 from the pieces as they come, so reading a corpus holds a bounded number of token ids whatever its
-records' sizes (each record's text itself is still held whole: `datasets` hands it over as one string).
+records' sizes (each record's text itself is still held whole: it is read as one string).
 A stream resumed inside such a document tokenizes it again from its start: positions count tokens.
 Formats:
 
@@ -25,10 +25,11 @@ Parquet file) are errors either way.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,44 +119,40 @@ def _text(builder: str, record: dict, text_field: str) -> str | None:
 def _file_documents(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
     """A file's documents, each bad record handed to `skip` (which counts it, or raises naming it).
 
-    JSON arrays are read whole with `json`; other files take the fast `datasets` path. Its JSON loader
-    fails a whole chunk for one bad line (and for a valid record whose keys or types differ from the first
-    chunk's), so a JSON Lines or text file is read line by line from the first record it fails on, which
-    also names the line without re-reading the file; records before it were delivered already and are
-    passed over.
+    JSON is read with `json`: an array whole, JSON Lines line by line (which also names a bad line without
+    re-reading the file; `datasets` failed a whole 10 MiB chunk for one bad line, or for a valid record whose
+    types differed from the first chunk's, and then parsed the whole file into memory at once). Text and
+    Parquet take the `datasets` path; a text file is read line by line from the first paragraph it fails
+    on, the paragraphs before it delivered already and passed over.
     """
     builder = _builder(path)
-    by_line = builder == "text" or _is_json_lines(path)
-    if builder == "json" and not by_line:
-        yield from _json_array_documents(path, text_field, skip)
+    if builder == "json":
+        if _is_json_lines(path):
+            yield from _json_lines_by_line(path, text_field, skip)
+        else:
+            yield from _json_array_documents(path, text_field, skip)
         return
     n = 0  # records read through datasets
     try:
         for record in _dataset_records(path, builder, text_field):
             text = _text(builder, record, text_field)
-            if text is None:
-                if by_line:
-                    break
+            if text is None:  # a Parquet row without a string in the text field
                 skip.add(f"{path}: {_bad_record(n, text_field, record)}")
             elif text.strip():
                 yield text
             n += 1
-        else:
-            return
+        return
     except DataError:  # a bad record under the 'error' policy
         raise
-    except Exception as err:  # pyarrow, json, unicode and datasets errors alike; only line-based files
-        if not by_line:  # can go on past the bad line, the others are diagnosed here
+    except Exception as err:  # pyarrow and unicode errors alike; only a text file can go on past the bad
+        if builder != "text":  # line, the others are diagnosed here
             raise DataError(f"{path}: {_diagnose(path, builder) or f'cannot be read ({err})'}") from err
-    if builder == "text":
-        yield from _paragraphs_by_line(path, skip, start=n)
-    else:
-        yield from _json_lines_by_line(path, text_field, skip, start=n)
+    yield from _paragraphs_by_line(path, skip, start=n)
 
 
-def _json_lines_by_line(path: str, text_field: str, skip: SkipCounter, start: int) -> Iterator[str]:
-    """The documents of a JSON Lines file from record `start` on (records are its non-blank lines, as
-    datasets counts them), read with the json module, bad ones counted in `skip`."""
+def _json_lines_by_line(path: str, text_field: str, skip: SkipCounter) -> Iterator[str]:
+    """The documents of a JSON Lines file (records are its non-blank lines), read with the json module,
+    bad ones counted in `skip`."""
     record = -1
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -164,8 +161,6 @@ def _json_lines_by_line(path: str, text_field: str, skip: SkipCounter, start: in
             if not raw.strip():
                 continue
             record += 1
-            if record < start:
-                continue
             text, why = _json_line_text(raw, text_field)
             if text is None:
                 skip.add(f"{path}: line {number} (record {record + 1}): {why}")
@@ -269,20 +264,14 @@ def _builder(path: str) -> str:
 def _dataset_records(path: str, builder: str, text_field: str) -> Iterator[dict]:
     import datasets  # deferred: importing datasets costs about a second
 
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else _json_options() if builder == "json" else {}
-    ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    # escaped: data_files are glob patterns, and `c[1].txt` read c1.txt
+    ds = datasets.load_dataset(
+        builder, data_files=[glob.escape(path)], split="train", streaming=True, **kwargs
+    )
     if builder != "text" and ds.features is not None and text_field in ds.features:
         ds = ds.select_columns([text_field])  # other columns are never read: faster
     yield from ds
-
-
-def _json_options() -> dict:
-    """Recent `datasets` turn a field whose type changes after the first 10 MiB chunk into JSON text from
-    there to the file's end (every later document quoted and escaped, the bad value a document); fail
-    instead, so the record is read line by line and named."""
-    from datasets.packaged_modules.json.json import JsonConfig
-
-    return {"on_mixed_types": None} if "on_mixed_types" in {f.name for f in fields(JsonConfig)} else {}
 
 
 def _diagnose(path: str, builder: str) -> str | None:

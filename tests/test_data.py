@@ -305,7 +305,8 @@ def test_skip_in_text_json_array_and_parquet(tmp_path):
     assert f"{par}: record 2" in skip.examples[2] and "null" in skip.examples[2]
 
 
-# datasets reads JSON in 10 MiB chunks and fixes the columns' types from the first
+# datasets reads JSON in 10 MiB chunks and fixes the columns' types from the first (JSON Lines are read
+# line by line now: these keep what they found when they were not)
 PAST_THE_FIRST_CHUNK = 11 * 2**20
 
 
@@ -384,14 +385,14 @@ def test_skip_counts_all_keeps_five_examples_and_logs_five_warnings(tmp_path, ca
 
 
 def test_skip_after_datasets_fails_mid_file_delivers_each_record_once(tmp_path, monkeypatch):
-    """datasets fails a whole chunk (10 MB) for one bad line: what it delivered before is not repeated."""
+    """datasets fails at a bad paragraph after delivering those before it: none is repeated or lost."""
     import pretrain.data as data
 
     texts = [f"doc {i}" for i in range(40)]
-    lines = [json.dumps({"text": t}) for t in texts]
-    lines[25] = '{"text": oops}'
-    path = tmp_path / "a.jsonl"
-    path.write_text("\n\n".join(lines) + "\n")
+    paragraphs = [t.encode() for t in texts]
+    paragraphs[25] = b"bad \xfe byte"
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"\n\n".join(paragraphs) + b"\n")
     real = data._dataset_records
 
     def fails_after_20(path_, builder, text_field):
@@ -403,7 +404,15 @@ def test_skip_after_datasets_fails_mid_file_delivers_each_record_once(tmp_path, 
     monkeypatch.setattr(data, "_dataset_records", fails_after_20)
     skip = SkipCounter()
     assert list(read_documents([str(path)], skip=skip)) == texts[:25] + texts[26:]
-    assert skip.count == 1 and "line 51 (record 26)" in skip.examples[0]
+    assert skip.count == 1 and "line 51 (paragraph 26)" in skip.examples[0]
+
+
+def test_a_file_name_with_glob_characters_is_read_as_named(tmp_path):
+    # datasets takes data_files as glob patterns: `c[1].txt` read c1.txt, `x*.txt` every x-file
+    for name, text in {"c[1].txt": "bracket", "c1.txt": "plain", "x*.txt": "star", "xa.txt": "xa"}.items():
+        (tmp_path / name).write_text(f"from {text}\n")
+    assert list(read_documents([str(tmp_path / "c[1].txt")])) == ["from bracket"]
+    assert list(read_documents([str(tmp_path / "x*.txt")])) == ["from star"]
 
 
 def test_skip_reads_a_file_with_a_bom_line_by_line_alike(tmp_path):
