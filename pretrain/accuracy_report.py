@@ -125,9 +125,12 @@ def comparison_section(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     tasks = list(dict.fromkeys(t for _, data in runs for t in data["tasks"]))
     lines += ["", "Final accuracy per task:", ""]
     lines += ["| run | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    rows = {len(data.get("accuracy") or []) for _, data in runs}
     for label, data in runs:
-        last = (data.get("accuracy") or [None])[-1] or []
-        cells = {t: cell_text(v) for t, v in zip(data["tasks"], last, strict=False)}
+        matrix = data.get("accuracy") or [None]
+        cells = {t: cell_text(v) for t, v in zip(data["tasks"], matrix[-1] or [], strict=False)}
+        # a run scored on fewer phases says which: its last row is not the others' final one
+        label += f" ({row_label(len(matrix) - 1, data['phases'])})" if len(rows) > 1 else ""
         lines.append(f"| {label} | " + " | ".join(cells.get(t, "—") for t in tasks) + " |")
     return lines + [""]
 
@@ -143,6 +146,13 @@ def accuracy_verdict(runs: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, s
     ]
     if len(scored) < 2 or scored[0][0] != runs[0][0]:
         return "", None
+    done = {label: summary.get("phases_done") for label, summary in scored}
+    if len(set(done.values())) > 1:  # a final phase whose scoring failed or is still to come
+        counts = ", ".join(f"{label} {n}" for label, n in done.items())
+        return (
+            f"Task accuracy not compared: the runs have scored different numbers of phases ({counts}).",
+            None,
+        )
     (base, b), (best, w) = scored[0], max(scored, key=lambda pair: pair[1]["avg_final_accuracy"])
     if w["avg_final_accuracy"] <= b["avg_final_accuracy"]:
         text = f"No run ended with a higher average task accuracy than {base} ({_acc(b)})."

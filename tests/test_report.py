@@ -516,6 +516,21 @@ def test_compare_verdict_reads_accuracy_and_says_when_it_disagrees_with_loss(tmp
     assert "task accuracy" not in text and "On downstream tasks" not in text  # no eval.tasks: loss only
 
 
+def test_compare_does_not_rank_accuracy_scored_on_fewer_phases(tmp_path):
+    # a run whose last phase's scoring failed (loss rows complete, accuracy one row short) was ranked by its
+    # accuracy after phase 2 against the other's after phase 3, with no word
+    none = write_run(tmp_path / "a", **ACCURACY)
+    short = {**ACCURACY, "accuracy": [[0.5, 0.625], [7 / 8, 7 / 8], [7 / 8, 7 / 8]]}
+    text = format_comparison([none, write_run(tmp_path / "b", method="migu", **short)])
+    assert (
+        "Task accuracy not compared: the runs have scored different numbers of phases (none 3, migu 2)"
+        in text
+    )
+    assert "ended highest" not in text
+    table = compare_runs([none, tmp_path / "b"], tmp_path / "cmp").read_text()
+    assert "| migu (after phase 2 (docs)) | 0.8750 | 0.8750 |" in table
+
+
 def test_a_report_rerun_that_fails_midway_leaves_the_last_report_and_pictures_whole(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run")
     write_report(run)
