@@ -471,15 +471,6 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
             f"key `regularisation.kind` {cfg.regularisation.kind!r} with one entry in `phases`: the pull "
             "toward the previous phase's weights starts in phase 2, so it would never act"
         )
-    m = cfg.method
-    if m.name == "migu" and m.start_phase == 1 and cfg.lora is not None and not _excluded(m, "lora_B"):
-        # B starts at zero: every lora_B output is 0, the tie keeps the lowest rows, and the rest never
-        # get a gradient to leave zero, so the "top" rows stay those rows all run
-        problems.append(
-            "key `method.start_phase` 1 with `lora`: each adapter's B matrix starts at zero, so MIGU's "
-            "first masks would tie and keep the lowest-numbered rows of lora_B for the whole run; use "
-            "start_phase 2 (phase 1 trains B unmasked) or add 'lora_B' to `method.exclude`"
-        )
     if cfg.eval.tasks and not cfg.checkpoint.export:
         problems.append(
             "key `eval.tasks` with `checkpoint.export: false`: the harness scores each phase's export "
@@ -506,10 +497,6 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
             "and replaying instruction examples is not implemented; set replay.share: 0"
         )
     return problems
-
-
-def _excluded(method: MethodConfig, name: str) -> bool:
-    return any(re.search(p, f"model.layers.0.self_attn.q_proj.{name}.default") for p in method.exclude)
 
 
 def _file_problems(cfg: RunConfig) -> list[str]:

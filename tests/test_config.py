@@ -357,16 +357,6 @@ def test_method_start_phase_after_the_last_phase_is_refused(cfg_file):
     assert load_config(cfg_file, ["method.start_phase=9"]).method.name == "none"  # nothing to mask
 
 
-def test_migu_from_phase_1_on_fresh_lora_adapters_is_refused(cfg_file):
-    """A fresh lora_B is zero: MIGU's first masks would tie, and its untouched rows never leave zero."""
-    migu_lora = ["method.name=migu", "method.start_phase=1", "lora={}"]
-    with pytest.raises(ConfigError, match=r"start_phase` 1 with `lora`.*'lora_B' to `method.exclude`"):
-        load_config(cfg_file, migu_lora)
-    assert load_config(cfg_file, [*migu_lora, "method.exclude=[lora_B]"]).method.exclude == ["lora_B"]
-    assert load_config(cfg_file, ["method.name=migu", "method.start_phase=2", "lora={}"]).lora is not None
-    assert load_config(cfg_file, ["method.name=random", "method.start_phase=1", "lora={}"]).lora is not None
-
-
 def test_resolved_config_round_trips(tmp_path, cfg_file):
     from pretrain.config import save_config
 

@@ -55,6 +55,27 @@ def test_a_run_without_lora_does_not_import_peft():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_migu_from_phase_1_may_not_mask_fresh_b_matrices():
+    """A fresh lora_B is zero: MIGU's first masks would tie, and its untouched rows never leave zero. The
+    check reads the model's own names: it was made on a made-up q_proj name before the model existed,
+    so excluding q_proj's B let k_proj's and the others' through, and a run targeting v_proj alone that
+    excluded v_proj's B was refused."""
+    from pretrain.methods.lora import check_migu_on_adapters
+
+    everywhere = apply_lora(LoraConfig(), tiny_model())
+    for exclude in ([], [r"q_proj\.lora_B"]):
+        with pytest.raises(ConfigError, match=r"start_phase` 1 with `lora`: MIGU would mask \d+ adapter B"):
+            check_migu_on_adapters(everywhere, MethodConfig(name="migu", start_phase=1, exclude=exclude))
+    for method in (
+        MethodConfig(name="migu", start_phase=1, exclude=["lora_B"]),
+        MethodConfig(name="migu", start_phase=2),
+        MethodConfig(name="random", start_phase=1),
+    ):
+        check_migu_on_adapters(everywhere, method)
+    v_only = apply_lora(LoraConfig(target_modules=["v_proj"]), tiny_model())
+    check_migu_on_adapters(v_only, MethodConfig(name="migu", start_phase=1, exclude=[r"v_proj\.lora_B"]))
+
+
 def test_without_a_lora_section_the_model_is_untouched():
     model = tiny_model()
     assert apply_lora(None, model) is model

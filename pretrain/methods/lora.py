@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError, LoraConfig
+from pretrain.config import ConfigError, LoraConfig, MethodConfig
 from pretrain.logs import log
 
 if TYPE_CHECKING:
@@ -58,6 +58,24 @@ def apply_lora(cfg: LoraConfig | None, model: nn.Module) -> nn.Module:
         100 * trainable / total,
     )
     return wrapped
+
+
+def check_migu_on_adapters(model: nn.Module, method: MethodConfig) -> None:
+    """MIGU from phase 1 may not mask fresh B matrices: B starts at zero, so every lora_B output is 0, the
+    tie keeps the lowest-numbered rows, and the rest never get a gradient to leave zero: the "top" rows
+    stay those rows all run. Checked on the model's own layer names (peft's, after `apply_lora`)."""
+    from pretrain.methods.masking import select_layers
+
+    if method.name != "migu" or method.start_phase != 1:
+        return
+    tied = [name for name, _ in select_layers(model, method.include, method.exclude) if ".lora_B." in name]
+    if tied:
+        raise ConfigError(
+            f"key `method.start_phase` 1 with `lora`: MIGU would mask {len(tied)} adapter B matrices (first: "
+            f"{tied[0]}), which start at zero, so its first masks would tie and keep their lowest-numbered "
+            "rows for the whole run; use start_phase 2 (phase 1 trains B unmasked) or add 'lora_B' to "
+            "`method.exclude`"
+        )
 
 
 def _check_targets(model: nn.Module, targets: list[str]) -> None:
