@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
@@ -589,6 +590,7 @@ class TrainStream:
             "world_size": self.world_size,
             "seq_len": self.seq_len,
             "files": list(self.files),
+            "file_sizes": file_sizes(self.files),
             "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
             "skipped": self._skipped,
         }
@@ -601,11 +603,30 @@ class TrainStream:
                     f"data stream state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
                     "a resumed run needs the same files, sequence length, ranks and shuffle"
                 )
+        check_unchanged(state, mine)
         self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})
         skipped = max(self._skipped, int(state.get("skipped", 0)))
         if self.skip is not None:
             self.skip.count += skipped - self._skipped
         self._skipped = skipped
+
+
+def file_sizes(files: Sequence[str]) -> list[int]:
+    return [os.path.getsize(f) for f in files]
+
+
+def check_unchanged(saved: dict, now: dict) -> None:
+    """DataError if a file's size differs from the one a stream's saved state recorded (none recorded in
+    a checkpoint from before 2026-11-28): its position counts blocks of the files it read, so in an edited
+    or regenerated corpus it would repeat or skip documents without a word."""
+    sizes = now["file_sizes"]
+    for path, then, size in zip(now["files"], saved.get("file_sizes") or sizes, sizes, strict=True):
+        if then != size:
+            raise DataError(
+                f"{path}: {then} bytes when the checkpoint was written, {size} now: the resumed stream's "
+                "position counts the blocks it read, so in a changed file it would repeat or skip documents; "
+                "put the file back as it was, or start a new run"
+            )
 
 
 class _NewSkips:

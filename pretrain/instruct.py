@@ -36,7 +36,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.data import BadRecord, DataError, Refusal, SkipCounter, _NewSkips, ids_tensor, lone_surrogate
+from pretrain.data import (
+    BadRecord,
+    DataError,
+    Refusal,
+    SkipCounter,
+    _NewSkips,
+    check_unchanged,
+    file_sizes,
+    ids_tensor,
+    lone_surrogate,
+)
 from pretrain.shuffle import Shuffle, shuffled
 
 if TYPE_CHECKING:
@@ -347,6 +357,7 @@ class ExampleStream:
             "world_size": self.world_size,
             "seq_len": self.seq_len,
             "files": list(self.files),
+            "file_sizes": file_sizes(self.files),
             "instruction": [self.instruction.prompt, self.instruction.answer],
             "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
             "skipped": self._skipped,
@@ -360,6 +371,7 @@ class ExampleStream:
                     f"example stream state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
                     "a resumed run needs the same files, templates, sequence length, ranks and shuffle"
                 )
+        check_unchanged(state, mine)
         self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})
         skipped = max(self._skipped, int(state.get("skipped", 0)))
         if self.skip is not None:

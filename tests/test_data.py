@@ -213,6 +213,22 @@ def test_state_dict_is_a_snapshot_with_epoch_and_block(corpus, tokenizer, blocks
     assert s.state_dict() == after and before["epoch"] == 0
 
 
+def test_resume_refuses_a_corpus_file_changed_since_the_checkpoint(tmp_path, tokenizer):
+    # the position counts blocks: in a regenerated or appended corpus it resumed at other documents
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 9}) + "\n" for i in range(40)))
+    first = stream(str(path), tokenizer)
+    take(iter(first), 3)
+    state = first.state_dict()
+    stream(str(path), tokenizer).load_state_dict(state)  # unchanged: resumes
+    with path.open("a") as f:
+        f.write(json.dumps({"text": "appended"}) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl: \d+ bytes when the checkpoint was written, \d+ now"):
+        stream(str(path), tokenizer).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "file_sizes"}  # a checkpoint from before sizes were kept
+    stream(str(path), tokenizer).load_state_dict(old)
+
+
 def test_resume_refuses_another_world_size(corpus, tokenizer):
     state = stream(corpus, tokenizer, rank=0, world=2).state_dict()
     with pytest.raises(DataError, match="world_size"):
