@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,26 @@ class CachedDocument:
 
     def __len__(self) -> int:
         return self.chars
+
+
+def _remove_killed_builds(final: Path) -> None:
+    """Half-built copies of `final` left by builds on this host whose process is gone (SIGKILL, a job's
+    time limit): each holds up to a whole file's token ids, and no later build has its name. A build on
+    another host (a shared cache directory) is never taken for dead."""
+    for tmp in final.parent.glob(f"{final.name}.tmp-{socket.gethostname()}-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class TokenCache:
@@ -101,7 +122,8 @@ class TokenCache:
     def _build_file(self, path: str, text_field: str, skip_bad: bool) -> dict:
         start = time.perf_counter()
         final = self.directory(path, text_field)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        _remove_killed_builds(final)
+        tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         state = _file_state(path)  # before reading: a file written meanwhile is stale at the next check

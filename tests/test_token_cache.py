@@ -4,6 +4,8 @@ bad-record counts of tokenizing the text; a missing or stale cache is an error b
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 from itertools import islice
 
 import pytest
@@ -139,6 +141,25 @@ def test_a_torn_cache_is_named_and_built_again(tmp_path, files, tokenizer, torn)
         cache.check(files, "text")
     assert [m["built_s"] is None for m in cache.build(files, "text", skip_bad=False)] == [False, True]
     assert meta.read_text() == whole
+    cache.check(files, "text")
+
+
+def test_a_build_removes_what_killed_builds_left_and_nothing_else(tmp_path, files, tokenizer):
+    # a SIGKILLed pretokenize left its half-built copy (up to a file's ids) for good: the next had its own
+    cache = TokenCache(tmp_path / "cache", tokenizer)
+    final, host = cache.directory(files[0], "text"), socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = {
+        "killed": final.with_name(f"{final.name}.tmp-{host}-{dead.pid}"),
+        "running": final.with_name(f"{final.name}.tmp-{host}-1"),  # pid 1 lives: a build still going
+        "elsewhere": final.with_name(f"{final.name}.tmp-otherhost-{dead.pid}"),  # not ours to judge
+    }
+    for tmp in left.values():
+        tmp.mkdir(parents=True)
+        (tmp / "ids.bin").write_bytes(b"\0" * 64)
+    cache.build(files, "text", skip_bad=False)
+    assert [name for name, tmp in left.items() if tmp.exists()] == ["running", "elsewhere"]
     cache.check(files, "text")
 
 
