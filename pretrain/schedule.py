@@ -42,7 +42,9 @@ def phase_lr_factor(
         if kind == "wsd":
             return _linear_tail(1.0, min_ratio, local, length, decay_fraction, earliest=warm)
         return _cosine(1.0, min_ratio, local - warm, length - warm)
-    once = min(warmup, max(phase_steps[0] - 1, 0))  # constant and infinite warm up in phase 1 only
+    # constant and infinite warm up in phase 1 only; infinite leaves phase 1 two steps at least, to reach
+    # the peak and to cool down from it
+    once = min(warmup, max(phase_steps[0] - (2 if kind == "infinite" else 1), 0))
     if step < once:
         return (step + 1) / (once + 1)
     if kind == "constant":
@@ -63,7 +65,8 @@ def _infinite(phase, local, phase_steps, once, min_ratio, decay_fraction, consta
 
 
 def _cosine(high: float, low: float, done: int, length: int) -> float:
-    progress = min(1.0, done / max(1, length - 1))
+    # a one-step decay is its end: a one-step phase (or a phase 1 the warm-up fills) ends at `low`
+    progress = min(1.0, done / (length - 1)) if length > 1 else 1.0
     return low + (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -80,7 +83,8 @@ def _linear_tail(
     start = _tail_start(length, fraction, earliest)
     if local < start:
         return level
-    return level + (low - level) * (local - start + 1) / (length - start)
+    # the scheduler's factor one step past the run's end (never used for a step) stays at `low`
+    return level + (low - level) * min(1.0, (local - start + 1) / (length - start))
 
 
 def phase_schedule(

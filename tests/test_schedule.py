@@ -27,6 +27,24 @@ def test_a_phase_shorter_than_the_warm_up_still_ends_at_the_floor(kind):
     assert f == pytest.approx([0.5, 1.0, 0.1] * 2)
 
 
+@pytest.mark.parametrize("kind", ["rewarm_cosine", "wsd"])
+def test_a_one_step_phase_is_at_the_floor_and_nothing_passes_it(kind):
+    # rewarm_cosine ran a one-step phase (a small `tokens:` budget) at the peak, from the floor before it;
+    # past the last step the factor went below the floor (never used for a step, but read by a resume)
+    f = [phase_lr_factor(s, [0, 5, 6], [5, 1, 5], warmup=10, min_ratio=0.1, kind=kind) for s in range(12)]
+    assert f[4] == pytest.approx(0.1) and f[5] == pytest.approx(0.1) and f[10] == pytest.approx(0.1)
+    assert min(f) == pytest.approx(0.1)
+
+
+def test_infinite_whose_warm_up_fills_phase_1_still_ends_it_at_the_plateau():
+    for length in (10, 11):  # phase 1 ended at the peak, and phase 2 dropped to the plateau in one step
+        f = [
+            phase_lr_factor(s, [0, length], [length, 5], 10, 0.1, kind="infinite") for s in range(length + 5)
+        ]
+        assert f[length - 2 : length] == pytest.approx([1.0, 0.5])  # the peak, then the plateau
+        assert f[length : length + 4] == [0.5] * 4 and f[-1] == pytest.approx(0.1)
+
+
 def test_scheduler_drives_optimizer_lr():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = phase_schedule(opt, [4, 4], warmup=1, min_ratio=0.0)
