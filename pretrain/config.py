@@ -463,6 +463,13 @@ def _instruction_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+MIGU_ON_FRESH_ADAPTERS = (
+    "key `method.start_phase` 1 with `lora`: MIGU would mask {what}; B starts at zero, so its first masks "
+    "would tie and keep the lowest-numbered rows of lora_B for the whole run; use start_phase 2 "
+    "(phase 1 trains B unmasked) or add 'lora_B' to `method.exclude`"
+)
+
+
 def _combination_problems(cfg: RunConfig) -> list[str]:
     """Sections that each validate but cannot work together; the message names both keys."""
     problems = []
@@ -471,6 +478,16 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
             f"key `regularisation.kind` {cfg.regularisation.kind!r} with one entry in `phases`: the pull "
             "toward the previous phase's weights starts in phase 2, so it would never act"
         )
+    m = cfg.method
+    if (
+        m.name == "migu"
+        and m.start_phase == 1
+        and cfg.lora is not None
+        and not any("lora" in p for p in m.exclude)
+    ):
+        # the plain case, refused before anything starts; an exclude pattern about the adapters is checked
+        # on the model's own layer names (methods/lora.py: check_migu_on_adapters)
+        problems.append(MIGU_ON_FRESH_ADAPTERS.format(what="every adapter's B matrix"))
     if cfg.eval.tasks and not cfg.checkpoint.export:
         problems.append(
             "key `eval.tasks` with `checkpoint.export: false`: the harness scores each phase's export "

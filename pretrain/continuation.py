@@ -33,7 +33,9 @@ def stream_position(state: dict) -> dict:
     """A rank's position in its phase's stream of the domain (from its stream state), without the ranks:
     what the ranks gather at the phase's end (the state itself names every file)."""
     own = _own(state)
-    return {k: own[k] for k in (_EXAMPLE_FIELDS if is_example_state(own) else _BLOCK_FIELDS)}
+    position = {k: own[k] for k in (_EXAMPLE_FIELDS if is_example_state(own) else _BLOCK_FIELDS)}
+    # the sizes its files had then: the next phase checks them, as a resume does (none from before 2026-11-28)
+    return position | ({"file_sizes": own["file_sizes"]} if "file_sizes" in own else {})
 
 
 def stream_end(positions: list[dict]) -> dict:

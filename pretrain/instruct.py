@@ -301,6 +301,7 @@ class ExampleStream:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.files = [str(f) for f in files]
+        self.file_sizes = file_sizes(self.files)  # at the start: a file changed while it trains is caught too
         self.instruction = instruction
         self.tokenizer = tokenizer
         self.seq_len = seq_len
@@ -357,7 +358,7 @@ class ExampleStream:
             "world_size": self.world_size,
             "seq_len": self.seq_len,
             "files": list(self.files),
-            "file_sizes": file_sizes(self.files),
+            "file_sizes": self.file_sizes,
             "instruction": [self.instruction.prompt, self.instruction.answer],
             "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
             "skipped": self._skipped,

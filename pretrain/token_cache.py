@@ -59,9 +59,10 @@ def _remove_killed_builds(final: Path) -> None:
     """Half-built copies of `final` left by builds on this host whose process is gone (SIGKILL, a job's
     time limit): each holds up to a whole file's token ids, and no later build has its name. A build on
     another host (a shared cache directory) is never taken for dead."""
-    for tmp in final.parent.glob(f"{final.name}.tmp-{socket.gethostname()}-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+    ours = f"{final.name}.tmp-{socket.gethostname()}-"
+    for tmp in final.parent.glob(f"{final.name}.tmp-*"):
+        pid = tmp.name.removeprefix(ours)  # host `login` must not take host `login-2`'s builds for its own
+        if tmp.name.startswith(ours) and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

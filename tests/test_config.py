@@ -357,6 +357,16 @@ def test_method_start_phase_after_the_last_phase_is_refused(cfg_file):
     assert load_config(cfg_file, ["method.start_phase=9"]).method.name == "none"  # nothing to mask
 
 
+def test_migu_from_phase_1_on_lora_with_no_exclude_for_the_adapters_is_refused_at_load(cfg_file):
+    """The plain case needs no model; an exclude pattern about the adapters is checked on the model's own
+    layer names (tests/test_lora.py)."""
+    migu_lora = ["method.name=migu", "method.start_phase=1", "lora={}"]
+    with pytest.raises(ConfigError, match=r"start_phase` 1 with `lora`: MIGU would mask every adapter's B"):
+        load_config(cfg_file, migu_lora)
+    assert load_config(cfg_file, [*migu_lora, "method.exclude=[lora_B]"]).method.exclude == ["lora_B"]
+    assert load_config(cfg_file, ["method.name=random", "method.start_phase=1", "lora={}"]).lora is not None
+
+
 def test_resolved_config_round_trips(tmp_path, cfg_file):
     from pretrain.config import save_config
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import corpus_lines, global_blocks, texts_jsonl
 
 from pretrain.continuation import continue_stream, stream_end, stream_position
-from pretrain.data import SkipCounter, TrainStream
+from pretrain.data import DataError, SkipCounter, TrainStream
 from pretrain.replay import ReplayStream, locate, replay_count
 from pretrain.tokenizer import train_tokenizer
 
@@ -87,3 +87,21 @@ def test_bad_records_are_counted_once_over_the_phases(corpora, tmp_path):
     continue_stream(later, _end([first]))
     global_blocks([later], 3)
     assert later.skip.count == 1  # the domain's count so far: phase 1's record, not met again
+
+
+@pytest.mark.parametrize("make", [_plain, _replay])
+def test_a_domain_file_changed_between_its_phases_is_refused(corpora, tmp_path, make):
+    # a resume checked the sizes but the next phase of the domain did not: it went on mid-corpus in the
+    # regenerated file, repeating or skipping documents without a word
+    files, tok = corpora
+    copy = tmp_path / "plays.jsonl"
+    copy.write_text(open(files["plays"], encoding="utf-8").read())
+    mine = ({**files, "plays": str(copy)}, tok)
+    first = [make(mine, r, 2) for r in range(2)]
+    global_blocks(first, 3)
+    end = _end(first)
+    _continued(make, mine, 2, end)  # unchanged: goes on
+    with copy.open("a") as f:
+        f.write(json.dumps({"text": "one more line"}) + "\n")
+    with pytest.raises(DataError, match=r"plays\.jsonl: \d+ bytes when the checkpoint was written"):
+        _continued(make, mine, 2, end)

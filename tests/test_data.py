@@ -321,21 +321,18 @@ def test_skip_in_text_json_array_and_parquet(tmp_path):
     assert f"{par}: record 2" in skip.examples[2] and "null" in skip.examples[2]
 
 
-# datasets reads JSON in 10 MiB chunks and fixes the columns' types from the first (JSON Lines are read
-# line by line now: these keep what they found when they were not)
-PAST_THE_FIRST_CHUNK = 11 * 2**20
-
-
 def _big_jsonl(path, late_record: str):
-    """~11 MiB of ordinary records, then `late_record`, then two more (one with escapes)."""
+    """Ordinary records, then `late_record`, then two more (one with escapes). (datasets read JSON in 10 MiB
+    chunks with the columns' types fixed by the first; JSON Lines are read line by line now, and these
+    keep what that path got wrong: a late bad type named, a late new key read.)"""
     line = json.dumps({"text": "ordinary words " * 60}) + "\n"
-    n = PAST_THE_FIRST_CHUNK // len(line)
+    n = 200
     tail = [late_record, json.dumps({"text": 'after\n"quoted" caf\u00e9'}), json.dumps({"text": "last"})]
     path.write_text(line * n + "\n".join(tail) + "\n")
     return str(path), n
 
 
-def test_a_bad_type_past_the_first_chunk_is_named_not_turned_into_json_text(tmp_path):
+def test_a_late_bad_type_is_named_not_turned_into_json_text(tmp_path):
     path, n = _big_jsonl(tmp_path / "big.jsonl", '{"text": 2024}')
     with pytest.raises(
         DataError, match=rf"big.jsonl: line {n + 1} \(record {n + 1}\): field 'text' has type int"
@@ -347,7 +344,7 @@ def test_a_bad_type_past_the_first_chunk_is_named_not_turned_into_json_text(tmp_
     assert skip.count == 1 and f"line {n + 1}" in skip.examples[0]
 
 
-def test_a_valid_record_with_new_keys_past_the_first_chunk_is_read(tmp_path):
+def test_a_late_valid_record_with_new_keys_is_read(tmp_path):
     path, n = _big_jsonl(tmp_path / "big.jsonl", json.dumps({"text": "fine", "url": "https://x"}))
     docs = list(read_documents([path]))
     assert len(docs) == n + 3 and docs[-3:] == ["fine", 'after\n"quoted" café', "last"]
@@ -421,6 +418,17 @@ def test_skip_after_datasets_fails_mid_file_delivers_each_record_once(tmp_path, 
     skip = SkipCounter()
     assert list(read_documents([str(path)], skip=skip)) == texts[:25] + texts[26:]
     assert skip.count == 1 and "line 51 (paragraph 26)" in skip.examples[0]
+
+
+def test_json_lines_ended_by_a_lone_cr_are_lines(tmp_path):
+    # read line by line on \n alone, such a file was one bad line: refused, or under skip lost whole
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\r" for i in range(4)))
+    assert list(read_documents([str(path)])) == [f"doc {i}" for i in range(4)]
+    path.write_bytes(b'{"text": "a"}\r{"text": 7}\r\n{"text": "c"}\r\r{"text": "d"}')
+    skip = SkipCounter()
+    assert list(read_documents([str(path)], skip=skip)) == ["a", "c", "d"]
+    assert skip.count == 1 and "line 2 (record 2)" in skip.examples[0]
 
 
 def test_a_file_name_with_glob_characters_is_read_as_named(tmp_path):

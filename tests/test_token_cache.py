@@ -154,12 +154,13 @@ def test_a_build_removes_what_killed_builds_left_and_nothing_else(tmp_path, file
         "killed": final.with_name(f"{final.name}.tmp-{host}-{dead.pid}"),
         "running": final.with_name(f"{final.name}.tmp-{host}-1"),  # pid 1 lives: a build still going
         "elsewhere": final.with_name(f"{final.name}.tmp-otherhost-{dead.pid}"),  # not ours to judge
+        "host-2": final.with_name(f"{final.name}.tmp-{host}-2-{dead.pid}"),  # host `{host}-2`'s, not ours
     }
     for tmp in left.values():
         tmp.mkdir(parents=True)
         (tmp / "ids.bin").write_bytes(b"\0" * 64)
     cache.build(files, "text", skip_bad=False)
-    assert [name for name, tmp in left.items() if tmp.exists()] == ["running", "elsewhere"]
+    assert [name for name, tmp in left.items() if tmp.exists()] == ["running", "elsewhere", "host-2"]
     cache.check(files, "text")
 
 

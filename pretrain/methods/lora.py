@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError, LoraConfig, MethodConfig
+from pretrain.config import MIGU_ON_FRESH_ADAPTERS, ConfigError, LoraConfig, MethodConfig
 from pretrain.logs import log
 
 if TYPE_CHECKING:
@@ -71,10 +71,7 @@ def check_migu_on_adapters(model: nn.Module, method: MethodConfig) -> None:
     tied = [name for name, _ in select_layers(model, method.include, method.exclude) if ".lora_B." in name]
     if tied:
         raise ConfigError(
-            f"key `method.start_phase` 1 with `lora`: MIGU would mask {len(tied)} adapter B matrices (first: "
-            f"{tied[0]}), which start at zero, so its first masks would tie and keep their lowest-numbered "
-            "rows for the whole run; use start_phase 2 (phase 1 trains B unmasked) or add 'lora_B' to "
-            "`method.exclude`"
+            MIGU_ON_FRESH_ADAPTERS.format(what=f"{len(tied)} adapter B matrices (first: {tied[0]})")
         )
 
 
