@@ -621,7 +621,7 @@ def check_unchanged(saved: dict, now: dict) -> None:
     for path, then, size in zip(now["files"], saved.get("file_sizes") or sizes, sizes, strict=True):
         if then != size:
             raise DataError(
-                f"{path}: {then} bytes when the checkpoint was written, {size} now: the resumed stream's "
+                f"{path}: {then} bytes when the run began to read it, {size} now: the stream's "
                 "position counts the blocks it read, so in a changed file it would repeat or skip documents; "
                 "put the file back as it was, or start a new run"
             )

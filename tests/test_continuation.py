@@ -103,5 +103,5 @@ def test_a_domain_file_changed_between_its_phases_is_refused(corpora, tmp_path, 
     _continued(make, mine, 2, end)  # unchanged: goes on
     with copy.open("a") as f:
         f.write(json.dumps({"text": "one more line"}) + "\n")
-    with pytest.raises(DataError, match=r"plays\.jsonl: \d+ bytes when the checkpoint was written"):
+    with pytest.raises(DataError, match=r"plays\.jsonl: \d+ bytes when the run began to read it"):
         _continued(make, mine, 2, end)

@@ -223,7 +223,7 @@ def test_resume_refuses_a_corpus_file_changed_since_the_checkpoint(tmp_path, tok
     stream(str(path), tokenizer).load_state_dict(state)  # unchanged: resumes
     with path.open("a") as f:
         f.write(json.dumps({"text": "appended"}) + "\n")
-    with pytest.raises(DataError, match=r"train\.jsonl: \d+ bytes when the checkpoint was written, \d+ now"):
+    with pytest.raises(DataError, match=r"train\.jsonl: \d+ bytes when the run began to read it, \d+ now"):
         stream(str(path), tokenizer).load_state_dict(state)
     old = {k: v for k, v in state.items() if k != "file_sizes"}  # a checkpoint from before sizes were kept
     stream(str(path), tokenizer).load_state_dict(old)
