@@ -298,7 +298,9 @@ def _after(config: Path, blocks: int) -> dict:
     it = iter(stream)
     for _ in range(blocks):
         next(it)
-    return {k: v for k, v in stream.state_dict().items() if k in ("epoch", "block", "doc", "offset")}
+    # with the file sizes the first phase's stream took, which the later phase checks its files against
+    keep = ("epoch", "block", "doc", "offset", "file_sizes")
+    return {k: v for k, v in stream.state_dict().items() if k in keep}
 
 
 def test_sigterm_to_the_launch_script_stops_both_ranks_of_the_deepspeed_launcher_with_a_checkpoint(tmp_path):
