@@ -158,6 +158,11 @@ def _saved_at(path: Path) -> float:
     return (mark if mark.is_file() else path).stat().st_mtime
 
 
+def export_dir(run_dir: str | Path, phase: int) -> Path:
+    """Where phase `phase`'s standalone model is exported (the eval job's row `phase`)."""
+    return Path(run_dir) / "export" / f"phase-{phase}"
+
+
 def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
     """A standalone transformers model (config, safetensors, tokenizer) of the current weights.
 

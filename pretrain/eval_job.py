@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from pretrain.atomic import write_json_atomic
-from pretrain.checkpoint import checkpoint_meta, latest_tag
+from pretrain.checkpoint import checkpoint_meta, export_dir, latest_tag
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import broadcast_object, from_main, init_distributed, shutdown_distributed
 from pretrain.engine import build_eval_engine
@@ -105,7 +105,7 @@ def _rows_to_evaluate(run: Path, phases: int, phase: int | None, export: bool) -
     a line saying what is left out and why)."""
     if phase is not None and not 0 <= phase <= phases:
         raise ConfigError(f"--phase {phase}: the run has phases 0 (initial) to {phases}")
-    exported = [r for r in range(1, phases + 1) if (run / "export" / f"phase-{r}").is_dir()]
+    exported = [r for r in range(1, phases + 1) if export_dir(run, r).is_dir()]
     if phase is not None and phase > 0 and phase not in exported:
         raise ConfigError(f"{run}: no export for phase {phase} (export/phase-N); has the run got there?")
     if phase is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from pretrain.checkpoint import export_dir
 from pretrain.config import ModelConfig, RunConfig
 
 
@@ -52,7 +53,7 @@ def model_for_row(cfg: RunConfig, run_dir: str | Path, row: int) -> tuple[PreTra
 def row_model(cfg: RunConfig, run_dir: str | Path, row: int, vocab_size: int) -> PreTrainedModel:
     if row == 0:
         return build_model(cfg.model, vocab_size, cfg.train.seed)
-    hf = ModelConfig(source="hf", path=str(_export(run_dir, row)), gradient_checkpointing=False)
+    hf = ModelConfig(source="hf", path=str(export_dir(run_dir, row)), gradient_checkpointing=False)
     return build_model(hf, vocab_size, cfg.train.seed)
 
 
@@ -60,11 +61,7 @@ def row_tokenizer(cfg: RunConfig, run_dir: str | Path, row: int):
     """The tokenizer of a row: the run's own for row 0 (never a newly trained one), the export's for row N."""
     from pretrain.tokenizer import load_tokenizer, resolve_tokenizer
 
-    return resolve_tokenizer(cfg, train=False) if row == 0 else load_tokenizer(str(_export(run_dir, row)))
-
-
-def _export(run_dir: str | Path, row: int) -> Path:
-    return Path(run_dir) / "export" / f"phase-{row}"
+    return resolve_tokenizer(cfg, train=False) if row == 0 else load_tokenizer(str(export_dir(run_dir, row)))
 
 
 def _scratch_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:

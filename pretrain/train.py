@@ -20,6 +20,7 @@ import torch
 
 from pretrain.checkpoint import (
     checkpoint_meta,
+    export_dir,
     export_phase,
     latest_tag,
     load_checkpoint,
@@ -294,9 +295,7 @@ class Trainer:
         self.method.log(self.trackers, self.pos.global_step)
         self._save_results()
         if self.cfg.checkpoint.export:  # before the checkpoint: a resume past this phase finds its export
-            export_phase(
-                self.engine, self.tokenizer, self.run_dir / "export" / f"phase-{phase}", self.dist.is_main
-            )
+            export_phase(self.engine, self.tokenizer, export_dir(self.run_dir, phase), self.dist.is_main)
         self.pos.phase, self.pos.step = phase + 1, 0
         self.stream = self.feed = None
         self.checkpoint(f"phase-{phase}")
