@@ -260,8 +260,9 @@ class RunConfig:
         return asdict(self)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read, override and validate a run configuration; raise ConfigError naming what is wrong."""
+def load_config(path: str | Path, overrides: list[str] = (), training: bool = True) -> RunConfig:
+    """Read, override and validate a run configuration; raise ConfigError naming what is wrong.
+    `training=False` (an evaluation of saved phases) does not ask for the training and replay corpora."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -273,7 +274,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     for item in overrides:
         apply_override(raw, item)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), training=training)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -296,7 +297,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+def validate(raw: dict[str, Any], source: str = "config", training: bool = True) -> RunConfig:
     try:
         cfg = RunConfig(**raw)
     except ValidationError as err:
@@ -304,7 +305,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     except TypeError as err:  # a missing top-level section reaches the constructor before pydantic
         raise ConfigError(f"{source}: {err}") from err
     _absolutize(cfg)  # first: the files are checked where the run will read them (`~` expanded)
-    _check_consistency(cfg, source)
+    _check_consistency(cfg, source, training)
     return cfg
 
 
@@ -380,8 +381,8 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def _check_consistency(cfg: RunConfig, source: str) -> None:
-    problems = _semantic_problems(cfg) + _file_problems(cfg)
+def _check_consistency(cfg: RunConfig, source: str, training: bool) -> None:
+    problems = _semantic_problems(cfg) + _file_problems(cfg, training)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -516,13 +517,14 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _file_problems(cfg: RunConfig) -> list[str]:
+def _file_problems(cfg: RunConfig, training: bool) -> list[str]:
     problems = []
-    trained = {p.domain for p in cfg.phases}
+    # an evaluation reads held-out sets only: an archived run whose training corpus is gone is still scored
+    trained = {p.domain for p in cfg.phases} if training else set()
     for i, dom in enumerate(cfg.domains):
         for split in ("train", "heldout") if dom.name in trained else ("heldout",):
             problems += _missing_files(getattr(dom, split), f"domains.{i}.{split}", dom.name)
-    for i, source in enumerate(cfg.replay.sources):
+    for i, source in enumerate(cfg.replay.sources if training else ()):
         problems += _missing_files(source.train, f"replay.sources.{i}.train", source.name)
     if cfg.model.path is not None and not Path(cfg.model.path).exists():
         problems.append(f"key `model.path`: {cfg.model.path} does not exist")

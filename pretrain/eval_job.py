@@ -25,7 +25,7 @@ from pretrain.tokenizer import fingerprint
 
 def evaluate_run(run_dir: str, phase: int | None = None) -> RunResults:
     run = Path(run_dir).resolve()
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", training=False)
     named = cfg.output_dir
     cfg.output_dir = str(run)  # a run moved or copied since: its own tokenizer, not one at its old place
     # a bad --phase: an error before the ranks meet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import assert_ok, run_single, tiny_run_config, write_config
@@ -28,9 +29,15 @@ def test_a_moved_run_is_evaluated_with_its_own_tokenizer_and_never_with_another(
     # the job trusted config.yaml's output_dir: a moved run got a new tokenizer trained at its old place
     # (or another run's found there), and every row was overwritten with losses on other token ids
     cfg = tiny_run_config(tmp_path, steps=2, tokenizer={"path": None})  # the tokenizer in run/tokenizer
+    archived = []  # and the training corpus deleted since: an evaluation reads held-out sets only
+    for dom in cfg["domains"]:
+        archived.append(str(shutil.copy(dom["train"][0], tmp_path / f"{dom['name']}-train.jsonl")))
+        dom["train"] = [archived[-1]]
     assert_ok(run_single(["train", "--config", str(write_config(cfg, tmp_path / "run.yaml"))]))
     moved = tmp_path / "moved"
     (tmp_path / "run").rename(moved)
+    for path in archived:
+        Path(path).unlink()
     inline = json.loads((moved / "metrics.json").read_text())["eval_loss"]
     proc = run_single(["eval", "--run", str(moved)])
     assert_ok(proc)
