@@ -23,7 +23,7 @@ import torch
 from pretrain.atomic import fsync_tree, replace_dir, write_text_atomic
 from pretrain.distributed import DistInfo, barrier, broadcast_object
 from pretrain.fault_injection import crash_self, fault_at
-from pretrain.methods.lora import export_state
+from pretrain.methods.lora import export_state, save_adapters
 
 LATEST = "latest"
 COMPLETE = "complete.json"
@@ -166,7 +166,8 @@ def export_dir(run_dir: str | Path, phase: int) -> Path:
 def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
     """A standalone transformers model (config, safetensors, tokenizer) of the current weights.
 
-    With LoRA it is the merged model in the base model's format, merged from the gathered copy.
+    With LoRA it is the merged model in the base model's format, merged from the gathered copy, and the
+    adapters in peft's format in its `adapter/` directory.
     """
     if engine.zero_optimization_stage() == 3:
         # ZeRO-3 holds a shard per rank: every rank takes part in gathering the full state dict.
@@ -177,6 +178,7 @@ def export_phase(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
         # written beside, then renamed: an eval job (or a crash) never meets a half-written export
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        save_adapters(engine.module, state, tmp)
         model, state = export_state(engine.module, state)
         model.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO
 from lora_checks import assert_export_is_merged, with_random_b
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pretrain.checkpoint import export_phase
@@ -149,6 +150,12 @@ def test_export_is_the_merged_model_in_transformers_format(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "phase-1", local_files_only=True)
     x = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
     assert_export_is_merged(model, exported, x)
+    # and the adapters as trained, unrounded by a merge: peft's own loading of them onto the base
+    # reproduces the trained model's weights and, by the same operations, its logits bit for bit
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "phase-1" / "adapter")
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    assert torch.equal(reloaded(input_ids=x).logits, model(input_ids=x).logits)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients():

@@ -8,12 +8,14 @@ the adapters' own nn.Linear modules, `lora_A.default` and `lora_B.default`, and 
 
 A LoRA run is not a method of its own (`method.name` still picks the gradient rule): it changes which
 parameters train, and what a phase's export is: the merged model W + (alpha / r) B A in plain
-transformers format (`export_state`), computed from a copy of the weights, so training goes on unchanged.
+transformers format (`export_state`), computed from a copy of the weights, so training goes on unchanged,
+and beside it the adapters themselves in peft's format (`save_adapters`).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 # much of transformers), paid by every rank of every launch, LoRA or not
 
 _PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's own names
+# an export's adapters, in a directory of their own: transformers' from_pretrained on a directory holding
+# adapter_config.json would load the adapters onto their base, and the export is the merged model
+ADAPTER_DIR = "adapter"
 
 
 def apply_lora(cfg: LoraConfig | None, model: nn.Module) -> nn.Module:
@@ -101,6 +106,16 @@ def export_state(
     if not _is_peft(model):
         return model, state
     return model.get_base_model(), merged_state_dict(model, state)
+
+
+def save_adapters(model: nn.Module, state: dict[str, torch.Tensor], export: Path) -> None:
+    """A LoRA model's adapters in `export`/adapter as peft saves them (`PeftModel.from_pretrained`), at the
+    dtype they trained in: the merged export rounds W + sBA to W's dtype, which in bf16 loses much of a
+    small delta, and the checkpoints that also hold them are pruned by rotation. Nothing for other models."""
+    if not _is_peft(model):
+        return
+    # save_embedding_layers=False: "auto" may look the base model up on the Hub to compare vocabularies
+    model.save_pretrained(str(export / ADAPTER_DIR), state_dict=state, save_embedding_layers=False)
 
 
 def merged_state_dict(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

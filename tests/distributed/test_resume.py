@@ -206,6 +206,7 @@ def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(referenc
     the merged model of that checkpoint: the bounds are in tests/lora_checks.py."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from lora_checks import assert_export_is_merged
+    from peft import PeftModel
 
     from pretrain.config import load_config
     from pretrain.methods.lora import apply_lora
@@ -233,6 +234,11 @@ def test_lora_run_trains_only_the_adapters_and_exports_the_merged_model(referenc
         0, len(tokenizer), (2, cfg.train.seq_len), generator=torch.Generator().manual_seed(0)
     )
     assert_export_is_merged(model, exported, tokens)
+    # the adapters beside it, gathered from the shards unmerged: peft loads them onto the base as trained
+    base = build_model(cfg.model, len(tokenizer), cfg.train.seed)
+    reloaded = PeftModel.from_pretrained(base, run / "export" / "phase-2" / "adapter").state_dict()
+    assert reloaded.keys() == trained.keys()
+    assert all(torch.equal(value, trained[key]) for key, value in reloaded.items())
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
