@@ -12,6 +12,7 @@ tokenizer.json, tokenizer_config.json) that `AutoTokenizer` loads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pretrain.atomic import replace_dir
+from pretrain.atomic import fsync_dir, replace_dir
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data import SkipCounter, bad_record_counter, read_documents
 
@@ -44,12 +45,14 @@ def train_tokenizer(
     vocab_size: int,
     max_sentences: int,
     skip: SkipCounter | None = None,
+    replace: bool = True,
 ) -> PreTrainedTokenizerBase:
     """Train a sentencepiece BPE on a balanced sample of the domains; save and return it as transformers'.
 
     Deterministic: the sample is the first documents of each domain, taken in turn, and training is
     single-threaded. The tokenizer is built in a temporary sibling directory and moved in when complete.
-    With `skip`, bad records are skipped and counted there instead of raising DataError.
+    With `skip`, bad records are skipped and counted there instead of raising DataError. With
+    `replace=False`, a tokenizer another process finished at `out_dir` meanwhile is kept and returned.
     """
     import sentencepiece as spm
 
@@ -66,7 +69,10 @@ def train_tokenizer(
         tokenizer = _to_transformers(tmp)
         tokenizer.save_pretrained(str(tmp))
         _write_mark(tmp, tokenizer, _training_set(files_by_domain, max_sentences))
-        _move_into(tmp, out)
+        if not _move_into(tmp, out, replace):
+            log.warning("%s: another process finished a tokenizer there first; this one is dropped", out)
+            refuse_foreign_dir(out)
+            return _reuse(str(out), vocab_size, _training_set(files_by_domain, max_sentences))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("trained a %d-token BPE tokenizer in %s", vocab_size, out)
@@ -224,12 +230,24 @@ def refuse_foreign_dir(out: Path) -> None:
         )
 
 
-def _move_into(tmp: Path, out: Path) -> None:
-    """Put the finished directory at `out` by renames: absent, empty, or our own earlier tokenizer."""
+def _move_into(tmp: Path, out: Path, replace: bool) -> bool:
+    """Put the finished directory at `out` by renames: absent, empty, or (`replace`) our own earlier
+    tokenizer. Without `replace`, False if `out` holds anything by now: another run training into the same
+    path finished first, and its tokenizer may already number a checkpoint's tokens."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; give it an ordinary directory's mode
-    replace_dir(tmp, out)  # empty, or our own complete tokenizer (refuse_foreign_dir let it through)
+    if replace:
+        replace_dir(tmp, out)  # empty, or our own complete tokenizer (refuse_foreign_dir let it through)
+        return True
+    try:
+        os.rename(tmp, out)  # onto nothing or an empty directory only, in one step: the first one wins
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        return False
+    fsync_dir(out.parent)
+    return True
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -270,7 +288,8 @@ def resolve_tokenizer(cfg: RunConfig, train: bool = True) -> PreTrainedTokenizer
             "an evaluation never trains one; put the run's tokenizer back there, or set tokenizer.path"
         )
     skip = bad_record_counter(cfg.train.on_bad_record)
-    return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip)
+    # replace=False: the path was empty when looked at; a run that trained into it since keeps its own
+    return train_tokenizer(domains, path, tok.vocab_size, tok.max_sentences, skip, replace=False)
 
 
 def _unmarked_of_a_run(path: str, cfg: RunConfig) -> bool:

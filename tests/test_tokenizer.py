@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from pretrain.config import ConfigError, DomainConfig, PhaseConfig, RunConfig, T
 from pretrain.tokenizer import (
     _balanced_sentences,
     _check_same_vocabulary,
+    _write_mark,
     holds_tokenizer,
     load_tokenizer,
     resolve_tokenizer,
@@ -149,6 +151,28 @@ def test_resolve_trains_once_then_reuses(domains, tmp_path, monkeypatch, caplog)
     cfg.tokenizer.vocab_size = VOCAB + 8
     with pytest.raises(ConfigError, match="already holds a tokenizer of 400 tokens"):
         resolve_tokenizer(cfg)
+
+
+def test_a_tokenizer_another_run_finished_first_at_the_path_is_kept_not_replaced(
+    trained, domains, tmp_path, monkeypatch, caplog
+):
+    # two runs training into one tokenizer.path: the later rename replaced the earlier's directory, whose
+    # tokenizer (other pieces here: trained on 400 sentences, not 150) may already number its checkpoints
+    theirs, out = trained
+    path = tmp_path / "run" / "tokenizer"
+
+    def the_other_run_finishes_meanwhile(*args):
+        _write_mark(*args)
+        shutil.copytree(out, path)
+
+    monkeypatch.setattr("pretrain.tokenizer._write_mark", the_other_run_finishes_meanwhile)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    with caplog.at_level("WARNING", logger="pretrain.tokenizer"):
+        tok = resolve_tokenizer(run_config(tmp_path, domains))
+    assert "finished a tokenizer there first" in caplog.text
+    assert tok.get_vocab() == theirs.get_vocab()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == files
+    assert [p.name for p in path.parent.iterdir()] == ["tokenizer"]  # our copy removed
 
 
 def test_resolve_path_and_model_sources(trained, domains, tmp_path):
