@@ -470,6 +470,67 @@ def heldout_blocks(
 # ---------------------------------------------------------------------------------------------- streaming
 
 
+def file_sizes(files: Sequence[str]) -> list[int]:
+    return [os.path.getsize(f) for f in files]
+
+
+class ResumableStream:
+    """A stream's saved position (TrainStream's, instruct.ExampleStream's) and what a resume must match.
+
+    A subclass sets `files`, `file_sizes` (taken when it starts: a file changed while it trains is caught
+    too), `rank`, `world_size`, `seq_len`, `shuffle`, `skip`, `_skipped` (bad records counted into skip)
+    and `_pos` (a frozen dataclass of ints); `_identity()` adds what else must match on resume.
+    """
+
+    _kind = "data stream"
+
+    def _identity(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {
+            **asdict(self._pos),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seq_len": self.seq_len,
+            "files": list(self.files),
+            "file_sizes": self.file_sizes,
+            **self._identity(),
+            "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
+            "skipped": self._skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("rank", "world_size", "seq_len", "files", *self._identity(), "shuffle"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"{self._kind} state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
+                    f"a resumed run needs the same {', '.join(['files', *self._identity()])}, sequence "
+                    "length, ranks and shuffle"
+                )
+        check_unchanged(state, mine)
+        self._pos = type(self._pos)(**{k: int(state[k]) for k in asdict(self._pos)})
+        skipped = max(self._skipped, int(state.get("skipped", 0)))
+        if self.skip is not None:
+            self.skip.count += skipped - self._skipped
+        self._skipped = skipped
+
+
+def check_unchanged(saved: dict, now: dict) -> None:
+    """DataError if a file's size differs from the one a stream's saved state recorded (none recorded in
+    a checkpoint from before 2026-11-28): its position counts blocks of the files it read, so in an edited
+    or regenerated corpus it would repeat or skip documents without a word."""
+    sizes = now["file_sizes"]
+    for path, then, size in zip(now["files"], saved.get("file_sizes") or sizes, sizes, strict=True):
+        if then != size:
+            raise DataError(
+                f"{path}: {then} bytes when the run began to read it, {size} now: the stream's "
+                "position counts the blocks it read, so in a changed file it would repeat or skip documents; "
+                "put the file back as it was, or start a new run"
+            )
+
+
 @dataclass(frozen=True)
 class _Position:
     """A block boundary of the endless stream: where packing resumes and whose blocks are whose.
@@ -485,7 +546,7 @@ class _Position:
     offset: int = 0
 
 
-class TrainStream:
+class TrainStream(ResumableStream):
     """This rank's batches [micro_batch_size, seq_len] of a domain's packed blocks, epoch after epoch.
 
     Sharding: the blocks of the endless stream (epoch after epoch) are numbered g = 0, 1, 2, ...; block g
@@ -580,51 +641,6 @@ class TrainStream:
                     batch = []
             pos = _Position(epoch=pos.epoch + 1, shift=(pos.shift + n + 1) % self.world_size)
             logging.getLogger(__name__).debug("rank %d: epoch %d of %s", self.rank, pos.epoch, self.files)
-
-    def state_dict(self) -> dict:
-        return {
-            **asdict(self._pos),
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seq_len": self.seq_len,
-            "files": list(self.files),
-            "file_sizes": self.file_sizes,
-            "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
-            "skipped": self._skipped,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("rank", "world_size", "seq_len", "files", "shuffle"):
-            if state.get(key) != mine[key]:
-                raise DataError(
-                    f"data stream state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
-                    "a resumed run needs the same files, sequence length, ranks and shuffle"
-                )
-        check_unchanged(state, mine)
-        self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})
-        skipped = max(self._skipped, int(state.get("skipped", 0)))
-        if self.skip is not None:
-            self.skip.count += skipped - self._skipped
-        self._skipped = skipped
-
-
-def file_sizes(files: Sequence[str]) -> list[int]:
-    return [os.path.getsize(f) for f in files]
-
-
-def check_unchanged(saved: dict, now: dict) -> None:
-    """DataError if a file's size differs from the one a stream's saved state recorded (none recorded in
-    a checkpoint from before 2026-11-28): its position counts blocks of the files it read, so in an edited
-    or regenerated corpus it would repeat or skip documents without a word."""
-    sizes = now["file_sizes"]
-    for path, then, size in zip(now["files"], saved.get("file_sizes") or sizes, sizes, strict=True):
-        if then != size:
-            raise DataError(
-                f"{path}: {then} bytes when the run began to read it, {size} now: the stream's "
-                "position counts the blocks it read, so in a changed file it would repeat or skip documents; "
-                "put the file back as it was, or start a new run"
-            )
 
 
 class _NewSkips:

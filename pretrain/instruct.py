@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -40,9 +40,9 @@ from pretrain.data import (
     BadRecord,
     DataError,
     Refusal,
+    ResumableStream,
     SkipCounter,
     _NewSkips,
-    check_unchanged,
     file_sizes,
     ids_tensor,
     lone_surrogate,
@@ -279,12 +279,14 @@ class _Position:
     example: int = 0
 
 
-class ExampleStream:
+class ExampleStream(ResumableStream):
     """This rank's batches (Examples of micro_batch_size rows) of an instruction domain, epoch after epoch.
 
     As TrainStream with one example per block: an epoch's incomplete last round is completed from the next
     epoch, and `skip` counts each bad record once per stream, across epochs and resumes.
     """
+
+    _kind = "example stream"
 
     def __init__(
         self,
@@ -351,33 +353,8 @@ class ExampleStream:
                     batch = []
             pos = _Position(epoch=pos.epoch + 1, shift=(pos.shift + end[0]) % self.world_size)
 
-    def state_dict(self) -> dict:
-        return {
-            **asdict(self._pos),
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seq_len": self.seq_len,
-            "files": list(self.files),
-            "file_sizes": self.file_sizes,
-            "instruction": [self.instruction.prompt, self.instruction.answer],
-            "shuffle": None if self.shuffle is None else [self.shuffle.seed, self.shuffle.buffer],
-            "skipped": self._skipped,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("rank", "world_size", "seq_len", "files", "instruction", "shuffle"):
-            if state.get(key) != mine[key]:
-                raise DataError(
-                    f"example stream state is for {key}={state.get(key)!r}, this stream has {mine[key]!r}: "
-                    "a resumed run needs the same files, templates, sequence length, ranks and shuffle"
-                )
-        check_unchanged(state, mine)
-        self._pos = _Position(**{k: int(state[k]) for k in asdict(self._pos)})
-        skipped = max(self._skipped, int(state.get("skipped", 0)))
-        if self.skip is not None:
-            self.skip.count += skipped - self._skipped
-        self._skipped = skipped
+    def _identity(self) -> dict:
+        return {"instruction": [self.instruction.prompt, self.instruction.answer]}
 
 
 def is_example_state(state: dict) -> bool:
