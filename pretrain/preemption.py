@@ -20,6 +20,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the job's requeue logic r
 EXIT_NONFINITE = 76  # a NaN/inf loss with policy `stop`: the last good state is checkpointed
 EXIT_BAD_DATA = 65  # EX_DATAERR: a rank could not read its next batch mid-phase; the state before is saved
 STOP_FILE_ENV = "PRETRAIN_STOP_FILE"
+SAVING_SUFFIX, SAVED_SUFFIX = ".saving", ".saved"  # beside the stop file: the stop checkpoint's progress
 
 
 class StopRequest:
@@ -34,11 +35,23 @@ class StopRequest:
             self.signal_name = f"the launch script's stop file {self.stop_file}"
         return bool(self.signal_name)
 
+    def saving(self) -> None:
+        """Say beside the stop file that this rank is writing its stop checkpoint: a launch script's
+        requeue timer then leaves the job alone (a requeue would kill the save, and the requeued job would
+        resume from the same checkpoint and lose the same work again)."""
+        self._touch(SAVING_SUFFIX)
+
     def acknowledge(self) -> None:
         """Say in the stop file that this rank stopped (checkpointed, exiting 75): the launch script of a
-        node whose own signal or file asked nothing (another node's did) then exits 75 too."""
+        node whose own signal or file asked nothing (another node's did) then exits 75 too. The `.saved`
+        file beside it tells a launch script the stop checkpoint was written: without it a failed rank is
+        a failure, not a stop to requeue."""
+        self._touch("")
+        self._touch(SAVED_SUFFIX)
+
+    def _touch(self, suffix: str) -> None:
         if self.stop_file is not None and self.stop_file.parent.is_dir():
-            self.stop_file.touch()
+            self.stop_file.with_name(self.stop_file.name + suffix).touch()
 
     def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -376,6 +376,8 @@ class Trainer:
         )
         # The resumed run forwards this step again: what the method recorded in it must not travel along.
         self.method.discard_step()
+        if code == EXIT_PREEMPTED and self.stop is not None:
+            self.stop.saving()
         self.checkpoint(f"step-{self.pos.global_step}-stop", step_start)
         self._exit(code)
 

@@ -467,8 +467,11 @@ import os, pathlib, sys, time
 pathlib.Path(sys.argv[1]).write_text("ready")
 while not os.path.exists(os.environ["PRETRAIN_STOP_FILE"]):
     time.sleep(0.05)
+if sys.argv[2] == "fail":  # its stop checkpoint failed (a full disk): no .saved
+    sys.exit(1)
+pathlib.Path(os.environ["PRETRAIN_STOP_FILE"] + ".saved").touch()  # as the trainer acknowledges
 sys.exit(75)
-''', sys.argv[1]])
+''', sys.argv[1], sys.argv[2]])
 sys.exit(0 if rank.wait() == 0 else 1)
 """
 
@@ -500,6 +503,17 @@ def test_a_sigterm_to_the_script_reaches_the_ranks_through_the_launcher_and_exit
     assert not list(tmp_path.glob("pretrain-stop.*"))  # the stop file's directory is removed
 
 
+def test_ranks_that_fail_without_their_stop_checkpoint_are_a_failure_not_a_stop(tmp_path):
+    # 75 requeued a job whose ranks could not write their stop checkpoint (a full disk): every requeued
+    # job resumed from the same checkpoint and failed alike, each time as a stop
+    proc = _stoppable(tmp_path, "fail")
+    _when_ready(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "without writing their stop checkpoint" in err and "exiting 75" not in err
+
+
 def test_without_a_stop_the_launchers_status_is_the_scripts(tmp_path):
     proc = _stoppable(tmp_path, "finish")
     _, err = proc.communicate(timeout=60)
@@ -518,7 +532,8 @@ def test_the_entry_points_train_verb_stops_on_sigterm_and_exits_75(tmp_path, con
     rank.write_text(
         f"#!{sys.executable}\nimport os, pathlib, sys, time\n"
         f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
-        "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\nsys.exit(75)\n"
+        "while not os.path.exists(os.environ['PRETRAIN_STOP_FILE']):\n    time.sleep(0.05)\n"
+        "pathlib.Path(os.environ['PRETRAIN_STOP_FILE'] + '.saved').touch()\nsys.exit(75)\n"
     )
     rank.chmod(0o755)
     env = {**os.environ, "PYTHON": str(rank), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
@@ -534,9 +549,18 @@ def _stand_in(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-# the stand-in torchrun once the stop file is there: its ranks stopped (torchrun reports them as 1), the
-# run ended by itself first (0), or the ranks are busy elsewhere (an evaluation) and never look
-TORCHRUN_AFTER_THE_STOP = {"stopped": "sys.exit(1)", "finished": "sys.exit(0)", "busy": "time.sleep(60)"}
+# the stand-in torchrun once the stop file is there: its ranks stopped (torchrun reports them as 1) having
+# written their stop checkpoint, or after a save that outlasts REQUEUE_AFTER, or failed without one (a
+# full disk); the run ended by itself first (0); or the ranks are busy elsewhere (an evaluation)
+_SAVED = "pathlib.Path(os.environ['PRETRAIN_STOP_FILE'] + '.saved').touch()\n"
+TORCHRUN_AFTER_THE_STOP = {
+    "stopped": f"{_SAVED}sys.exit(1)",
+    "slow save": "pathlib.Path(os.environ['PRETRAIN_STOP_FILE'] + '.saving').touch()\n"
+    f"time.sleep(2.5)\n{_SAVED}sys.exit(1)",
+    "failed": "sys.exit(1)",
+    "finished": "sys.exit(0)",
+    "busy": "time.sleep(60)",
+}
 
 
 def _slurm_job(tmp_path, ranks: str) -> tuple[subprocess.Popen, Path]:
@@ -589,6 +613,26 @@ def test_slurm_time_limit_warning_stops_the_ranks_then_requeues(tmp_path):
     assert calls.read_text().splitlines()[1:] == ["requeue 123"]
     assert not (tmp_path / ".pretrain-stop-123").exists()  # a requeued job starts without a stop request
     assert (tmp_path / "grace").read_text() == "900"  # torchrun's SIGKILL waits past a long checkpoint
+
+
+def test_slurm_a_stop_checkpoint_that_outlasts_the_timer_is_not_cut_short_by_a_requeue(tmp_path):
+    # the timer requeued (SLURM killing the job) while the ranks wrote their stop checkpoint: every
+    # requeued job then resumed from the same older checkpoint and lost the same work
+    proc, calls = _slurm_job(tmp_path, "slow save")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert calls.read_text().splitlines()[1:] == ["requeue 123"]  # once, at the end, not by the timer
+    assert not list(tmp_path.glob(".pretrain-stop-123*"))
+
+
+def test_slurm_ranks_that_fail_without_their_stop_checkpoint_end_the_job_unrequeued(tmp_path):
+    # requeued, the job resumed from the same checkpoint, failed alike, and exited 0 each time
+    proc, calls = _slurm_job(tmp_path, "failed")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    time.sleep(1.5)  # past REQUEUE_AFTER: the fallback was called off too
+    assert calls.read_text().splitlines()[1:] == []
+    assert not list(tmp_path.glob(".pretrain-stop-123*"))
 
 
 def test_slurm_a_run_that_ends_after_the_warning_is_not_requeued(tmp_path):

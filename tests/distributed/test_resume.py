@@ -262,6 +262,8 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_on_more_ranks(tmp_path):
     returncode, log = _sigterm_at_step_3(cmd, {**single_process_env(), "PRETRAIN_STOP_FILE": str(stop_file)})
     assert returncode == 75, log
     assert stop_file.exists()  # a signal, not the file, stopped it; the file says the exit was a stop
+    # and that its stop checkpoint was written (.saving while it was): a launch script requeues only then
+    assert Path(f"{stop_file}.saving").exists() and Path(f"{stop_file}.saved").exists()
     run = tmp_path / "run"
     tag = (run / "checkpoints" / "latest").read_text()
     assert tag.endswith("-stop")
