@@ -140,17 +140,34 @@ _TAG = re.compile(r"(phase-\d+|step-\d+(-stop)?)(-\d+)?")
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the `keep` newest complete checkpoints and the one `latest` names; delete the rest, and every
-    unfinished directory (a crashed or out-of-space save), which can never be resumed from."""
+    """Keep the complete checkpoints of the `keep` newest states and the one `latest` names; delete the
+    rest, and every unfinished directory (a crashed or out-of-space save), which can never be resumed from.
+
+    A state is a global step: a stop repeated at one step (a NaN retried, a requeued job stopped again
+    before its first step) saves the same state under a new name, and counted as states of their own the
+    copies pushed every earlier checkpoint out, leaving nothing to roll back to. The newest copy is kept.
+    """
     current = _read_latest(root)
     dirs = [p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)]  # others are not ours
     # A checkpoint from before completeness marks is complete if `latest` names it.
     complete = [p for p in dirs if is_complete(p) or p.name == current]
-    complete.sort(key=_saved_at, reverse=True)
-    kept = {p.name for p in complete[:keep]} | {current}
+    kept, states = set(), set()
+    for path in sorted(complete, key=_saved_at, reverse=True):
+        state = _state(path)
+        if path.name == current or (state not in states and len(states) < keep):
+            kept.add(path.name)
+            states.add(state)
     for old in dirs:
         if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _state(path: Path) -> object:
+    """The global step a checkpoint holds, from its mark; its own name where no mark says (older ones)."""
+    try:
+        return json.loads((path / COMPLETE).read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return path.name
 
 
 def _saved_at(path: Path) -> float:

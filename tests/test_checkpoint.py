@@ -27,13 +27,14 @@ from pretrain.distributed import DistInfo
 ONE = DistInfo(rank=0, world_size=1, local_rank=0)
 
 
-def _checkpoint(root, tag, when, complete=True):
-    """A checkpoint directory written at time `when` (its mark too), complete or left by a crash."""
+def _checkpoint(root, tag, when, complete=True, step=None):
+    """A checkpoint directory written at time `when` (its mark too, with `step`), complete or left by a
+    crash."""
     path = root / tag
     path.mkdir(parents=True)
     (path / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     if complete:
-        (path / COMPLETE).write_text(json.dumps({"tag": tag}))
+        (path / COMPLETE).write_text(json.dumps({"tag": tag, **({"global_step": step} if step else {})}))
         os.utime(path / COMPLETE, (when, when))
     os.utime(path, (when, when))
     return path
@@ -51,6 +52,16 @@ def test_rotation_counts_only_complete_checkpoints(tmp_path):
     _latest(tmp_path, "step-6")
     prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-4", "step-6"]
+
+
+def test_rotation_counts_copies_of_one_step_once_and_keeps_the_newest(tmp_path):
+    # a NaN stop retried twice: its copies of step 249 pushed step-200 out, nothing left to roll back to
+    for i, (tag, step) in enumerate([("step-100", 100), ("step-200", 200), ("step-249-stop", 249)]):
+        _checkpoint(tmp_path, tag, when=1000 + i, step=step)
+    _checkpoint(tmp_path, "step-249-stop-2", when=2000, step=249)
+    _latest(tmp_path, "step-249-stop-2")
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-200", "step-249-stop-2"]
 
 
 def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
