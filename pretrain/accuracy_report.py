@@ -140,24 +140,42 @@ def accuracy_verdict(runs: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, s
     label of the run it favours (the baseline unless another ended strictly higher); ("", None) when fewer
     than two runs have accuracy metrics."""
     scored = [
-        (label, summary)
+        (label, summary, data)
         for label, data in runs
         if "avg_final_accuracy" in (summary := data.get("accuracy_metrics") or {})
     ]
     if len(scored) < 2 or scored[0][0] != runs[0][0]:
         return "", None
-    done = {label: summary.get("phases_done") for label, summary in scored}
+    done = {label: summary.get("phases_done") for label, summary, _ in scored}
     if len(set(done.values())) > 1:  # a final phase whose scoring failed or is still to come
         counts = ", ".join(f"{label} {n}" for label, n in done.items())
         return (
             f"Task accuracy not compared: the runs have scored different numbers of phases ({counts}).",
             None,
         )
+    # each average is over the tasks that run scored in every row, by its own metric: not comparable
+    # unless those are the same (other eval.tasks, or a task added on a resume and not scored back yet)
+    averaged = {label: _averaged_over(summary, data) for label, summary, data in scored}
+    if len(set(averaged.values())) > 1:
+        what = "; ".join(
+            f"{label}: {', '.join(tasks)} ({metric})" for label, (tasks, metric) in averaged.items()
+        )
+        return (
+            f"Task accuracy not compared: the runs' averages cover different tasks or metrics ({what}).",
+            None,
+        )
+    scored = [(label, summary) for label, summary, _ in scored]
     (base, b), (best, w) = scored[0], max(scored, key=lambda pair: pair[1]["avg_final_accuracy"])
     if w["avg_final_accuracy"] <= b["avg_final_accuracy"]:
         text = f"No run ended with a higher average task accuracy than {base} ({_acc(b)})."
         return text, base
     return f"On downstream tasks {best} ended highest: {_acc(w)} vs {_acc(b)} for {base}.", best
+
+
+def _averaged_over(summary: dict[str, Any], data: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    """(the tasks a run's average final accuracy is over, its metric)."""
+    left_out = summary.get("left_out") or {}
+    return tuple(sorted(t for t in data["tasks"] if t not in left_out)), data.get("task_metric") or "acc"
 
 
 def _acc(summary: dict[str, Any]) -> str:

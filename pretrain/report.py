@@ -858,7 +858,9 @@ def _versus(best: RunMetrics, base: RunMetrics) -> str:
     else:
         text += f"at no plasticity cost (plasticity {pb:.4f} vs {p0:.4f})."
     lb, l0 = best.data.get("avg_final_loss"), base.data.get("avg_final_loss")
-    if lb is not None and l0 is not None:
+    if set(best.data["domains"]) != set(base.data["domains"]):  # a mean over other held-out sets
+        text += " Average final loss not compared: the runs evaluate different domains."
+    elif lb is not None and l0 is not None:
         text += f" Average final loss {lb:.4f} vs {l0:.4f}."
     return text
 

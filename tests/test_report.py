@@ -531,6 +531,29 @@ def test_compare_does_not_rank_accuracy_scored_on_fewer_phases(tmp_path):
     assert "| migu (after phase 2 (docs)) | 0.8750 | 0.8750 |" in table
 
 
+def test_compare_does_not_rank_averages_over_different_tasks_or_domains(tmp_path):
+    # a run scoring only the easy task (or with the hard one added on a resume, not scored back yet) was
+    # declared highest over one scoring lower on both; a baseline's extra evaluated-only domain moved its
+    # average final loss, which the verdict set against the other's
+    none = write_run(tmp_path / "a", **ACCURACY)
+    easy_only = {**ACCURACY, "tasks": ["general"], "task_domains": {}, "task_docs": {"general": 8}}
+    easy_only["accuracy"] = [[row[1] + 0.125] for row in ACCURACY["accuracy"]]  # above none on general
+    text = format_comparison([none, write_run(tmp_path / "b", method="migu", **easy_only)])
+    assert (
+        "Task accuracy not compared: the runs' averages cover different tasks or metrics (none: general, "
+        "t_code (acc); migu: general (acc))" in text
+    )
+    assert "ended highest" not in text
+    added = {**ACCURACY, "accuracy": [[None, 5 / 8], [None, 5 / 8], [7 / 8, 4 / 8], [7 / 8, 4 / 8]]}
+    text = format_comparison([none, write_run(tmp_path / "c", method="migu", **added)])
+    assert "migu: general (acc)" in text and "ended highest" not in text
+    loss = [[*row[:3]] for row in LOSS]  # no evaluated-only news, and code forgets less
+    loss[3][0] = 1.8
+    fewer = write_run(tmp_path / "d", loss=loss, method="migu", domains=DOMAINS[:3])
+    text = format_comparison([write_run(tmp_path / "e"), fewer])
+    assert "migu forgot least" in text and "Average final loss not compared: the runs evaluate different" in text
+
+
 def test_a_report_rerun_that_fails_midway_leaves_the_last_report_and_pictures_whole(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run")
     write_report(run)
