@@ -551,7 +551,8 @@ def test_compare_does_not_rank_averages_over_different_tasks_or_domains(tmp_path
     loss[3][0] = 1.8
     fewer = write_run(tmp_path / "d", loss=loss, method="migu", domains=DOMAINS[:3])
     text = format_comparison([write_run(tmp_path / "e"), fewer])
-    assert "migu forgot least" in text and "Average final loss not compared: the runs evaluate different" in text
+    assert "migu forgot least" in text
+    assert "Average final loss not compared: the runs evaluate different domains" in text
 
 
 def test_a_report_rerun_that_fails_midway_leaves_the_last_report_and_pictures_whole(tmp_path, monkeypatch):
