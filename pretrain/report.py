@@ -423,8 +423,13 @@ def plot_loss_curves(data: dict[str, Any], path: str | Path, title: str = "held-
     return save_figure(fig, path, dpi=100)
 
 
-def _draw_curves(ax, data: dict[str, Any], title: str, legend: bool) -> None:
+def _draw_curves(
+    ax, data: dict[str, Any], title: str, legend: bool, colors: dict[str, str] | None = None
+) -> None:
+    """The run's held-out losses after each phase, a line per domain in `colors` (by default its own
+    domains' order: runs drawn side by side pass one map, or a domain changes colour between panels)."""
     domains, phases, loss = data["domains"], data["phases"], data["eval_loss"]
+    colors = colors or domain_colors([domains])
     xs = list(range(len(phases) + 1))
     for k, d in enumerate(phases, 1):
         ax.axvspan(k - 1, k, color="#f0f0f0" if k % 2 else "#e0e0e0", zorder=0)
@@ -434,7 +439,7 @@ def _draw_curves(ax, data: dict[str, Any], title: str, legend: bool) -> None:
         ys += [math.nan] * (len(xs) - len(ys))
         style = "-" if d in phases else "--"
         label = d if d in phases else f"{d} (eval only)"
-        ax.plot(xs, ys[: len(xs)], style, marker="o", color=f"C{j % 10}", label=label, zorder=2)
+        ax.plot(xs, ys[: len(xs)], style, marker="o", color=colors[d], label=label, zorder=2)
     ax.set_xticks(xs, ["initial"] + [str(k) for k in xs[1:]])
     ax.set_xlim(-0.2, len(phases) + 0.2)
     ax.set_xlabel("after phase")
@@ -442,6 +447,11 @@ def _draw_curves(ax, data: dict[str, Any], title: str, legend: bool) -> None:
     ax.set_title(title, pad=30)
     if legend:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+
+def domain_colors(domain_lists: list[list[str]]) -> dict[str, str]:
+    """One colour per domain over all the lists, in order of first appearance."""
+    return {d: f"C{j % 10}" for j, d in enumerate(dict.fromkeys(d for ds in domain_lists for d in ds))}
 
 
 # -- MIGU pictures
@@ -748,10 +758,15 @@ def plot_comparison(runs: list[RunMetrics], path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, n)
     first = None
+    # one colour a domain in every panel; each panel its own legend (which domains it has, which are
+    # evaluated only): runs in other phase orders, or with other domains, were coloured by position, and
+    # the one legend, the last run's, misnamed the others' lines
+    colors = domain_colors([r.data["domains"] for r in runs])
     for i, r in enumerate(runs):
         ax = fig.add_subplot(grid[0, i], sharey=first)
         first = first or ax
-        _draw_curves(ax, r.data, r.label, legend=i == n - 1)
+        _draw_curves(ax, r.data, r.label, legend=False, colors=colors)
+        ax.legend(loc="best", fontsize=7)
     bars = fig.add_subplot(grid[1, :])
     names = [m for m in COMPARED if m in SIGNED]
     width = 0.8 / n

@@ -375,6 +375,25 @@ def test_compare_names_the_run_that_forgot_least(tmp_path, capsys):
         assert pixels_near(tmp_path / "cmp" / "comparison.png", rgb) > 1000, rgb
 
 
+def test_compare_picture_colours_a_domain_alike_in_every_panel_and_labels_each(tmp_path, monkeypatch):
+    # colours went by a domain's position in each run, so runs in other phase orders swapped them, and
+    # the only legend, the last run's, named the other panels' lines wrongly
+    order2 = [LOSS[0], [3.5, 2.0, 3.8, 5.1], [2.0, 1.7, 3.6, 5.2], [1.8, 3.0, 1.5, 5.4]]
+    runs = [write_run(tmp_path / "a"), write_run(tmp_path / "b", loss=order2, method="migu")]
+    data = json.loads((runs[1] / "metrics.json").read_text())
+    data.update(domains=["docs", "code", "plays", "news"], phases=["docs", "code", "plays"])
+    (runs[1] / "metrics.json").write_text(json.dumps(data))
+    figures = []
+    monkeypatch.setattr("pretrain.report.save_figure", lambda fig, path, dpi: figures.append(fig) or path)
+    compare_runs(runs, tmp_path / "cmp")
+    panels = [ax for ax in figures[-1].axes if ax.get_legend() is not None][:2]
+    colour = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in panels]
+    assert colour[0] == colour[1] and len(set(colour[0].values())) == 4
+    assert [sorted(t.get_text() for t in ax.get_legend().get_texts()) for ax in panels] == [
+        sorted(colour[0])
+    ] * 2
+
+
 def test_compare_when_the_baseline_forgot_least(tmp_path):
     runs = three_runs(tmp_path)
     text = format_comparison([runs[2], runs[0]])
