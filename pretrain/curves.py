@@ -6,6 +6,7 @@ loss rose. Reads metrics.json's `eval_curve`; a run without it (eval.every: 0) g
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,28 +82,46 @@ def curve_section(data: dict[str, Any]) -> list[str]:
     rises = _largest_rises(curve, data["domains"], data["phases"])
     if rises:
         lines += ["| domain | largest rise inside a later phase | phase | at step |", "|---|---|---|---|"]
-        lines += [f"| {d} | {rise:+.4f} | {phase} | {step} |" for d, rise, phase, step in rises]
+        lines += [_rise_row(*rise) for rise in rises]
         lines.append("")
     return lines
 
 
+def _rise_row(domain: str, best: tuple | None, nonfinite: tuple | None) -> str:
+    note = "" if nonfinite is None else f" (non-finite at phase {nonfinite[0]}, step {nonfinite[1]})"
+    if best is None:
+        return f"| {domain} | —{note} | — | — |"
+    rise, phase, step = best
+    return f"| {domain} | {rise:+.4f}{note} | {phase} | {step} |"
+
+
 def _largest_rises(curve: list[dict[str, Any]], domains: list[str], phases: list[str]):
-    """Per trained domain: the largest loss above its value at the end of its own last phase so far,
-    seen inside a later phase (the peak of forgetting, which a phase-end matrix may not show)."""
+    """Per trained domain: (domain, (rise, phase, step) of the largest finite loss above its value at the
+    end of its own last phase so far seen inside a later phase, the peak of forgetting that a phase-end
+    matrix may not show; (phase, step) of the first non-finite rise, or None). A NaN is kept apart: once
+    the largest, every later comparison with it was false and hid the real peak."""
     out = []
     for j, d in enumerate(domains):
         if d not in phases:
             continue
         trained_end = {k for k, p in enumerate(phases, 1) if p == d}
-        best = None
+        best = nonfinite = None
+        seen = False
         for point in curve:
             base = [p for p in curve if p["phase"] in trained_end and p["phase"] < point["phase"]]
             if not base:
                 continue
-            reference = max(base, key=lambda p: p["global_step"])["loss"][j]
-            rise = point["loss"][j] - reference
-            if best is None or rise > best[1]:
-                best = (d, rise, point["phase"], point["step"])
-        if best is not None:
-            out.append(best)
+            seen = True
+            rise = _finite(point["loss"][j]) - _finite(max(base, key=lambda p: p["global_step"])["loss"][j])
+            if not math.isfinite(rise):
+                nonfinite = nonfinite or (point["phase"], point["step"])
+            elif best is None or rise > best[0]:
+                best = (rise, point["phase"], point["step"])
+        if seen:
+            out.append((d, best, nonfinite))
     return out
+
+
+def _finite(value: Any) -> float:
+    """A loss as a float; None (not evaluated) as NaN, which the caller keeps apart."""
+    return math.nan if value is None else float(value)

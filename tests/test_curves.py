@@ -34,6 +34,14 @@ def test_the_largest_rise_is_the_mid_phase_peak_not_the_phase_end():
     assert not any(line.startswith("| docs |") or line.startswith("| news |") for line in lines)
 
 
+def test_a_nan_point_is_named_and_does_not_hide_the_peak():
+    # once a NaN rise was the largest, every later `rise > nan` was false: the table showed +nan
+    curve = [*DATA["eval_curve"][:4], _point(2, 3, 7, [float("nan"), 4.0, 4.7]), *DATA["eval_curve"][4:]]
+    curve.append(_point(2, 5, 9, [4.5, 3.0, 4.6]))
+    lines = curve_section({**DATA, "eval_curve": curve})
+    assert "| code | +1.5000 (non-finite at phase 2, step 3) | 2 | 5 |" in lines
+
+
 def test_the_picture_is_drawn_and_a_run_without_a_curve_gets_none(tmp_path):
     path = plot_eval_curve(DATA, tmp_path / "eval_curve.png", title="t")
     assert path.is_file() and path.stat().st_size > 10_000
