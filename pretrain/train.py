@@ -291,7 +291,8 @@ class Trainer:
         summary = self.method.end_phase(phase)
         if summary:
             self.results.migu.append(summary)
-        log_forgetting(self.trackers, self.results.to_dict(), phase, self.pos.global_step)
+        if self.cfg.eval.inline:  # else no row of this phase yet: the metrics would be an earlier phase's
+            log_forgetting(self.trackers, self.results.to_dict(), phase, self.pos.global_step)
         self.method.log(self.trackers, self.pos.global_step)
         self._save_results()
         if self.cfg.checkpoint.export:  # before the checkpoint: a resume past this phase finds its export

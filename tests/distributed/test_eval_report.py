@@ -19,6 +19,7 @@ from conftest import (
     write_config,
 )
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain.instruct import ExampleStream, heldout_examples, model_inputs
 from pretrain.shuffle import Shuffle
@@ -150,3 +151,9 @@ def test_eval_job_at_zero2_and_its_rows_survive_a_resume(tmp_path):
     assert metrics["eval_loss"][:2] == by_job and len(metrics["train"]) == 2
     assert_ok(run_deepspeed(["pretrain", "eval", "--run", str(run), "--phase", "2"]))
     assert _metrics(run)["eval_loss"][:2] == by_job and _metrics(run)["avg_forgetting"] is not None
+    # the trainer logged no forgetting metrics: at a phase's end no job had its row yet, so they were the
+    # phase before's, tagged with this one (and the last phase's never came)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and not [t for t in tags if t.startswith("forgetting/")]
