@@ -530,7 +530,7 @@ def _file_problems(cfg: RunConfig, training: bool) -> list[str]:
         problems.append(f"key `model.path`: {cfg.model.path} does not exist")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
         problems.append(f"key `tokenizer.path`: directory {cfg.tokenizer.path} does not exist")
-    problems += _deepspeed_problems(cfg.deepspeed.config, cfg.train, cfg.regularisation)
+    problems += _deepspeed_problems(cfg.deepspeed.config, cfg.train, cfg.regularisation, cfg.method)
     return problems + _task_problems(cfg)
 
 
@@ -608,7 +608,9 @@ def _missing_files(files: list[str], key: str, name: str) -> list[str]:
     return problems
 
 
-def _deepspeed_problems(path: str, train: TrainConfig, reg: RegularisationConfig) -> list[str]:
+def _deepspeed_problems(
+    path: str, train: TrainConfig, reg: RegularisationConfig, method: MethodConfig
+) -> list[str]:
     p = Path(path)
     if not p.is_file():
         return [f"key `deepspeed.config`: file {path} does not exist"]
@@ -654,7 +656,33 @@ def _deepspeed_problems(path: str, train: TrainConfig, reg: RegularisationConfig
             "bits): the pull acts on fp32 master weights, which stage 0 keeps inside the optimizer; "
             "use stage 1-3"
         )
+    problems += _bf16_optimizer_problems(path, ds, stage, train, reg, method)
     return problems + [f"key `deepspeed.config`: {c}" for c in run_owned_conflicts(ds, train, path)]
+
+
+def _bf16_optimizer_problems(
+    path: str, ds: dict, stage: Any, train: TrainConfig, reg: RegularisationConfig, method: MethodConfig
+) -> list[str]:
+    """bf16 at ZeRO-1 with fp32 accumulation, not offloaded, is DeepSpeed's BF16_Optimizer: every rank
+    holds the whole reduced gradient and clips by its norm without asking the others, while a method
+    changes only the part this rank steps; each rank then clipped by another, wrong norm (1.0997 and
+    1.1037 where the masked gradient's is 1.0686, in a 2-rank run)."""
+    types = ds.get("data_types") if isinstance(ds.get("data_types"), dict) else {}
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    bf16_optimizer = (ds.get("bf16") or {}).get("enabled") and stage == 1 and offload in ("none", None)
+    if not (bf16_optimizer and types.get("grad_accum_dtype") in ("fp32", "float32")):
+        return []
+    changes = [f"method.name {method.name!r}"] if method.name != "none" else []
+    changes += [f"regularisation.kind {reg.kind!r}"] if reg.kind != "none" else []
+    if not changes or train.grad_clip == 0:
+        return []
+    return [
+        f"key `train.grad_clip` {train.grad_clip} with {' and '.join(changes)} and `deepspeed.config` {path} "
+        "(bf16 at ZeRO stage 1 with data_types.grad_accum_dtype fp32: DeepSpeed's BF16_Optimizer): it "
+        "clips each rank by the norm of its own full gradient copy, of which the method changes only the "
+        "part the rank steps, so the ranks would clip by different, wrong norms; use ZeRO stage 2, or "
+        "drop grad_accum_dtype, or set train.grad_clip: 0"
+    ]
 
 
 def _translated(section: str, value: Any) -> str:

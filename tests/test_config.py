@@ -394,6 +394,23 @@ def test_eval_engine_config_needs_no_optimizer(tmp_path, stage, expected):
     assert eval_deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == expected
 
 
+@pytest.mark.parametrize("change", ["method.name=migu", "method.name=random", "regularisation.kind=l2"])
+def test_clipping_under_the_bf16_optimizer_with_a_gradient_method_is_refused(tmp_path, change):
+    # BF16_Optimizer clips each rank by the norm of its full gradient copy, which a method changes only in
+    # the part the rank steps: the ranks clipped by different, wrong norms (a reviewer's 2-rank run)
+    zero1 = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+    load = _with_deepspeed(tmp_path, {**zero1, "data_types": {"grad_accum_dtype": "fp32"}}, change)
+    with pytest.raises(ConfigError, match=r"train.grad_clip` 1.0 with .*BF16_Optimizer.*different, wrong"):
+        load()
+    assert load_config(
+        tmp_path / "run.yaml", [f"deepspeed.config={tmp_path / 'ds.json'}", change, "train.grad_clip=0"]
+    )
+    assert _with_deepspeed(tmp_path, zero1, change)()  # bf16 accumulation: the ZeRO optimizer, which agrees
+    offloaded = {**zero1, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    offloaded["data_types"] = {"grad_accum_dtype": "fp32"}
+    assert _with_deepspeed(tmp_path, offloaded, change, "train.optimizer=cpu_adam")()
+
+
 def test_combinations_that_cannot_work_name_both_keys(tmp_path):
     one_phase = write_config(tiny_run_config(tmp_path, domains=("news",)), tmp_path / "one.yaml")
     with pytest.raises(ConfigError, match=r"regularisation.kind` 'ewc' with one entry in `phases`"):
