@@ -213,6 +213,7 @@ class Trainer:
                 if self.cfg.train.on_nonfinite == "stop":
                     self._stop(EXIT_NONFINITE, "non-finite loss", step_start)
                 self.method.discard_step()
+                self.method.skip_step()
                 self.engine.lr_scheduler.step()  # the schedule counts the skipped step, so phases keep length
                 self.results.skipped_steps.append(self.pos.global_step + 1)
                 log.warning("non-finite loss at step %d on some rank: step skipped", self.pos.global_step + 1)

@@ -2,7 +2,8 @@
 
 The trainer calls, per phase: `begin_phase` (not again when it resumes a phase midway: the checkpoint
 holds the method's state); per micro-step: `before_backward` (after the forward), `after_backward`
-(before `engine.step()`), or `discard_step` when the step is skipped or the run stops inside it; every
+(before `engine.step()`), or `discard_step` when the step is skipped or the run stops inside it, and
+then `skip_step` when it is skipped (the phase counts it: a method's step count stays the trainer's); every
 logging interval `scalars`; at the phase's end `end_phase` (a JSON-able summary for metrics.json) and
 `log`. Every hook is called on every rank (a method may run collectives in any of them). `state_dict`
 (the same on every rank, saved once) and `rank_state_dict` (this rank's own, e.g. its ZeRO partition of
@@ -32,6 +33,8 @@ class Method(Protocol):
     def after_backward(self, engine: Any = None) -> None: ...
 
     def discard_step(self) -> None: ...
+
+    def skip_step(self) -> None: ...
 
     def scalars(self) -> dict[str, float]: ...
 
@@ -65,6 +68,9 @@ class MethodBase:
         pass
 
     def discard_step(self) -> None:
+        pass
+
+    def skip_step(self) -> None:
         pass
 
     def scalars(self) -> dict[str, float]:
@@ -122,6 +128,10 @@ class MethodStack(MethodBase):
     def discard_step(self) -> None:
         for m in self.methods:
             m.discard_step()
+
+    def skip_step(self) -> None:
+        for m in self.methods:
+            m.skip_step()
 
     def scalars(self) -> dict[str, float]:
         return {k: v for m in self.methods for k, v in m.scalars().items()}

@@ -64,6 +64,12 @@ class Regularisation(MethodBase):
         return summary
 
     # -- per step
+    def skip_step(self) -> None:
+        """A step the trainer skipped (a non-finite loss) is a step of the phase all the same: uncounted,
+        each one moved EWC's Fisher window (the phase's last fisher_steps) past the phase's end, and as
+        many skips as fisher_steps left the phase with no Fisher, its domain unprotected, without a word."""
+        self.step += 1
+
     def after_backward(self, engine: Any = None) -> None:
         engine = engine if engine is not None else self.engine
         if not engine.is_gradient_accumulation_boundary():
