@@ -411,6 +411,12 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
             problems.append("key `tokenizer.source`: a scratch model has no tokenizer of its own")
     elif cfg.model.path is None:
         problems.append(f"key `model.path`: required for source {cfg.model.source!r}")
+    elif cfg.tokenizer.source == "train":  # the default: a pretrained model given without a tokenizer section
+        problems.append(
+            f"key `tokenizer.source` 'train' with `model.source` {cfg.model.source!r}: a newly trained "
+            "tokenizer numbers tokens otherwise than the model's embeddings were trained on, and every "
+            "step would be wasted; set tokenizer.source: model (or path, for the model's own elsewhere)"
+        )
     if cfg.train.on_nonfinite == "skip" and cfg.train.grad_accum > 1:
         problems.append("key `train.on_nonfinite`: 'skip' needs train.grad_accum 1 (use 'stop')")
     if cfg.tokenizer.source == "path" and cfg.tokenizer.path is None:
@@ -505,6 +511,7 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
             "key `replay.share` with one entry in `phases` and no `replay.sources`: there is nothing "
             "earlier to replay"
         )
+    problems += _replay_unused(cfg) + _budget_problems(cfg) + _tokenizer_place_problems(cfg)
     trained = {p.domain for p in cfg.phases}
     instruction = [i for i, d in enumerate(cfg.domains) if d.instruction is not None and d.name in trained]
     replaying = [i for i, p in enumerate(cfg.phases) if (p.replay_share or 0) > 0]
@@ -517,6 +524,48 @@ def _combination_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _replay_unused(cfg: RunConfig) -> list[str]:
+    """Replay settings that would never replay anything, which a run ignored without a word."""
+    shares = [cfg.replay.share if p.replay_share is None else p.replay_share for p in cfg.phases]
+    if cfg.replay.sources and not any(shares):
+        return [
+            "key `replay.sources` with `replay.share` 0 and no `phases.N.replay_share`: the sources would "
+            "never be read; set replay.share (or a phase's replay_share)"
+        ]
+    if cfg.phases and (cfg.phases[0].replay_share or 0) > 0 and not cfg.replay.sources:
+        return [
+            "key `phases.0.replay_share`: the first phase has nothing earlier to replay and there are "
+            "no `replay.sources`"
+        ]
+    return []
+
+
+def _budget_problems(cfg: RunConfig) -> list[str]:
+    """A token budget counts a step's seq_len x batch tokens: an instruction example is padded to seq_len,
+    so `tokens` would buy far fewer real tokens than it says (22% in a reviewer's run)."""
+    instruction = {d.name for d in cfg.domains if d.instruction is not None}
+    return [
+        f"key `phases.{i}.tokens`: phase {i + 1} trains the instruction domain {p.domain!r}, whose examples "
+        "are padded to train.seq_len, so a token budget would count the padding; give `steps` instead"
+        for i, p in enumerate(cfg.phases)
+        if p.tokens is not None and p.domain in instruction
+    ]
+
+
+def _tokenizer_place_problems(cfg: RunConfig) -> list[str]:
+    """A trained tokenizer at the run directory itself (or its checkpoints or exports): the run's files
+    then make it a directory this project did not write, and every resume and eval job was refused."""
+    if cfg.tokenizer.source != "train" or cfg.tokenizer.path is None:
+        return []
+    run = Path(cfg.output_dir)
+    if Path(cfg.tokenizer.path) in (run, run / "checkpoints", run / "export"):
+        return [
+            f"key `tokenizer.path`: {cfg.tokenizer.path} is the run's own directory (`output_dir`) or one "
+            "it fills; leave tokenizer.path out (the run's tokenizer/) or give a directory of its own"
+        ]
+    return []
+
+
 def _file_problems(cfg: RunConfig, training: bool) -> list[str]:
     problems = []
     # an evaluation reads held-out sets only: an archived run whose training corpus is gone is still scored
@@ -524,6 +573,9 @@ def _file_problems(cfg: RunConfig, training: bool) -> list[str]:
     for i, dom in enumerate(cfg.domains):
         for split in ("train", "heldout") if dom.name in trained else ("heldout",):
             problems += _missing_files(getattr(dom, split), f"domains.{i}.{split}", dom.name)
+        # a trained tokenizer reads an evaluated-only domain's train files too, if it lists any
+        if training and dom.name not in trained and dom.train and cfg.tokenizer.source == "train":
+            problems += _missing_files(dom.train, f"domains.{i}.train", dom.name)
     for i, source in enumerate(cfg.replay.sources if training else ()):
         problems += _missing_files(source.train, f"replay.sources.{i}.train", source.name)
     if cfg.model.path is not None and not Path(cfg.model.path).exists():
@@ -636,6 +688,12 @@ def _deepspeed_problems(
             ("zero_optimization.offload_param", zero.get("offload_param"), '{"device": "cpu"}'),
         )
         if value is not None and not isinstance(value, dict)
+    ]
+    shapes = shapes or [
+        f"key `deepspeed.config`: {path}: `{name}.enabled` must be true or false, not {json.dumps(value)} "
+        '(DeepSpeed reads a string such as "auto" as false and trains in fp32)'
+        for name in ("bf16", "fp16")
+        if not isinstance(value := (ds.get(name) or {}).get("enabled", False), bool)
     ]
     if shapes:  # the checks below read inside them
         return shapes

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 import yaml
-from conftest import run_single, tiny_run_config, write_config
+from conftest import corpus, instruction_corpus, run_single, tiny_run_config, write_config
 
 from pretrain.config import ConfigError, load_config, steps_for_phase
 from pretrain.engine import deepspeed_config, eval_deepspeed_config
@@ -142,6 +142,14 @@ def test_a_later_phase_whose_corpus_cannot_fill_a_step_stops_the_run_before_phas
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def _a_tokenizer(tmp_path) -> dict:
+    """A `tokenizer` section naming a small trained tokenizer, as a pretrained model's run needs one."""
+    from pretrain.tokenizer import train_tokenizer
+
+    train_tokenizer([([corpus("news")[0]], "text")], str(tmp_path / "tok"), 512, 400)
+    return {"source": "path", "path": str(tmp_path / "tok")}
+
+
 def test_a_bad_heldout_record_stops_the_run_before_the_model_loads(tmp_path):
     """The held-out sets were first read after the model and the engine were built (minutes at 70B)."""
     raw = tiny_run_config(tmp_path)
@@ -150,7 +158,7 @@ def test_a_bad_heldout_record_stops_the_run_before_the_model_loads(tmp_path):
     raw["domains"][1]["heldout"] = [str(heldout)]
     empty = tmp_path / "model"  # no weights: loading it would be the first error, were it tried first
     empty.mkdir()
-    raw["model"] = {"source": "hf", "path": str(empty)}
+    raw["model"], raw["tokenizer"] = {"source": "hf", "path": str(empty)}, _a_tokenizer(tmp_path)
     proc = run_single(["train", "--config", str(write_config(raw, tmp_path / "run.yaml"))], timeout=300)
     assert proc.returncode == 2 and str(heldout) in proc.stderr, proc.stderr[-3000:]
     assert "cannot be loaded" not in proc.stderr and not (tmp_path / "run" / "config.yaml").exists()
@@ -164,7 +172,7 @@ def test_a_key_deepspeed_refuses_stops_the_run_before_the_model_loads(tmp_path):
     raw["deepspeed"] = {"config": str(ds)}
     empty = tmp_path / "model"
     empty.mkdir()
-    raw["model"] = {"source": "hf", "path": str(empty)}
+    raw["model"], raw["tokenizer"] = {"source": "hf", "path": str(empty)}, _a_tokenizer(tmp_path)
     proc = run_single(["train", "--config", str(write_config(raw, tmp_path / "run.yaml"))], timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "refuses `zero_optimization.overlap_com`" in proc.stderr
@@ -409,6 +417,58 @@ def test_clipping_under_the_bf16_optimizer_with_a_gradient_method_is_refused(tmp
     offloaded = {**zero1, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
     offloaded["data_types"] = {"grad_accum_dtype": "fp32"}
     assert _with_deepspeed(tmp_path, offloaded, change, "train.optimizer=cpu_adam")()
+
+
+def test_settings_a_run_would_waste_or_ignore_are_refused_when_read(tmp_path):
+    # each was accepted, and then trained for nothing or did not do what it said (a reviewer's runs)
+    raw = tiny_run_config(tmp_path)
+    path = write_config(raw, tmp_path / "run.yaml")
+    model = tmp_path / "model"
+    model.mkdir()
+    # a pretrained model without a tokenizer section: a new BPE's ids on its embeddings (loss 9.97, not 3.99)
+    with pytest.raises(
+        ConfigError, match=r"tokenizer.source` 'train' with `model.source` 'hf'.*source: model"
+    ):
+        load_config(path, ["model.source=hf", f"model.path={model}", "tokenizer.path=null"])
+    # DeepSpeed reads "auto" as false: the run trained in fp32 while the report said bf16
+    with pytest.raises(ConfigError, match=r'`bf16.enabled` must be true or false, not "auto"'):
+        _with_deepspeed(tmp_path, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}})()
+    # the first resume refused the run's own directory as a foreign tokenizer's
+    with pytest.raises(ConfigError, match=r"tokenizer.path`: .* is the run's own directory"):
+        load_config(path, [f"tokenizer.path={raw['output_dir']}"])
+    # replay settings that never replay
+    with pytest.raises(ConfigError, match=r"replay.sources` with `replay.share` 0"):
+        load_config(path, [f"replay.sources=[{{name: web, train: [{corpus('docs')[0]}]}}]"])
+    with pytest.raises(ConfigError, match=r"phases.0.replay_share`: the first phase has nothing earlier"):
+        load_config(path, ["phases.0.replay_share=0.25"])
+    assert load_config(path, ["phases.1.replay_share=0.25"]).phases[1].replay_share == 0.25
+    # an evaluated-only domain's train file, which the tokenizer reads: a sentencepiece error minutes later
+    raw["domains"].append(
+        {"name": "web", "train": [str(tmp_path / "gone.jsonl")], "heldout": [corpus("docs")[1]]}
+    )
+    with pytest.raises(ConfigError, match=r"domains.2.train`: file .*gone.jsonl does not exist"):
+        load_config(write_config(raw, tmp_path / "web.yaml"))
+    raw["tokenizer"] = _a_tokenizer(tmp_path)  # a tokenizer given: nothing reads web's train files
+    assert load_config(write_config(raw, tmp_path / "web.yaml")).domains[2].name == "web"
+
+
+def test_a_token_budget_on_an_instruction_phase_is_refused(tmp_path):
+    # the padding counted: 2560 tokens bought 565 real ones
+    train, heldout = instruction_corpus(tmp_path / "qa")
+    raw = tiny_run_config(tmp_path, domains=("news",))
+    raw["domains"].append(
+        {
+            "name": "qa",
+            "train": [train],
+            "heldout": [heldout],
+            "instruction": {"prompt": "{text}", "answer": "{label}"},
+        }
+    )
+    raw["phases"].append({"domain": "qa", "tokens": 2560})
+    with pytest.raises(ConfigError, match=r"phases.1.tokens`: phase 2 trains the instruction domain 'qa'"):
+        load_config(write_config(raw, tmp_path / "run.yaml"))
+    raw["phases"][1] = {"domain": "qa", "steps": 3}
+    assert load_config(write_config(raw, tmp_path / "run.yaml")).phases[1].steps == 3
 
 
 def test_combinations_that_cannot_work_name_both_keys(tmp_path):
