@@ -48,6 +48,7 @@ from pretrain.instruct import ExampleStream, model_inputs
 from pretrain.logs import log, progress, setup_logging
 from pretrain.methods import Method, build_methods
 from pretrain.methods.lora import apply_lora, check_migu_on_adapters
+from pretrain.methods.masking import masked_layers
 from pretrain.model import build_model, past_context
 from pretrain.preemption import EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PREEMPTED, StopRequest
 from pretrain.prefetch import Prefetched
@@ -579,7 +580,9 @@ def build_trainer(cfg: RunConfig, dist: DistInfo, resume: bool) -> tuple[Trainer
     results = RunResults.for_run(cfg)
     heldout = load_heldout(cfg, tokenizer, results)  # a bad held-out file is an error before the model loads
     model = apply_lora(cfg.lora, build_model(cfg.model, len(tokenizer), cfg.train.seed))
-    check_migu_on_adapters(model, cfg.method)  # before DeepSpeed: on the adapters' real names
+    if cfg.method.name != "none":  # before DeepSpeed, on the model's own layer names (LoRA's too)
+        masked_layers(model, cfg.method)
+        check_migu_on_adapters(model, cfg.method)
     if (overrun := past_context(model, cfg.train.seq_len)) and dist.is_main:
         log.warning("%s", overrun)
     engine = build_engine(

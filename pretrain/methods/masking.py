@@ -76,6 +76,18 @@ def select_layers(model: nn.Module, include: list[str], exclude: list[str]) -> l
     ]
 
 
+def masked_layers(model: nn.Module, cfg: MethodConfig) -> list[tuple[str, nn.Module]]:
+    """`select_layers` for `method.*`; ConfigError if none matches. Called on the built model before
+    DeepSpeed starts too (train.py): found only once the engine was built, it cost a large model's load."""
+    layers = select_layers(model, cfg.include, cfg.exclude)
+    if not layers:
+        raise ConfigError(
+            f"key `method.include` {cfg.include} (with `method.exclude` {cfg.exclude}): no trainable "
+            f"linear layer of the model matches, so {cfg.name} would mask nothing"
+        )
+    return layers
+
+
 def _out_features(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.nf  # Conv1D: nf = d_out
 
@@ -160,12 +172,7 @@ class GradientMask(MethodBase):
 
     def __init__(self, cfg: MethodConfig, model: nn.Module, engine: Any = None, grad_accum: int = 1):
         self.cfg, self.model, self.engine = cfg, model, engine
-        self.layers = select_layers(model, cfg.include, cfg.exclude)
-        if not self.layers:
-            raise ConfigError(
-                f"key `method.include` {cfg.include} (with `method.exclude` {cfg.exclude}): no trainable "
-                f"linear layer of the model matches, so {cfg.name} would mask nothing"
-            )
+        self.layers = masked_layers(model, cfg)
         self.groups = _group_layers(self.layers, cfg.threshold)
         self.group = getattr(engine, "data_parallel_group", None)
         self.grad_accum = engine.gradient_accumulation_steps() if engine is not None else grad_accum
