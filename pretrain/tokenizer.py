@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pretrain.atomic import fsync_dir, replace_dir
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import ConfigError, InstructionConfig, RunConfig
 from pretrain.data import SkipCounter, bad_record_counter, read_documents
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ _MARK = "pretrain_tokenizer.json"
 
 
 def train_tokenizer(
-    files_by_domain: list[tuple[list[str], str]],
+    files_by_domain: list[tuple[list[str], str | InstructionConfig]],
     out_dir: str,
     vocab_size: int,
     max_sentences: int,
@@ -103,10 +103,14 @@ def _trainer_args(model_dir: Path, vocab_size: int) -> dict:
 
 
 def _balanced_sentences(
-    files_by_domain: list[tuple[list[str], str]], max_sentences: int, skip: SkipCounter | None = None
+    files_by_domain: list[tuple[list[str], str | InstructionConfig]],
+    max_sentences: int,
+    skip: SkipCounter | None = None,
 ) -> Iterator[str]:
-    """Up to max_sentences pieces of text, one document from each domain in turn until all run dry."""
-    streams = [_sentences(read_documents(files, field, skip)) for files, field in files_by_domain]
+    """Up to max_sentences pieces of text, one document from each domain in turn until all run dry. A
+    domain is (files, text field), or (files, InstructionConfig) for an instruction domain, whose examples
+    are read as the model sees them, prompt and answer (its records have no text field to read)."""
+    streams = [_sentences(_documents(files, field, skip)) for files, field in files_by_domain]
     count = 0
     while streams and count < max_sentences:
         for stream in list(streams):
@@ -116,6 +120,14 @@ def _balanced_sentences(
             elif count < max_sentences:
                 count += 1
                 yield sentence
+
+
+def _documents(files: list[str], field: str | InstructionConfig, skip: SkipCounter | None) -> Iterator[str]:
+    if isinstance(field, str):
+        return read_documents(files, field, skip)
+    from pretrain.instruct import read_examples
+
+    return (example.prompt + example.answer for example in read_examples(files, field, skip))
 
 
 def _sentences(docs: Iterator[str]) -> Iterator[str]:
@@ -178,7 +190,9 @@ def fingerprint(tokenizer) -> dict[str, object]:
     return {"size": len(tokenizer), "sha256": digest}
 
 
-def _training_set(files_by_domain: list[tuple[list[str], str]], max_sentences: int) -> dict:
+def _training_set(
+    files_by_domain: list[tuple[list[str], str | InstructionConfig]], max_sentences: int
+) -> dict:
     """What a tokenizer is trained from: each domain's files (with their sizes) and the sample's size."""
     domains = [[[str(Path(f).resolve()), _size(f)] for f in files] for files, _ in files_by_domain]
     return {"domains": domains, "max_sentences": max_sentences}
@@ -279,7 +293,7 @@ def resolve_tokenizer(cfg: RunConfig, train: bool = True) -> PreTrainedTokenizer
     if tok.source == "model":
         return _model_tokenizer(cfg)
     path = tok.path or str(Path(cfg.output_dir) / "tokenizer")
-    domains = [(d.train, d.text_field) for d in cfg.domains]
+    domains = [(d.train, d.instruction or d.text_field) for d in cfg.domains]
     if holds_tokenizer(path) or _unmarked_of_a_run(path, cfg):
         return _reuse(path, tok.vocab_size, _training_set(domains, tok.max_sentences))
     if not train:  # a new one would number tokens otherwise than the one the run trained with

@@ -11,7 +11,14 @@ import pytest
 import sentencepiece as spm
 from conftest import corpus_lines
 
-from pretrain.config import ConfigError, DomainConfig, PhaseConfig, RunConfig, TokenizerConfig
+from pretrain.config import (
+    ConfigError,
+    DomainConfig,
+    InstructionConfig,
+    PhaseConfig,
+    RunConfig,
+    TokenizerConfig,
+)
 from pretrain.tokenizer import (
     _balanced_sentences,
     _check_same_vocabulary,
@@ -173,6 +180,21 @@ def test_a_tokenizer_another_run_finished_first_at_the_path_is_kept_not_replaced
     assert tok.get_vocab() == theirs.get_vocab()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == files
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer"]  # our copy removed
+
+
+def test_an_instruction_domain_is_read_as_its_examples_for_the_tokenizer(domains, tmp_path):
+    # it was read through text_field, which its records need not have: training failed on "field 'text'
+    # is missing" (or, skipping bad records, left the domain out)
+    lines = corpus_lines("plays", 150)
+    qa = tmp_path / "qa.jsonl"
+    pairs = zip(lines, lines[1:], strict=False)
+    qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    instruction = InstructionConfig(prompt="Q: {question}\nA:", answer=" {answer}")
+    sample = list(_balanced_sentences([([str(qa)], instruction)], 2))
+    assert sample == [f"Q: {lines[0]}\nA: {lines[1]}", f"Q: {lines[1]}\nA: {lines[2]}"]
+    cfg = run_config(tmp_path, domains)
+    cfg.domains.append(DomainConfig(name="qa", train=[str(qa)], heldout=[str(qa)], instruction=instruction))
+    assert len(resolve_tokenizer(cfg)) == VOCAB
 
 
 def test_resolve_path_and_model_sources(trained, domains, tmp_path):
