@@ -721,13 +721,14 @@ def _deepspeed_problems(
 def _bf16_optimizer_problems(
     path: str, ds: dict, stage: Any, train: TrainConfig, reg: RegularisationConfig, method: MethodConfig
 ) -> list[str]:
-    """bf16 at ZeRO-1 with fp32 accumulation, not offloaded, is DeepSpeed's BF16_Optimizer: every rank
-    holds the whole reduced gradient and clips by its norm without asking the others, while a method
-    changes only the part this rank steps; each rank then clipped by another, wrong norm (1.0997 and
-    1.1037 where the masked gradient's is 1.0686, in a 2-rank run)."""
+    """bf16 at ZeRO-1 with fp32 accumulation, not offloaded to the CPU, is DeepSpeed's BF16_Optimizer
+    (engine._do_optimizer_sanity_check: NVMe offload too): every rank holds the whole reduced gradient and
+    clips by its norm without asking the others, while a method changes only the part this rank steps;
+    each rank then clipped by another, wrong norm (1.0997 and 1.1037 where the masked gradient's is
+    1.0686, in a 2-rank run)."""
     types = ds.get("data_types") if isinstance(ds.get("data_types"), dict) else {}
     offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    bf16_optimizer = (ds.get("bf16") or {}).get("enabled") and stage == 1 and offload in ("none", None)
+    bf16_optimizer = (ds.get("bf16") or {}).get("enabled") and stage == 1 and offload != "cpu"
     if not (bf16_optimizer and types.get("grad_accum_dtype") in ("fp32", "float32")):
         return []
     changes = [f"method.name {method.name!r}"] if method.name != "none" else []

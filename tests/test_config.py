@@ -417,6 +417,10 @@ def test_clipping_under_the_bf16_optimizer_with_a_gradient_method_is_refused(tmp
     offloaded = {**zero1, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
     offloaded["data_types"] = {"grad_accum_dtype": "fp32"}
     assert _with_deepspeed(tmp_path, offloaded, change, "train.optimizer=cpu_adam")()
+    # DeepSpeed takes BF16_Optimizer for any offload but the CPU's
+    offloaded["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"train.grad_clip` 1.0 with .*BF16_Optimizer"):
+        _with_deepspeed(tmp_path, offloaded, change, "train.optimizer=cpu_adam")()
 
 
 def test_settings_a_run_would_waste_or_ignore_are_refused_when_read(tmp_path):
