@@ -427,6 +427,15 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     trackers = cfg.logging.trackers
     if len(set(trackers)) != len(trackers):
         problems.append(f"key `logging.trackers`: each tracker at most once (got {trackers})")
+    problems += [
+        f"key `logging.{name}` is set but {name!r} is not in logging.trackers {trackers}: nothing would be "
+        f"logged to it; add it to logging.trackers, or remove the section"
+        for name, section, default in (
+            ("wandb", cfg.logging.wandb, WandbConfig()),
+            ("mlflow", cfg.logging.mlflow, MlflowConfig()),
+        )
+        if name not in trackers and section != default
+    ]
     if cfg.method.name != "none" and cfg.method.start_phase > len(cfg.phases):
         problems.append(
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "

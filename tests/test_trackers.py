@@ -152,6 +152,15 @@ def test_tracker_names_are_checked_by_the_config(tmp_path):
         load_config(path, ["logging.trackers=[wandb, wandb]"])
     with pytest.raises(ConfigError, match=r"key `logging.wandb.mode`"):
         load_config(path, ["logging.wandb.mode=cloud"])
+    # a tracker's settings without the tracker: the run would start and log nothing there
+    with pytest.raises(ConfigError, match=r"key `logging.mlflow` is set but 'mlflow' is not in logging.tr"):
+        load_config(path, ["logging.mlflow.experiment=cl"])
+    with pytest.raises(ConfigError, match=r"key `logging.wandb` is set but 'wandb' is not in logging.tra"):
+        load_config(path, ["logging.trackers=[mlflow]", "logging.wandb.project=cl"])
+    assert (
+        load_config(path, ["logging.trackers=[wandb]", "logging.wandb.project=cl"]).logging.wandb.project
+        == "cl"
+    )
 
 
 @pytest.mark.parametrize(
