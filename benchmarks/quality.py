@@ -39,6 +39,7 @@ import yaml
 from method_cost import REPO
 from stack_cost import launch, machine
 
+from pretrain.atomic import write_json_atomic
 from pretrain.demo_model import smollm2_gguf
 
 HERE = Path(__file__).parent
@@ -145,6 +146,8 @@ def run_once(cfg: dict, work: Path, key: str) -> dict:
     changes = [u["change"] for u in (metrics.get("untrained") or {}).values()]
     got = {m: metrics.get(m) for m in METRICS[:-1]}
     got["untrained_change"] = statistics.mean(changes) if changes else None
+    # a run whose held-out loss went non-finite has no metrics: the report names it, never ranks it
+    got |= {"error": metrics["error"]} if "error" in metrics else {}
     return got | {"minutes": (time.monotonic() - start) / 60}
 
 
@@ -172,7 +175,8 @@ class Results:
         self.save(self.path)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.runs, indent=1))
+        # atomic: a kill while writing must not tear the record of runs that took an hour each
+        write_json_atomic(path, self.runs, indent=1)
 
     def shown(self) -> dict[str, list[str]]:
         """Each setting with a run and its methods with one, in SETTINGS' and METHODS' order: the report
@@ -181,14 +185,14 @@ class Results:
         done = {tuple(key.split("|")[:2]) for key in self.runs}
         return {s: [m for m in METHODS if (s, m) in done] for s in SETTINGS if any(s == d[0] for d in done)}
 
-    def seeds(self, setting: str, method: str, lr: float) -> list[dict]:
-        """The runs at `lr` of every seed run, in seed order."""
+    def seeds(self, setting: str, method: str, lr: float) -> dict[int, dict]:
+        """seed -> the run at `lr`, of every seed run, in seed order."""
         runs = {
             int(k.rsplit("|", 1)[1]): r
             for k, r in self.runs.items()
             if k.startswith(f"{setting}|{method}|{lr:g}|")
         }
-        return [runs[seed] for seed in sorted(runs)]
+        return {seed: runs[seed] for seed in sorted(runs)}
 
 
 def run(args, results: Results, name: str, method: str, sections: dict, lr: float, seed: int) -> dict:
@@ -201,7 +205,7 @@ def run(args, results: Results, name: str, method: str, sections: dict, lr: floa
         cfg = run_config(setting, args.work / "data", out, sections, lr, seed)
         got = run_once(cfg, args.work, results.key(name, method, lr, seed))
         results.put(name, method, lr, seed, got)
-        shown = {k: round(v, 4) for k, v in got.items() if v is not None}
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in got.items() if v is not None}
         print(f"{name} {method} lr={lr:g} seed={seed}: {shown}", flush=True)
     return got
 
@@ -212,8 +216,8 @@ def among(lr: float, lrs: list[float]) -> bool:
 
 
 def best_lr(results: Results, name: str, method: str) -> float | None:
-    """The lr of the lowest avg_final_loss at seed 0, among those run; None if none has."""
-    done = [lr for lr in SETTINGS[name].lrs_for(method) if results.get(name, method, lr, 0)]
+    """The lr of the lowest avg_final_loss at seed 0, among those run with one; None if none has."""
+    done = [lr for lr in SETTINGS[name].lrs_for(method) if _scored(results.get(name, method, lr, 0))]
     return min(done, key=lambda lr: results.get(name, method, lr, 0)["avg_final_loss"], default=None)
 
 
@@ -244,6 +248,10 @@ def suite(args, results: Results, name: str) -> None:
         for knob, sections in KNOBS.items():
             for seed in range(args.seeds):
                 run(args, results, name, knob, sections, lr, seed)
+
+
+def _scored(run: dict | None) -> bool:
+    return run is not None and run.get("avg_final_loss") is not None
 
 
 def summary(runs: list[dict], metric: str) -> str:
@@ -279,9 +287,24 @@ def tables(results: Results, name: str, methods: list[str]) -> list[str]:
     rows += [(k, lr_migu) for k in KNOBS if lr_migu and results.get(name, k, lr_migu, 0)]
     for method, lr in [(m, lr) for m, lr in rows if lr is not None]:
         runs = results.seeds(name, method, lr)
-        cells = " | ".join(summary(runs, m) for m in METRICS)
-        lines.append(f"| {method} | {lr:g} | {len(runs)} | {cells} |")
-    return lines + [""]
+        scored = [r for r in runs.values() if _scored(r)]
+        seeds = f"{len(scored)}" if len(scored) == len(runs) else f"{len(scored)} of {len(runs)}"
+        cells = " | ".join(summary(scored, m) for m in METRICS)
+        lines.append(f"| {method} | {lr:g} | {seeds} | {cells} |")
+    failed = [
+        f"- {key}: {r.get('error', 'no metrics')}"
+        for key, r in results.runs.items()
+        if key.startswith(f"{name}|") and not _scored(r)
+    ]
+    return (
+        lines
+        + (
+            ["", "Runs without metrics (setting|method|lr|seed), never ranked or averaged:", ""] + failed
+            if failed
+            else []
+        )
+        + [""]
+    )
 
 
 def frontier(results: Results, name: str, methods: list[str], out: Path) -> None:
@@ -295,7 +318,7 @@ def frontier(results: Results, name: str, methods: list[str], out: Path) -> None
     setting = SETTINGS[name]
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in methods:
-        sweep = [(lr, r) for lr in setting.lrs_for(method) if (r := results.get(name, method, lr, 0))]
+        sweep = [(lr, r) for lr in setting.lrs_for(method) if _scored(r := results.get(name, method, lr, 0))]
         if not sweep:
             continue
         (line,) = ax.plot([r["plasticity"] for _, r in sweep], [r["avg_forgetting"] for _, r in sweep], "o-")
@@ -303,7 +326,7 @@ def frontier(results: Results, name: str, methods: list[str], out: Path) -> None
         for lr, r in sweep:
             ax.annotate(f"{lr:g}", (r["plasticity"], r["avg_forgetting"]), fontsize=6, alpha=0.7)
         lr = best_lr(results, name, method)
-        seeds = results.seeds(name, method, lr)[1:]
+        seeds = [r for seed, r in results.seeds(name, method, lr).items() if seed > 0 and _scored(r)]
         ax.scatter(
             [r["plasticity"] for r in seeds],
             [r["avg_forgetting"] for r in seeds],
