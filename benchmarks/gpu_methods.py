@@ -1,7 +1,8 @@
 """Every method of `pretrain train` run once on a GPU (not a test: the suite has no GPU to run them on).
 
 Each run: the demo model from scratch, bf16, two phases (code, docs) of a few steps with evaluations and
-phase-end checkpoints, world size 1, at ZeRO-2 and ZeRO-3; the methods of benchmarks/method_cost.py.
+phase-end checkpoints, world size 1, at ZeRO-2 and ZeRO-3; the methods of benchmarks/method_cost.py; and
+the gradient-changing ones under ZeRO-2 Offload with and without overlap_comm (equal losses expected).
 The runs share the GPU, a few at a time. Also asks the default process group of a GPU rank to reduce a
 host tensor, the case `pretrain.distributed.all_reduce_sum` stages through the GPU. Writes OUT/gpu_methods.md:
     python benchmarks/gpu_methods.py OUT_DIR [--data CORPUS_DIR]
@@ -70,18 +71,36 @@ def run_one(cfg: dict, work: Path) -> dict:
     }
 
 
+# ZeRO-Offload of the methods that change the CPU gradient, with and without overlap_comm: without it
+# DeepSpeed waits for its gradient copies to pinned memory only in step() (the methods wait before they
+# touch it, pretrain.methods.partitions.settle_offloaded_grads): each pair's losses should be equal
+OFFLOAD_SETUPS = {"z2off": True, "z2off-nooverlap": False}
+OFFLOAD_METHODS = ("none", "migu", "l2", "ewc")
+
+
 def configs(data: Path, work: Path, methods: list[str]) -> list[dict]:
     out = []
     for stage in STAGES:
         ds = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
-        ds["bf16"] = {"enabled": True}
-        (work / f"zero{stage}.json").write_text(json.dumps(ds))
-        for name in methods:
-            sections = VARIANTS[name][0]
-            slug = name.replace(" ", "").replace("%", "").replace("+", "_").replace("=", "")
-            cfg = run_config(data, work / f"{slug}-z{stage}", work / "tokenizer", sections, STEPS, stage)
-            cfg["deepspeed"]["config"] = str(work / f"zero{stage}.json")
-            out.append(cfg)
+        out += _setup(data, work, methods, f"z{stage}", ds, stage)
+    for setup, overlap in OFFLOAD_SETUPS.items():
+        ds = json.loads((REPO / "configs" / "deepspeed" / "zero2_offload.json").read_text())
+        ds["zero_optimization"]["overlap_comm"] = overlap
+        cfgs = _setup(data, work, [m for m in methods if m in OFFLOAD_METHODS], setup, ds, 2)
+        out += [{**c, "train": {**c["train"], "optimizer": "cpu_adam"}} for c in cfgs]
+    return out
+
+
+def _setup(data: Path, work: Path, methods: list[str], setup: str, ds: dict, stage: int) -> list[dict]:
+    """One run per method on DeepSpeed config `ds` in bf16, named METHOD-SETUP."""
+    ds["bf16"] = {"enabled": True}
+    (work / f"{setup}.json").write_text(json.dumps(ds))
+    out = []
+    for name in methods:
+        slug = name.replace(" ", "").replace("%", "").replace("+", "_").replace("=", "")
+        cfg = run_config(data, work / f"{slug}-{setup}", work / "tokenizer", VARIANTS[name][0], STEPS, stage)
+        cfg["deepspeed"]["config"] = str(work / f"{setup}.json")
+        out.append(cfg)
     return out
 
 

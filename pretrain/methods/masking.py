@@ -31,7 +31,7 @@ from torch import nn
 
 from pretrain.config import ConfigError, MethodConfig
 from pretrain.methods.base import MethodBase
-from pretrain.methods.partitions import local_grad, refresh_grad_norm
+from pretrain.methods.partitions import local_grad, refresh_grad_norm, settle_offloaded_grads
 
 if TYPE_CHECKING:
     from pretrain.trackers import MetricsLogger
@@ -215,6 +215,7 @@ class GradientMask(MethodBase):
         self.micro_step += 1
         if not boundary or not self.masking or self.masks is None:
             return
+        settle_offloaded_grads(engine or self.engine)
         for g, mask in zip(self.groups, self.masks, strict=True):
             for j, module in enumerate(g.modules):
                 _apply_layer_mask(module, mask[j], self.cfg.mask_bias, engine or self.engine)

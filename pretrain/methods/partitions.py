@@ -83,11 +83,30 @@ def local_weight(param: nn.Parameter) -> Part | None:
     return Part(param.detach().view(-1), 0, replicated=True)
 
 
+def _offloaded(opt: object) -> bool:
+    """Whether the optimizer keeps gradients on the CPU (ZeRO-1/2: cpu_offload, ZeRO-3: offload_optimizer)."""
+    return bool(getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False))
+
+
+def settle_offloaded_grads(engine: object) -> None:
+    """Wait for ZeRO-Offload's copies of the reduced gradient to the CPU before a method reads or changes it.
+
+    ZeRO-1/2 copies each gradient into pinned CPU memory with non_blocking=True and waits for the copies
+    only in its own step(); with `overlap_comm: false` nothing waits at the end of backward, so a method's
+    in-place change of the CPU gradient (L2/EWC's pull) could land before the copy and be overwritten by
+    it. The step waits for the same copies anyway: this moves the wait. Nothing to wait for on the CPU.
+    """
+    if _offloaded(getattr(engine, "optimizer", None)):
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()  # every stream: the copies may be queued on more than one
+
+
 def refresh_grad_norm(engine: object, param: nn.Parameter, part: Part | None = None) -> None:
     """Recompute the gradient norm ZeRO-Offload cached for `param` when it copied the reduced gradient to
     the CPU (before any method changed it), from this rank's changed part: gradient clipping uses it."""
     opt = getattr(engine, "optimizer", None)
-    if not (getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)):
+    if not _offloaded(opt):
         return
     part = part if part is not None else local_grad(param)
     if part is not None:

@@ -25,7 +25,7 @@ from torch import nn
 from pretrain.config import RegularisationConfig
 from pretrain.distributed import all_reduce_sum
 from pretrain.methods.base import MethodBase
-from pretrain.methods.partitions import local_grad, local_weight, refresh_grad_norm
+from pretrain.methods.partitions import local_grad, local_weight, refresh_grad_norm, settle_offloaded_grads
 
 
 class Regularisation(MethodBase):
@@ -75,6 +75,7 @@ class Regularisation(MethodBase):
         if not engine.is_gradient_accumulation_boundary():
             return
         self.step += 1
+        settle_offloaded_grads(engine)
         scale = _loss_scale(engine)  # fp16 gradients are still multiplied by the loss scale here
         window_start = self.phase_steps[self.phase - 1] - self.cfg.fisher_steps
         collect = self.cfg.kind == "ewc" and self.step > window_start and self._collect_fisher(scale)
