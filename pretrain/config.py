@@ -383,6 +383,7 @@ def _describe(err: ValidationError) -> str:
 
 def _check_consistency(cfg: RunConfig, source: str, training: bool) -> None:
     problems = _semantic_problems(cfg) + _file_problems(cfg, training)
+    problems += _unused_tracker_problems(cfg.logging) if training else []  # an eval job logs to none
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 
@@ -427,15 +428,6 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     trackers = cfg.logging.trackers
     if len(set(trackers)) != len(trackers):
         problems.append(f"key `logging.trackers`: each tracker at most once (got {trackers})")
-    problems += [
-        f"key `logging.{name}` is set but {name!r} is not in logging.trackers {trackers}: nothing would be "
-        f"logged to it; add it to logging.trackers, or remove the section"
-        for name, section, default in (
-            ("wandb", cfg.logging.wandb, WandbConfig()),
-            ("mlflow", cfg.logging.mlflow, MlflowConfig()),
-        )
-        if name not in trackers and section != default
-    ]
     if cfg.method.name != "none" and cfg.method.start_phase > len(cfg.phases):
         problems.append(
             f"key `method.start_phase`: {cfg.method.start_phase} is after the last phase "
@@ -444,6 +436,17 @@ def _semantic_problems(cfg: RunConfig) -> list[str]:
     patterns = _pattern_problems(cfg.method)
     # the combinations search with the patterns
     return problems + patterns + _instruction_problems(cfg) + ([] if patterns else _combination_problems(cfg))
+
+
+def _unused_tracker_problems(logging: LoggingConfig) -> list[str]:
+    """A tracker's settings without the tracker in `logging.trackers`: the run would log nothing there."""
+    sections = {"wandb": (logging.wandb, WandbConfig()), "mlflow": (logging.mlflow, MlflowConfig())}
+    return [
+        f"key `logging.{name}` is set but {name!r} is not in logging.trackers {logging.trackers}: nothing "
+        "would be logged to it; add it to logging.trackers, or remove the section"
+        for name, (section, default) in sections.items()
+        if name not in logging.trackers and section != default
+    ]
 
 
 def _pattern_problems(method: MethodConfig) -> list[str]:

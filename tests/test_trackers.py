@@ -161,6 +161,9 @@ def test_tracker_names_are_checked_by_the_config(tmp_path):
         load_config(path, ["logging.trackers=[wandb]", "logging.wandb.project=cl"]).logging.wandb.project
         == "cl"
     )
+    # an eval job of an archived run logs to no tracker: its config's sections are not refused there
+    evaluating = load_config(path, ["logging.mlflow.experiment=cl"], training=False)
+    assert evaluating.logging.mlflow.experiment == "cl"
 
 
 @pytest.mark.parametrize(
