@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -84,11 +85,38 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
 
 
 def run_label(data: dict[str, Any], run_dir: str | Path) -> str:
-    """The method's name (metrics["method"]["name"]), else the run directory's name."""
+    """The method's name (metrics["method"]["name"]), else the run directory's name, with what else the
+    run's config.yaml trained with: `migu + replay 5%`, `none + ewc (w 0.1)`, `migu + lora r8`."""
     method = data.get("method")
     if isinstance(method, dict) and method.get("name"):
-        return str(method["name"])
+        return " + ".join([str(method["name"]), *_recipe(Path(run_dir) / "config.yaml")])
     return Path(run_dir).resolve().name
+
+
+def _recipe(config: Path) -> list[str]:
+    """Replay, a regulariser and LoRA as the run's saved config has them; none if it has no readable one
+    (a directory holding only metrics.json)."""
+    try:
+        cfg = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(cfg, dict):
+        return []
+    replay, reg, lora = (
+        cfg.get(k) if isinstance(cfg.get(k), dict) else {} for k in ("replay", "regularisation", "lora")
+    )
+    phases = [p for p in cfg.get("phases") or [] if isinstance(p, dict)]
+    parts = []
+    if isinstance(share := replay.get("share"), int | float) and share > 0:
+        parts.append(f"replay {share * 100:g}%")
+    elif any(isinstance(p.get("replay_share"), int | float) and p["replay_share"] > 0 for p in phases):
+        parts.append("replay (per phase)")
+    if reg.get("kind") not in (None, "none"):
+        weight = reg.get("weight")
+        parts.append(f"{reg['kind']} (w {weight:g})" if isinstance(weight, int | float) else str(reg["kind"]))
+    if lora:
+        parts.append(f"lora r{lora.get('r')}")
+    return parts
 
 
 # -- one run

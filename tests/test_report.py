@@ -431,6 +431,28 @@ def test_compare_labels_and_unusable_runs(tmp_path):
     assert "migu (dup) #3 has no forgetting metrics (fewer than two phases evaluated)." in text
 
 
+def test_compare_labels_say_what_else_a_run_trained_with(tmp_path):
+    # labelled by method name alone, replay, EWC and LoRA runs of one method read as "migu (dir)"
+    from conftest import tiny_run_config, write_config
+
+    from pretrain.config import load_config, save_config
+
+    path = write_config(tiny_run_config(tmp_path), tmp_path / "run.yaml")
+    recipes = {
+        "plain": ["method.name=migu"],
+        "replay": ["method.name=migu", "replay.share=0.05"],
+        "ewc": ["regularisation.kind=ewc", "regularisation.weight=0.1"],
+        "lora": ["method.name=migu", "method.start_phase=2", "lora.r=8"],
+    }
+    runs = []
+    for name, overrides in recipes.items():
+        runs.append(write_run(tmp_path / name, method=load_config(path, overrides).method.name))
+        save_config(load_config(path, overrides), runs[-1] / "config.yaml")
+    runs.append(write_run(tmp_path / "bare", method="random"))  # metrics.json alone: the method's name
+    rows = [line.split("  ")[0] for line in format_comparison(runs).splitlines()[1:6]]
+    assert rows == ["migu", "migu + replay 5%", "none + ewc (w 0.1)", "migu + lora r8", "random"]
+
+
 def test_compare_says_when_the_runs_have_evaluated_different_numbers_of_phases(tmp_path):
     done = write_run(tmp_path / "done", method="none")
     partway = write_run(tmp_path / "partway", loss=LOSS[:3], method="migu")  # phase 3 still training
