@@ -296,15 +296,9 @@ def tables(results: Results, name: str, methods: list[str]) -> list[str]:
         for key, r in results.runs.items()
         if key.startswith(f"{name}|") and not _scored(r)
     ]
-    return (
-        lines
-        + (
-            ["", "Runs without metrics (setting|method|lr|seed), never ranked or averaged:", ""] + failed
-            if failed
-            else []
-        )
-        + [""]
-    )
+    if failed:
+        lines += ["", "Runs without metrics (setting|method|lr|seed), never ranked or averaged:", "", *failed]
+    return lines + [""]
 
 
 def frontier(results: Results, name: str, methods: list[str], out: Path) -> None:
